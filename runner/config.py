@@ -1,0 +1,186 @@
+"""Configuration: a TOML file plus ``SNAPFLEET_*`` environment overrides.
+
+Validated once at start into nested pydantic models and passed down; nothing
+deeper reads settings. Environment variables use ``__`` for nesting, e.g.
+``SNAPFLEET_VM__ACCEL=tcg`` or ``SNAPFLEET_PATHS__CACHE_DIR=/srv/cache``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from runner.errors import ConfigError
+
+Accel = Literal["auto", "kvm", "tcg"]
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsSettings(_Section):
+    """Where Snapfleet keeps things on the host."""
+
+    cache_dir: Path = Path("/var/cache/snapfleet")
+    """Built images and snapshots, keyed by their recipe (safe to delete; rebuilt on demand)."""
+    state_dir: Path = Path("/var/lib/snapfleet")
+    """Per-VM working directories (overlays, console logs) and daemon state."""
+    recipes_dir: Path | None = None
+    """Image recipes; default: the `images/` directory shipped with Snapfleet."""
+
+
+class VMSettings(_Section):
+    """How VMs are run."""
+
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img_binary: str = "qemu-img"
+    accel: Accel = "auto"
+    """`auto` picks KVM when it can boot a stock kernel (not on PVM hosts), else TCG."""
+    tcg_tb_size_mib: Annotated[int, Field(ge=0, le=4096)] = 128
+    """TCG translation cache per VM (0 = QEMU's default of 1 GiB); only used under TCG."""
+    boot_timeout_s: Annotated[float, Field(gt=0)] = 180.0
+    """Cold boot until the guest agent answers (TCG boots take seconds)."""
+    restore_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Restore until the guest agent answers."""
+    stop_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    """How long each teardown step (QMP quit, SIGTERM) may take before escalating."""
+    sandbox: bool = True
+    """Run QEMU under its seccomp sandbox (`-sandbox on,spawn=deny,...`)."""
+
+
+class NetSettings(_Section):
+    """Per-clone networking: a namespace, a tap, a veth to the host, NAT."""
+
+    enabled: bool = True
+    host_pool: str = "10.241.0.0/16"
+    """Host-side addresses: each clone takes one /30 of this pool for its veth pair."""
+    egress: bool = True
+    """Let guests reach beyond the host (host-level masquerade and ip_forward)."""
+    dns: list[str] = Field(default_factory=list)
+    """Nameservers written into the guest's resolv.conf at snapshot time."""
+
+
+class Profile(_Section):
+    """A named VM shape that jobs run in."""
+
+    image: str = "default"
+    """Image recipe name (under recipes_dir), or a directory holding a built image."""
+    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Field(ge=128, le=262144)] = 512
+    timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    """Wall-clock limit for one job."""
+    kernel: Path | None = None
+    """Use this kernel (vmlinux with a PVH note) instead of the image's."""
+    initramfs: Path | None = None
+    rootfs: Path | None = None
+    """Use this raw ext4 root filesystem instead of the image's."""
+    labels: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _own_parts_together(self) -> Profile:
+        own = [self.kernel, self.initramfs, self.rootfs]
+        if any(own) and not all(own):
+            raise ValueError("kernel, initramfs and rootfs must be given together")
+        return self
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SNAPFLEET_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    paths: PathsSettings = PathsSettings()
+    vm: VMSettings = VMSettings()
+    net: NetSettings = NetSettings()
+    profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
+    default_profile: str = "default"
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, value: dict[str, Profile]) -> dict[str, Profile]:
+        import re
+
+        for name in value:
+            if not re.match(_NAME, name):
+                raise ValueError(f"profile name {name!r} must match {_NAME}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> Settings:
+        if self.default_profile not in self.profiles:
+            raise ValueError(f"default_profile {self.default_profile!r} is not in [profiles]")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file, the file beats defaults.
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+    def profile(self, name: str | None = None) -> Profile:
+        """The named profile (or the default one); ConfigError when unknown."""
+        key = name or self.default_profile
+        try:
+            return self.profiles[key]
+        except KeyError:
+            known = ", ".join(sorted(self.profiles))
+            raise ConfigError("profile", f"unknown profile {key!r} (known: {known})") from None
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read, merge and validate the configuration; ConfigError names each bad key."""
+    if path is not None:
+        _check_toml(path)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return Settings.model_validate(_FromFile(**overrides).model_dump())
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        problems.append((key, err["msg"]))
+    key, reason = problems[0]
+    return ConfigError(key, reason, problems=problems)

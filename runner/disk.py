@@ -1,0 +1,62 @@
+"""Copy-on-write disks: each clone writes to its own qcow2 overlay.
+
+The base (a snapshot's disk) is never written once the snapshot exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from runner.errors import VMError
+
+
+async def create_overlay(base: Path, overlay: Path, *, qemu_img: str = "qemu-img") -> Path:
+    """Make ``overlay`` a qcow2 backed by the raw ``base``; VMError on failure."""
+    if not base.exists():
+        raise VMError(f"base disk {base} does not exist")
+    proc = await asyncio.create_subprocess_exec(
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        "-b",
+        str(base.resolve()),
+        "-F",
+        "raw",
+        str(overlay),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        remove(overlay)
+        raise VMError(f"qemu-img create overlay failed: {err.decode(errors='replace').strip()}")
+    os.chmod(overlay, 0o600)
+    return overlay
+
+
+async def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy a raw disk keeping holes (and sharing extents where the filesystem can)."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp",
+        "--sparse=always",
+        "--reflink=auto",
+        str(src),
+        str(dst),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise VMError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
+
+
+def remove(path: Path) -> None:
+    """Delete a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,234 @@
+"""The engine: from a profile to a clean VM running one command, then nothing.
+
+It ties images, snapshots, the hypervisor and networking together for one
+host. ``snapfleet run`` uses it directly; the daemon schedules onto it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from runner.config import Profile, Settings
+from runner.errors import AgentError, ImageError, SnapshotError, VMError
+from runner.host import AccelChoice, qemu_version, resolve_accel
+from runner.images import Image, build_image, find_image, load_image_dir
+from runner.net import NetConfig, NetworkManager
+from runner.snapshots import Snapshot, SnapshotStore
+from runner.vm.backend import MachineSpec, TeardownReport
+from runner.vm.qemu import QemuHypervisor, QemuMachine
+
+log = structlog.get_logger("snapfleet.engine")
+
+Progress = Callable[[str], None]
+OutputSink = Callable[[str, bytes], Awaitable[None] | None]
+TIMEOUT_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to run in the guest: an argv, or a script for ``/bin/sh``."""
+
+    argv: Sequence[str] | None = None
+    script: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    timeout_s: float | None = None
+
+
+@dataclass
+class RunResult:
+    """How a command ended, and what it cost."""
+
+    vm_id: str
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    restore_s: float = 0.0
+    run_s: float = 0.0
+    teardown: TeardownReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class Engine:
+    """Images, snapshots and VMs on one host. Use ``async with``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.accel: AccelChoice = resolve_accel(settings.vm.accel)
+        self.net: NetworkManager | None = None
+        if settings.net.enabled:
+            self.net = NetworkManager(
+                NetConfig(pool=settings.net.host_pool, egress=settings.net.egress)
+            )
+        self.hypervisor = QemuHypervisor(settings.vm, settings.paths.state_dir / "vms", self.net)
+        self.qemu_version = ""
+        self._snapshot_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Engine:
+        self.qemu_version = await qemu_version(self.settings.vm.qemu_binary)
+        if self.net is not None:
+            await self.net.setup_host()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        return SnapshotStore(self.settings.paths.cache_dir / "snapshots", self.qemu_version)
+
+    async def image(self, profile: Profile, progress: Progress, *, build: bool = True) -> Image:
+        """The profile's image: a user-supplied one, a cached build, or a fresh build."""
+        if profile.rootfs is not None:
+            return _own_image(profile)
+        candidate = Path(profile.image)
+        if candidate.is_absolute() or candidate.is_dir():
+            return load_image_dir(candidate)
+        paths = self.settings.paths
+        found = find_image(profile.image, cache_dir=paths.cache_dir, recipes_dir=paths.recipes_dir)
+        if found is not None:
+            return found
+        if not build:
+            raise ImageError(f"image {profile.image!r} is not built; run `snapfleet image build`")
+        progress(f"building image {profile.image!r} (first run; cached afterwards)")
+        return await build_image(
+            profile.image, cache_dir=paths.cache_dir, recipes_dir=paths.recipes_dir, progress=progress
+        )
+
+    def spec(self, profile: Profile, image: Image) -> MachineSpec:
+        cmdline = image.cmdline
+        if self.net is not None:
+            cmdline += " " + self.net.config.guest_kernel_args()
+            if self.settings.net.dns:
+                cmdline += " snapfleet.dns=" + ",".join(self.settings.net.dns)
+        return MachineSpec(
+            vcpus=profile.vcpus,
+            memory_mib=profile.memory_mib,
+            kernel=image.kernel,
+            initramfs=image.initramfs,
+            cmdline=cmdline,
+            accel=self.accel.accel,
+            cpu=self.accel.cpu,
+            network=self.net is not None,
+            tcg_tb_size_mib=self.settings.vm.tcg_tb_size_mib if self.accel.accel == "tcg" else 0,
+        )
+
+    async def snapshot(
+        self, profile: Profile, progress: Progress, *, create: bool = True, force: bool = False
+    ) -> Snapshot:
+        """The profile's snapshot, created (image first, if needed) when missing."""
+        image = await self.image(profile, progress, build=create)
+        spec = self.spec(profile, image)
+        async with self._snapshot_lock:
+            found = None if force else self.snapshots.find(image.digest, spec)
+            if found is not None:
+                return found
+            if not create:
+                raise SnapshotError("no snapshot for this profile; run `snapfleet snapshot create`")
+            progress(f"creating snapshot of image {image.name} ({profile.vcpus} vCPU, "
+                     f"{profile.memory_mib} MiB)")
+            return await self.snapshots.create(self._template, image.digest, spec, image.rootfs, progress)
+
+    async def _template(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float:
+        started = time.monotonic()
+        machine = await self.hypervisor.boot_template(spec, disk, memory)
+        try:
+            boot_s = time.monotonic() - started
+            # Run one command so the exec path is already warm in every clone.
+            session = await machine.exec(["/bin/true"])
+            await session.wait()
+            await machine.save_snapshot(state)
+        finally:
+            await machine.destroy()
+        return boot_s
+
+    async def restore(
+        self, snapshot: Snapshot, *, env: Mapping[str, str] | None = None
+    ) -> QemuMachine:
+        return await self.hypervisor.restore(snapshot, env=env)
+
+    async def run(
+        self, snapshot: Snapshot, command: Command, sink: OutputSink, *, profile_timeout: float
+    ) -> RunResult:
+        """Restore a clone, run ``command`` streaming its output to ``sink``, destroy the clone."""
+        started = time.monotonic()
+        machine = await self.restore(snapshot)
+        bound = log.bind(vm_id=machine.vm_id)
+        result = RunResult(vm_id=machine.vm_id, exit_code=None, restore_s=time.monotonic() - started)
+        timeout = command.timeout_s or profile_timeout
+        try:
+            await self._exec(machine, command, sink, timeout, result)
+        finally:
+            result.teardown = await machine.destroy()
+            for problem in result.teardown.errors:
+                bound.warning("teardown", problem=problem)
+        bound.info(
+            "job finished",
+            exit_code=result.exit_code,
+            timed_out=result.timed_out,
+            restore_ms=round(result.restore_s * 1000, 1),
+            run_ms=round(result.run_s * 1000, 1),
+            teardown=result.teardown.escalation,
+        )
+        return result
+
+    async def _exec(
+        self, machine: QemuMachine, command: Command, sink: OutputSink, timeout: float, result: RunResult
+    ) -> None:
+        started = time.monotonic()
+        try:
+            # The agent enforces the timeout in the guest; this backstop covers a hung guest.
+            async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
+                session = await machine.exec(
+                    command.argv, script=command.script, env=command.env, cwd=command.cwd, timeout=timeout
+                )
+                async for chunk in session:
+                    out = sink(chunk.stream, chunk.data)
+                    if out is not None:
+                        await out
+                status = await session.wait()
+        except TimeoutError:
+            result.timed_out = True
+            result.run_s = time.monotonic() - started
+            return
+        except AgentError as exc:
+            raise machine.died_error(exc) from exc
+        result.run_s = time.monotonic() - started
+        result.exit_code = status.exit_code
+        result.signal = status.signal
+        result.timed_out = status.timed_out
+        result.cancelled = status.cancelled
+
+
+def _own_image(profile: Profile) -> Image:
+    """An image made of the user's own kernel, initramfs and rootfs."""
+    assert profile.kernel and profile.initramfs and profile.rootfs
+    parts = [profile.kernel, profile.initramfs, profile.rootfs]
+    for part in parts:
+        if not part.exists():
+            raise ImageError(f"profile names {part}, which does not exist")
+    ident = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
+    return Image(
+        name="custom",
+        digest=hashlib.sha256(ident.encode()).hexdigest()[:20],
+        path=profile.rootfs.parent,
+        kernel=profile.kernel,
+        initramfs=profile.initramfs,
+        rootfs=profile.rootfs,
+        cmdline="console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/snapfleet-init panic=-1",
+        manifest={},
+    )
+
+
+__all__ = ["Command", "Engine", "RunResult", "VMError"]

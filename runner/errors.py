@@ -1,0 +1,112 @@
+"""One exception tree for Snapfleet, shaped by what the caller can do.
+
+* ``ConfigError``: the operator must fix configuration or input; retrying is futile.
+* ``HostError``: the host lacks something (QEMU, /dev/net/tun, root); fix the host.
+* ``ImageError`` / ``SnapshotError``: artifacts are missing or do not match; rebuild them.
+* ``VMError`` and subclasses: one VM failed; the job is a *system* failure, the
+  daemon carries on, and the VM's resources have been (or must be) reclaimed.
+* ``AgentError``: the guest agent misbehaved or went away; a system failure too.
+* ``NetworkError``: a namespace, tap or NAT rule could not be set up or removed.
+
+Third-party exceptions are translated at the adapter that calls them and are
+chained with ``raise ... from exc``; they never leak past the adapter.
+"""
+
+from __future__ import annotations
+
+
+class SnapfleetError(Exception):
+    """Base of every error Snapfleet raises on purpose."""
+
+
+class ConfigError(SnapfleetError):
+    """Configuration or user input is invalid.
+
+    ``key`` names the offending setting or field (dotted path), ``reason`` says why.
+    """
+
+    def __init__(
+        self, key: str, reason: str, *, problems: list[tuple[str, str]] | None = None
+    ) -> None:
+        self.problems = problems or [(key, reason)]
+        super().__init__("; ".join(f"{k}: {r}" if k else r for k, r in self.problems))
+        self.key = key
+        self.reason = reason
+
+
+class HostError(SnapfleetError):
+    """The host cannot do what was asked (missing tool, device, privilege)."""
+
+
+class ImageError(SnapfleetError):
+    """A guest image is missing, corrupt, or failed to build."""
+
+
+class SnapshotError(SnapfleetError):
+    """A snapshot is missing, corrupt, or cannot be taken."""
+
+
+class SnapshotMismatch(SnapshotError):
+    """A snapshot was made for a different VMM or device layout than this one."""
+
+    def __init__(self, field: str, expected: object, actual: object) -> None:
+        super().__init__(
+            f"snapshot was made with {field}={expected!r}, this host has {actual!r};"
+            " recreate it with `snapfleet snapshot create`"
+        )
+        self.field = field
+        self.expected = expected
+        self.actual = actual
+
+
+class VMError(SnapfleetError):
+    """Something went wrong with one VM. The job it ran is a system failure."""
+
+    def __init__(self, message: str, *, vm_id: str | None = None) -> None:
+        super().__init__(f"vm {vm_id}: {message}" if vm_id else message)
+        self.vm_id = vm_id
+
+
+class BootError(VMError):
+    """A VM failed to boot (cold boot) or its agent never came up."""
+
+
+class RestoreError(VMError):
+    """Restoring a clone from a snapshot failed; what it built was torn down."""
+
+
+class VMDied(VMError):
+    """The VMM process exited while the VM was in use."""
+
+    def __init__(self, message: str, *, vm_id: str | None = None, returncode: int | None = None):
+        super().__init__(message, vm_id=vm_id)
+        self.returncode = returncode
+
+
+class InvalidStateError(VMError):
+    """An operation was called in a lifecycle state that does not allow it."""
+
+    def __init__(self, operation: str, state: str, *, vm_id: str | None = None) -> None:
+        super().__init__(f"cannot {operation} in state {state}", vm_id=vm_id)
+        self.operation = operation
+        self.state = state
+
+
+class AgentError(SnapfleetError):
+    """The guest agent failed, answered nonsense, or went away."""
+
+
+class AgentProtocolError(AgentError):
+    """A frame or message violated the agent protocol."""
+
+
+class AgentTimeout(AgentError):
+    """The guest agent did not answer in time."""
+
+
+class AgentDisconnected(AgentError):
+    """The channel to the guest agent closed (usually: the VM died)."""
+
+
+class NetworkError(SnapfleetError):
+    """A network namespace, tap, veth or NAT rule could not be managed."""

@@ -1,0 +1,121 @@
+"""Image recipes: ``<recipes_dir>/<name>/recipe.toml``, validated once."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+import runner
+from runner.errors import ConfigError
+
+RECIPE_FILE = "recipe.toml"
+DEFAULT_CMDLINE = (
+    "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/snapfleet-init panic=-1"
+)
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+PackageName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")]
+RelPath = Annotated[str, StringConstraints(pattern=r"^[^/].*$", min_length=1)]
+
+
+class Recipe(BaseModel):
+    """What goes into a guest image. Relative paths are relative to the recipe dir."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suite: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]*$")] = "bookworm"
+    mirror: Annotated[str, StringConstraints(pattern=r"^(https?|file)://\S+$")]
+    variant: Literal["minbase", "buildd", "fakechroot"] = "minbase"
+    components: tuple[PackageName, ...] = ("main",)
+    packages: tuple[PackageName, ...] = ()
+    kernel_package: Annotated[str, StringConstraints(pattern=r"^linux-image-[a-z0-9+.-]+$")]
+    modules: tuple[ModuleName, ...] = ()
+    rootfs_size_mib: int = Field(2048, ge=256, le=1 << 20)
+    cmdline: Annotated[str, StringConstraints(pattern=r"^[^\n]+$")] = DEFAULT_CMDLINE
+    busybox: Path = Path("/bin/busybox")
+    initramfs_init: RelPath = "initramfs-init"
+    overlay: RelPath = "rootfs"
+    # Directory holding the ``runner`` package whose agent goes into the
+    # guest; default: the package this builder is part of.
+    agent_source: Path | None = None
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe plus where it came from."""
+
+    name: str
+    directory: Path
+    recipe: Recipe
+
+    @property
+    def init_path(self) -> Path:
+        """The initramfs ``/init`` script."""
+        return self.directory / self.recipe.initramfs_init
+
+    @property
+    def overlay_dir(self) -> Path:
+        """Files copied over the debootstrap tree, at the same guest paths."""
+        return self.directory / self.recipe.overlay
+
+    @property
+    def agent_root(self) -> Path:
+        """The directory that contains the ``runner`` package to install."""
+        src = self.recipe.agent_source
+        if src is None:
+            return Path(runner.__file__).resolve().parents[1]
+        return src if src.is_absolute() else self.directory / src
+
+
+def default_recipes_dir() -> Path:
+    """The repository's ``images/`` directory."""
+    return Path(runner.__file__).resolve().parents[1] / "images"
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "recipe"
+
+
+def parse_recipe(data: dict[str, object], *, source: str) -> Recipe:
+    """Validate recipe data; raise ``ConfigError`` naming the first bad field."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        reason = f"{first['msg']} (in {source})"
+        if len(errors) > 1:
+            more = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors[1:])
+            reason += f"; also {more}"
+        raise ConfigError(_loc(first["loc"]), reason) from exc
+
+
+def load_recipe(name: str, recipes_dir: Path | None = None) -> LoadedRecipe:
+    """Find recipe ``name`` under ``recipes_dir`` and validate it and its files."""
+    base = recipes_dir if recipes_dir is not None else default_recipes_dir()
+    if not _NAME_RE.match(name):
+        raise ConfigError("image", f"invalid image name {name!r}")
+    path = base / name / RECIPE_FILE
+    if not path.is_file():
+        have = sorted(p.parent.name for p in base.glob(f"*/{RECIPE_FILE}"))
+        raise ConfigError(
+            "image", f"no recipe {name!r} in {base} (available: {', '.join(have) or 'none'})"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    loaded = LoadedRecipe(name, path.parent, parse_recipe(data, source=str(path)))
+    if not loaded.init_path.is_file():
+        raise ConfigError("initramfs_init", f"{loaded.init_path} does not exist")
+    if not loaded.overlay_dir.is_dir():
+        raise ConfigError("overlay", f"{loaded.overlay_dir} is not a directory")
+    if not (loaded.agent_root / "runner" / "__init__.py").is_file():
+        raise ConfigError("agent_source", f"{loaded.agent_root} holds no runner package")
+    return loaded

@@ -1,0 +1,18 @@
+"""A network namespace per VM clone.
+
+Every clone resumes with the template's MAC and IP, so each one gets its own
+namespace holding a tap with the template's name and address, joined to the
+host by a veth pair, with NAT at the namespace edge::
+
+    guest 172.16.0.2 ─ tap0 172.16.0.1 │ ns sf-<id>: masquerade out of veth0
+                                        veth0 10.241.x.2 ─── sfh-<id> 10.241.x.1  (host)
+
+On the host, one nftables table drops traffic between two clone veths and,
+with ``egress``, masquerades the pool out of the host's own interfaces.
+"""
+
+from runner.net.config import CloneNetwork, NetConfig, validate_vm_id
+from runner.net.manager import NetworkManager
+from runner.net.reconcile import orphaned
+
+__all__ = ["CloneNetwork", "NetConfig", "NetworkManager", "orphaned", "validate_vm_id"]

@@ -1,0 +1,225 @@
+"""Snapshots: a booted, idle template frozen to files that clones restore from.
+
+A snapshot directory holds ``memory`` (the guest RAM, mapped copy-on-write by
+every clone), ``state`` (QEMU device state, RAM excluded via x-ignore-shared),
+``disk.raw`` (the template's disk, a read-only base for clone overlays), the
+kernel and initramfs it booted, and ``manifest.json``. It is addressed by a
+key over everything that must match at restore: image digest, VM shape,
+device layout and QEMU version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner import disk
+from runner.errors import SnapshotError, SnapshotMismatch
+from runner.vm.backend import MachineSpec
+from runner.vm.qemu_args import device_layout
+
+MANIFEST_VERSION = 1
+FILES = ("memory", "state", "disk.raw", "vmlinux", "initramfs")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A stored snapshot, checked against this host when loaded."""
+
+    path: Path
+    key: str
+    spec: MachineSpec
+    manifest: dict[str, Any]
+
+    @property
+    def memory(self) -> Path:
+        return self.path / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.raw"
+
+    def check_compatible(self) -> None:
+        """Cheap check that the files a restore opens are all there."""
+        for name in FILES:
+            if not (self.path / name).exists():
+                raise SnapshotError(f"snapshot {self.key} is incomplete: {name} is missing")
+
+    async def verify(self) -> None:
+        """Re-hash every file against the manifest (slow: reads the whole memory file)."""
+        sums = await asyncio.to_thread(_checksums, self.path)
+        for name, expected in self.manifest["sha256"].items():
+            if sums.get(name) != expected:
+                raise SnapshotError(f"snapshot {self.key}: {name} does not match its checksum")
+
+
+def snapshot_key(image_digest: str, spec: MachineSpec, qemu_version: str) -> str:
+    """The address of a snapshot: everything a restore depends on."""
+    ident = {
+        "manifest_version": MANIFEST_VERSION,
+        "image": image_digest,
+        "qemu": qemu_version,
+        "layout": device_layout(spec),
+        "cmdline": spec.cmdline,
+        "network": spec.network,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class SnapshotStore:
+    """Snapshots under one directory (normally ``<cache_dir>/snapshots``)."""
+
+    def __init__(self, root: Path, qemu_version: str) -> None:
+        self.root = root
+        self.qemu_version = qemu_version
+
+    def find(self, image_digest: str, spec: MachineSpec) -> Snapshot | None:
+        """The snapshot for this image and shape, or None if it was never made."""
+        path = self.root / snapshot_key(image_digest, spec, self.qemu_version)
+        return self.load(path) if (path / "manifest.json").exists() else None
+
+    def load(self, path: Path) -> Snapshot:
+        """Read a snapshot directory and check it fits this host's QEMU."""
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"cannot read snapshot manifest in {path}: {exc}") from exc
+        if manifest.get("manifest_version") != MANIFEST_VERSION:
+            raise SnapshotMismatch(
+                "manifest_version", manifest.get("manifest_version"), MANIFEST_VERSION
+            )
+        if manifest["qemu_version"] != self.qemu_version:
+            raise SnapshotMismatch("qemu_version", manifest["qemu_version"], self.qemu_version)
+        spec = _spec_from_manifest(path, manifest)
+        recorded, current = manifest["layout"], device_layout(spec)
+        if recorded != current:
+            field = next(k for k in current if recorded.get(k) != current[k])
+            raise SnapshotMismatch(f"layout.{field}", recorded.get(field), current[field])
+        snapshot = Snapshot(path=path, key=path.name, spec=spec, manifest=manifest)
+        snapshot.check_compatible()
+        return snapshot
+
+    def list(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if (p / "manifest.json").exists())
+
+    async def create(
+        self,
+        template: TemplateBooter,
+        image_digest: str,
+        spec: MachineSpec,
+        rootfs: Path,
+        progress: Callable[[str], None] = lambda _m: None,
+    ) -> Snapshot:
+        """Boot a template, let it settle, snapshot it, and store it atomically."""
+        key = snapshot_key(image_digest, spec, self.qemu_version)
+        final = self.root / key
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{key}-{secrets.token_hex(3)}"
+        tmp.mkdir(mode=0o700)
+        try:
+            started = time.monotonic()
+            tmp_spec = await _stage_files(tmp, spec, rootfs, progress)
+            progress("booting template VM (cold boot; slow under TCG)")
+            boot_s = await template(tmp_spec, tmp / "disk.raw", tmp / "memory", tmp / "state")
+            progress("hashing snapshot files")
+            sums = await asyncio.to_thread(_checksums, tmp)
+            manifest = {
+                "manifest_version": MANIFEST_VERSION,
+                "key": key,
+                "image_digest": image_digest,
+                "qemu_version": self.qemu_version,
+                "layout": device_layout(spec),
+                "spec": {"vcpus": spec.vcpus, "memory_mib": spec.memory_mib,
+                         "cmdline": spec.cmdline, "accel": spec.accel, "cpu": spec.cpu,
+                         "network": spec.network, "tcg_tb_size_mib": spec.tcg_tb_size_mib},
+                "sha256": sums,
+                "sizes": {name: (tmp / name).stat().st_size for name in FILES},
+                "template_boot_s": round(boot_s, 3),
+                "created_s": round(time.monotonic() - started, 3),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            for name in (*FILES, "manifest.json"):
+                os.chmod(tmp / name, 0o444)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Someone else stored the same snapshot first; theirs is as good as ours.
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, asyncio.CancelledError | SnapshotError):
+                raise
+            if isinstance(exc, Exception):
+                raise SnapshotError(f"snapshot creation failed: {exc}") from exc
+            raise
+        progress(f"snapshot {key} stored in {final}")
+        return self.load(final)
+
+    def remove(self, key: str) -> None:
+        path = self.root / key
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+
+
+class TemplateBooter(Protocol):
+    """Boots a template on (spec, disk, memory file), saves its state, returns boot seconds."""
+
+    async def __call__(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float: ...
+
+
+async def _stage_files(
+    tmp: Path, spec: MachineSpec, rootfs: Path, progress: Callable[[str], None]
+) -> MachineSpec:
+    for src, name in ((spec.kernel, "vmlinux"), (spec.initramfs, "initramfs")):
+        try:
+            os.link(src, tmp / name)
+        except OSError:
+            shutil.copyfile(src, tmp / name)
+    progress(f"copying root filesystem {rootfs.name}")
+    await disk.copy_sparse(rootfs, tmp / "disk.raw")
+    os.chmod(tmp / "disk.raw", 0o600)
+    return replace(spec, kernel=tmp / "vmlinux", initramfs=tmp / "initramfs")
+
+
+def _spec_from_manifest(path: Path, manifest: dict[str, Any]) -> MachineSpec:
+    s = manifest["spec"]
+    return MachineSpec(
+        vcpus=s["vcpus"],
+        memory_mib=s["memory_mib"],
+        kernel=path / "vmlinux",
+        initramfs=path / "initramfs",
+        cmdline=s["cmdline"],
+        accel=s["accel"],
+        cpu=s["cpu"],
+        network=s["network"],
+        tcg_tb_size_mib=s.get("tcg_tb_size_mib", 0),
+    )
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    sums = {}
+    for name in FILES:
+        digest = hashlib.sha256()
+        with open(directory / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        sums[name] = digest.hexdigest()
+    return sums

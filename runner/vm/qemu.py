@@ -1,0 +1,434 @@
+"""The QEMU backend: clones restored from file-backed snapshots, and cold boots.
+
+A clone is a QEMU process started with the template's exact device layout,
+its RAM mapped MAP_PRIVATE from the template's memory file (copy-on-write, the
+file is never written), its disk a qcow2 overlay on the template's disk, and
+its network a namespace of its own. QMP and the agent channel are socketpairs
+handed to QEMU as descriptors, so no socket file exists to leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from runner import disk
+from runner.config import VMSettings
+from runner.errors import AgentError, RestoreError, SnapfleetError, VMDied, VMError
+from runner.vm.agent_client import AgentClient, ExecSession
+from runner.vm.backend import (
+    Hypervisor,
+    Lifecycle,
+    Machine,
+    MachineSpec,
+    TeardownReport,
+    VMState,
+)
+from runner.vm.qemu_args import QemuRuntime, qemu_argv
+from runner.vm.qmp import Qmp
+
+if TYPE_CHECKING:
+    from runner.net import CloneNetwork, NetworkManager
+    from runner.snapshots import Snapshot
+
+
+class SocketTransport:
+    """Agent transport over an already-connected socket (our end of a socketpair)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(sock=self._sock)
+
+
+def new_vm_id() -> str:
+    """A short random id; it names the VM's directory, namespace and veth."""
+    return secrets.token_hex(4)
+
+
+class QemuMachine(Machine):
+    """One QEMU process and everything it holds: directory, overlay, network."""
+
+    def __init__(self, vm_id: str, settings: VMSettings, directory: Path) -> None:
+        self.vm_id = vm_id
+        self.lifecycle = Lifecycle(vm_id)
+        self.network: CloneNetwork | None = None
+        self.directory = directory
+        self.agent: AgentClient | None = None
+        self.timings: dict[str, float] = {}
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: Qmp | None = None
+        self._socks: list[socket.socket] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._teardown: asyncio.Task[TeardownReport] | None = None
+        self._net_manager: NetworkManager | None = None
+
+    # -- what callers use -------------------------------------------------
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    async def exec(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        script: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecSession:
+        self.lifecycle.require("exec", VMState.READY)
+        assert self.agent is not None
+        try:
+            return await self.agent.exec(argv, script=script, env=env, cwd=cwd, timeout=timeout)
+        except AgentError as exc:
+            raise self.died_error(exc) from exc
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.lifecycle.require("put_file", VMState.READY)
+        assert self.agent is not None
+        try:
+            await self.agent.put_file(path, data, mode)
+        except AgentError as exc:
+            raise self.died_error(exc) from exc
+
+    def died_error(self, exc: BaseException) -> SnapfleetError:
+        """Explain an agent failure: a dead VMM is the usual cause."""
+        status = self.exit_status
+        if status is not None:
+            tail = _tail(self.directory / "qemu.log")
+            detail = f": {tail}" if tail else ""
+            return VMDied(
+                f"the VMM exited with status {status} while the job ran{detail}",
+                vm_id=self.vm_id,
+                returncode=status,
+            )
+        return VMError(f"guest agent failed: {exc}", vm_id=self.vm_id)
+
+    async def destroy(self) -> TeardownReport:
+        """Stop QEMU (quit → SIGTERM → SIGKILL) and reclaim every resource. Idempotent.
+
+        Teardown runs in a task of its own so that cancelling the caller cannot
+        leave a half-destroyed VM behind.
+        """
+        if self._teardown is None:
+            self._teardown = asyncio.create_task(self._do_teardown(), name=f"teardown-{self.vm_id}")
+        return await asyncio.shield(self._teardown)
+
+    # -- building ---------------------------------------------------------
+
+    async def setup(self, net_manager: NetworkManager | None) -> None:
+        """Make the VM's directory and (if wanted) its network namespace."""
+        self.directory.mkdir(mode=0o700, parents=True)
+        if net_manager is not None:
+            self._net_manager = net_manager
+            self.network = await net_manager.create(self.vm_id)
+
+    async def spawn(
+        self,
+        spec: MachineSpec,
+        *,
+        disk: Path,
+        disk_format: Literal["raw", "qcow2"],
+        disk_cache: Literal["unsafe", "writeback"] = "writeback",
+        mem_path: Path | None = None,
+        mem_shared: bool = False,
+        incoming: bool = False,
+    ) -> None:
+        """Start QEMU with QMP and agent channels as inherited socketpairs."""
+        qmp_ours, qmp_theirs = socket.socketpair()
+        agent_ours, agent_theirs = socket.socketpair()
+        self._socks = [qmp_ours, agent_ours]
+        rt = QemuRuntime(
+            console_log=self.console_log,
+            qmp_fd=qmp_theirs.fileno(),
+            agent_fd=agent_theirs.fileno(),
+            sandbox=self._settings.sandbox,
+            disk=disk,
+            disk_format=disk_format,
+            disk_cache=disk_cache,
+            mem_path=mem_path,
+            mem_shared=mem_shared,
+            incoming=incoming,
+        )
+        argv = qemu_argv(self._settings.qemu_binary, spec, rt)
+        if self.network is not None:
+            argv = self.network.exec_prefix() + argv
+        started = time.monotonic()
+        with open(self.directory / "qemu.log", "wb") as log:
+            os.chmod(log.fileno(), 0o600)
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(qmp_theirs.fileno(), agent_theirs.fileno()),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise VMError(f"cannot start {argv[0]}: {exc}", vm_id=self.vm_id) from exc
+            finally:
+                qmp_theirs.close()
+                agent_theirs.close()
+        self._watcher = asyncio.create_task(self._watch(), name=f"watch-{self.vm_id}")
+        self._qmp = Qmp(self.vm_id)
+        await self._qmp.connect(qmp_ours, timeout=self._settings.restore_timeout_s)
+        self.timings["spawn"] = time.monotonic() - started
+
+    async def load_snapshot(self, state_file: Path) -> None:
+        """Load device state from ``state_file`` (RAM comes from the shared file) and resume."""
+        qmp = self._require_qmp()
+        started = time.monotonic()
+        await qmp.command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await qmp.pass_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        await qmp.command("migrate-incoming", {"uri": "fd:snapshot"})
+        await qmp.wait_migration(self._settings.restore_timeout_s, incoming=True)
+        await qmp.command("cont")
+        self.timings["load"] = time.monotonic() - started
+
+    async def save_snapshot(self, state_file: Path) -> None:
+        """Pause the VM and write its device state; RAM stays in the shared memory file."""
+        qmp = self._require_qmp()
+        await qmp.command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        await qmp.command("stop")
+        fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.pass_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        await qmp.command("migrate", {"uri": "fd:snapshot"})
+        await qmp.wait_migration(120.0)
+
+    async def connect_agent(self, timeout: float) -> None:
+        """Wait until the guest agent answers a ping."""
+        started = time.monotonic()
+        sock = self._socks[1]
+        try:
+            self.agent = await AgentClient.connect(SocketTransport(sock), timeout=timeout)
+        except AgentError as exc:
+            if self.exit_status is not None:
+                raise self.died_error(exc) from exc
+            tail = _tail(self.console_log)
+            raise VMError(f"guest agent did not answer: {exc}; console: {tail}", vm_id=self.vm_id) from exc
+        self.timings["agent"] = time.monotonic() - started
+
+    def mark_ready(self) -> None:
+        self.lifecycle.move(VMState.READY)
+
+    # -- internals --------------------------------------------------------
+
+    def _require_qmp(self) -> Qmp:
+        if self._qmp is None:
+            raise VMError("QMP is not connected", vm_id=self.vm_id)
+        return self._qmp
+
+    async def _watch(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
+        if self.lifecycle.state in (VMState.STARTING, VMState.READY):
+            self.lifecycle.move(VMState.FAILED)
+
+    async def _do_teardown(self) -> TeardownReport:
+        if self.lifecycle.state is not VMState.STOPPING:
+            self.lifecycle.move(VMState.STOPPING)
+        report = TeardownReport(self.vm_id)
+        if self.agent is not None:
+            await _collect(report, "closing agent", self.agent.close())
+        report.escalation = await self._stop_vmm(report)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._qmp is not None:
+            await _collect(report, "closing QMP", self._qmp.close())
+        for sock in self._socks:
+            sock.close()
+        if self.network is not None and self._net_manager is not None:
+            await _collect(report, "removing network", self._net_manager.destroy(self.vm_id))
+        try:
+            shutil.rmtree(self.directory, ignore_errors=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            report.errors.append(f"removing {self.directory}: {exc}")
+        self.lifecycle.move(VMState.DESTROYED)
+        return report
+
+    async def _stop_vmm(self, report: TeardownReport) -> Literal[
+        "quit", "sigterm", "sigkill", "already-exited", "none"
+    ]:
+        proc = self._proc
+        if proc is None:
+            return "none"
+        if proc.returncode is not None:
+            return "already-exited"
+        grace = self._settings.stop_timeout_s
+        if self._qmp is not None:
+            with contextlib.suppress(VMError):
+                await self._qmp.command("quit", timeout=grace)
+            if await _exited(proc, grace):
+                return "quit"
+        for sig, name in ((signal.SIGTERM, "sigterm"), (signal.SIGKILL, "sigkill")):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            if await _exited(proc, grace):
+                report.errors.append(f"QEMU ignored a polite stop; ended with {name.upper()}")
+                return name  # type: ignore[return-value]
+        report.errors.append(f"QEMU pid {proc.pid} survived SIGKILL")
+        return "sigkill"
+
+
+class QemuHypervisor(Hypervisor):
+    """Makes QEMU machines: clones of snapshots, cold boots and templates."""
+
+    def __init__(
+        self, settings: VMSettings, vms_dir: Path, net_manager: NetworkManager | None
+    ) -> None:
+        self.settings = settings
+        self.vms_dir = vms_dir
+        self.net_manager = net_manager
+
+    async def restore(
+        self, snapshot: Snapshot, *, hostname: str | None = None, env: Mapping[str, str] | None = None
+    ) -> QemuMachine:
+        snapshot.check_compatible()
+        machine = self._new_machine()
+        started = time.monotonic()
+
+        async def build() -> None:
+            await machine.setup(self.net_manager if snapshot.spec.network else None)
+            overlay = await disk.create_overlay(
+                snapshot.disk, machine.directory / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
+            )
+            await machine.spawn(
+                snapshot.spec,
+                disk=overlay,
+                disk_format="qcow2",
+                disk_cache="unsafe",
+                mem_path=snapshot.memory,
+                incoming=True,
+            )
+            await machine.load_snapshot(snapshot.state)
+            await machine.connect_agent(self.settings.restore_timeout_s)
+            assert machine.agent is not None
+            await machine.agent.configure(hostname=hostname or f"snapfleet-{machine.vm_id}", env=env)
+
+        await _build_or_destroy(machine, build(), RestoreError, "restore failed")
+        machine.timings["total"] = time.monotonic() - started
+        machine.mark_ready()
+        return machine
+
+    async def boot(
+        self, spec: MachineSpec, rootfs: Path, *, hostname: str | None = None
+    ) -> QemuMachine:
+        """Cold boot on an overlay of ``rootfs`` (no snapshot involved)."""
+        machine = self._new_machine()
+
+        async def build() -> None:
+            await machine.setup(self.net_manager if spec.network else None)
+            overlay = await disk.create_overlay(
+                rootfs, machine.directory / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
+            )
+            await machine.spawn(spec, disk=overlay, disk_format="qcow2", disk_cache="unsafe")
+            await machine.connect_agent(self.settings.boot_timeout_s)
+            assert machine.agent is not None
+            await machine.agent.configure(hostname=hostname or f"snapfleet-{machine.vm_id}")
+
+        await _build_or_destroy(machine, build(), VMError, "cold boot failed")
+        machine.mark_ready()
+        return machine
+
+    async def boot_template(self, spec: MachineSpec, disk_path: Path, memory: Path) -> QemuMachine:
+        """Boot a template writing straight to ``disk_path`` with RAM shared in ``memory``."""
+        machine = self._new_machine()
+
+        async def build() -> None:
+            await machine.setup(self.net_manager if spec.network else None)
+            await machine.spawn(
+                spec, disk=disk_path, disk_format="raw", mem_path=memory, mem_shared=True
+            )
+            await machine.connect_agent(self.settings.boot_timeout_s)
+
+        await _build_or_destroy(machine, build(), VMError, "template boot failed")
+        machine.mark_ready()
+        return machine
+
+    def _new_machine(self) -> QemuMachine:
+        self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vm_id = new_vm_id()
+        while (self.vms_dir / vm_id).exists():
+            vm_id = new_vm_id()
+        return QemuMachine(vm_id, self.settings, self.vms_dir / vm_id)
+
+
+async def _build_or_destroy(
+    machine: QemuMachine,
+    build: Awaitable[None],
+    error: type[VMError],
+    what: str,
+) -> None:
+    """Await ``build``; on any failure destroy the machine, then raise ``error`` from it."""
+    try:
+        await build
+    except asyncio.CancelledError:
+        await machine.destroy()
+        raise
+    except Exception as exc:
+        await machine.destroy()
+        if isinstance(exc, error):
+            raise
+        raise error(f"{what}: {exc}", vm_id=machine.vm_id) from exc
+
+
+async def _collect(report: TeardownReport, what: str, step: Awaitable[None]) -> None:
+    try:
+        await step
+    except Exception as exc:
+        report.errors.append(f"{what}: {exc}")
+
+
+async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _tail(path: Path, limit: int = 400) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace").strip().replace("\n", " | ")

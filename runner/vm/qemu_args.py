@@ -1,0 +1,118 @@
+"""QEMU command lines, as pure functions.
+
+A clone must be started with exactly the devices, in the same order, as the
+template it restores from; both command lines come from here, and
+``device_layout`` is what snapshot manifests record and compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from runner.vm.backend import MachineSpec
+
+AGENT_PORT_NAME = "org.snapfleet.agent"
+# Every clone resumes with the template's MAC; namespaces keep clones apart.
+GUEST_MAC = "52:54:00:5f:00:02"
+TAP_NAME = "tap0"
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QemuRuntime:
+    """Per-process inputs: where this VM's files and channels are."""
+
+    disk: Path
+    disk_format: Literal["raw", "qcow2"]
+    console_log: Path
+    qmp_fd: int
+    agent_fd: int
+    mem_path: Path | None = None  # file-backed RAM (templates and clones)
+    mem_shared: bool = False  # template: MAP_SHARED; clone: MAP_PRIVATE (copy-on-write)
+    incoming: bool = False  # wait for `migrate-incoming`
+    sandbox: bool = True
+    disk_cache: Literal["unsafe", "writeback"] = "writeback"
+
+
+def device_layout(spec: MachineSpec) -> dict[str, object]:
+    """The parts of the VM that must match between a template and its clones."""
+    return {
+        "layout_version": LAYOUT_VERSION,
+        "machine": "microvm,pit=on,rtc=on",
+        "accel": spec.accel,
+        "cpu": spec.cpu,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "devices": [
+            "virtio-blk-device",
+            *(["virtio-net-device"] if spec.network else []),
+            "virtio-serial-device",
+            "virtserialport",
+            "virtio-rng-device",
+            "vmgenid",
+        ],
+    }
+
+
+def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
+    """The full argv for one QEMU process."""
+    machine = "microvm,pit=on,rtc=on"
+    args = [binary, "-name", "snapfleet", "-nodefaults", "-no-user-config", "-display", "none"]
+    if rt.mem_path is not None:
+        machine += ",memory-backend=mem"
+        share = "on" if rt.mem_shared else "off"
+        args += [
+            "-object",
+            f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={rt.mem_path},share={share}",
+        ]
+    args += ["-M", machine, "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
+    args += _accel_args(spec)
+    args += ["-kernel", str(spec.kernel), "-initrd", str(spec.initramfs), "-append", spec.cmdline]
+    args += ["-chardev", f"file,id=console,path={rt.console_log}", "-serial", "chardev:console"]
+    args += [
+        "-drive",
+        f"id=root,if=none,file={rt.disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
+        "-device",
+        "virtio-blk-device,drive=root",
+    ]
+    if spec.network:
+        args += [
+            "-netdev",
+            f"tap,id=net0,ifname={TAP_NAME},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+        ]
+    args += [
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,fd={rt.agent_fd}",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+        "-device",
+        "vmgenid,guid=auto",
+        "-chardev",
+        f"socket,id=qmp,fd={rt.qmp_fd}",
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
+    if rt.incoming:
+        args += ["-incoming", "defer"]
+    if rt.sandbox:
+        args += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    return args
+
+
+def _accel_args(spec: MachineSpec) -> list[str]:
+    if spec.accel == "kvm":
+        return ["-accel", "kvm", "-cpu", spec.cpu]
+    tcg = "tcg,thread=multi"
+    if spec.tcg_tb_size_mib:
+        tcg += f",tb-size={spec.tcg_tb_size_mib}"
+    return ["-accel", tcg, "-cpu", spec.cpu]
