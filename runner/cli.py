@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR", help="working directory in the guest")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
 
-    image = sub.add_parser("image", help="guest images").add_subparsers(dest="action", required=True)
+    image = sub.add_parser("image", help="guest images").add_subparsers(
+        dest="action", required=True
+    )
     build = image.add_parser("build", help="build (or find cached) an image")
     build.add_argument("name", nargs="?", default="default")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -62,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--profile")
 
     sub.add_parser("doctor", help="check this host")
-    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="action", required=True
+    )
     check = config.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
     return p
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ConfigError as exc:
         for key, reason in exc.problems:
-            print(f"snapfleet: config error: {key}: {reason}" if key else f"snapfleet: {reason}",
-                  file=sys.stderr)
+            print(
+                f"snapfleet: config error: {key}: {reason}" if key else f"snapfleet: {reason}",
+                file=sys.stderr,
+            )
         return EXIT_SYSTEM
     except SnapfleetError as exc:
         print(f"snapfleet: error: {exc}", file=sys.stderr)
@@ -114,8 +120,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
     profile = settings.profile(getattr(args, "profile", None))
     updates: dict[str, Any] = {}
-    for arg, key in (("image", "image"), ("vcpus", "vcpus"), ("memory", "memory_mib"),
-                     ("timeout", "timeout_s")):
+    for arg, key in (
+        ("image", "image"),
+        ("vcpus", "vcpus"),
+        ("memory", "memory_mib"),
+        ("timeout", "timeout_s"),
+    ):
         value = getattr(args, arg, None)
         if value is not None:
             updates[key] = value
@@ -125,8 +135,9 @@ def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
         return Profile.model_validate({**profile.model_dump(), **updates})
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError("--" + str(err["loc"][0]).replace("_mib", "").replace("_s", ""),
-                          err["msg"]) from None
+        raise ConfigError(
+            "--" + str(err["loc"][0]).replace("_mib", "").replace("_s", ""), err["msg"]
+        ) from None
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -150,7 +161,9 @@ async def _run(args: argparse.Namespace) -> int:
     command = Command(argv=argv, env=_parse_env(args.env), cwd=args.workdir, timeout_s=args.timeout)
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, _progress)
-        result = await engine.run(snapshot, command, _write_output, profile_timeout=profile.timeout_s)
+        result = await engine.run(
+            snapshot, command, _write_output, profile_timeout=profile.timeout_s
+        )
     if result.timed_out:
         timeout = command.timeout_s or profile.timeout_s
         print(f"snapfleet: job timed out after {timeout:g}s and was killed", file=sys.stderr)

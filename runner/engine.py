@@ -103,7 +103,10 @@ class Engine:
             raise ImageError(f"image {profile.image!r} is not built; run `snapfleet image build`")
         progress(f"building image {profile.image!r} (first run; cached afterwards)")
         return await build_image(
-            profile.image, cache_dir=paths.cache_dir, recipes_dir=paths.recipes_dir, progress=progress
+            profile.image,
+            cache_dir=paths.cache_dir,
+            recipes_dir=paths.recipes_dir,
+            progress=progress,
         )
 
     def spec(self, profile: Profile, image: Image) -> MachineSpec:
@@ -136,9 +139,13 @@ class Engine:
                 return found
             if not create:
                 raise SnapshotError("no snapshot for this profile; run `snapfleet snapshot create`")
-            progress(f"creating snapshot of image {image.name} ({profile.vcpus} vCPU, "
-                     f"{profile.memory_mib} MiB)")
-            return await self.snapshots.create(self._template, image.digest, spec, image.rootfs, progress)
+            progress(
+                f"creating snapshot of image {image.name} ({profile.vcpus} vCPU, "
+                f"{profile.memory_mib} MiB)"
+            )
+            return await self.snapshots.create(
+                self._template, image.digest, spec, image.rootfs, progress
+            )
 
     async def _template(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float:
         started = time.monotonic()
@@ -165,7 +172,9 @@ class Engine:
         started = time.monotonic()
         machine = await self.restore(snapshot)
         bound = log.bind(vm_id=machine.vm_id)
-        result = RunResult(vm_id=machine.vm_id, exit_code=None, restore_s=time.monotonic() - started)
+        result = RunResult(
+            vm_id=machine.vm_id, exit_code=None, restore_s=time.monotonic() - started
+        )
         timeout = command.timeout_s or profile_timeout
         try:
             await self._exec(machine, command, sink, timeout, result)
@@ -184,14 +193,23 @@ class Engine:
         return result
 
     async def _exec(
-        self, machine: QemuMachine, command: Command, sink: OutputSink, timeout: float, result: RunResult
+        self,
+        machine: QemuMachine,
+        command: Command,
+        sink: OutputSink,
+        timeout: float,
+        result: RunResult,
     ) -> None:
         started = time.monotonic()
         try:
             # The agent enforces the timeout in the guest; this backstop covers a hung guest.
             async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
                 session = await machine.exec(
-                    command.argv, script=command.script, env=command.env, cwd=command.cwd, timeout=timeout
+                    command.argv,
+                    script=command.script,
+                    env=command.env,
+                    cwd=command.cwd,
+                    timeout=timeout,
                 )
                 async for chunk in session:
                     out = sink(chunk.stream, chunk.data)
@@ -213,7 +231,8 @@ class Engine:
 
 def _own_image(profile: Profile) -> Image:
     """An image made of the user's own kernel, initramfs and rootfs."""
-    assert profile.kernel and profile.initramfs and profile.rootfs
+    if profile.kernel is None or profile.initramfs is None or profile.rootfs is None:
+        raise ImageError("a profile's own image needs kernel, initramfs and rootfs")
     parts = [profile.kernel, profile.initramfs, profile.rootfs]
     for part in parts:
         if not part.exists():

@@ -145,9 +145,15 @@ class SnapshotStore:
                 "image_digest": image_digest,
                 "qemu_version": self.qemu_version,
                 "layout": device_layout(spec),
-                "spec": {"vcpus": spec.vcpus, "memory_mib": spec.memory_mib,
-                         "cmdline": spec.cmdline, "accel": spec.accel, "cpu": spec.cpu,
-                         "network": spec.network, "tcg_tb_size_mib": spec.tcg_tb_size_mib},
+                "spec": {
+                    "vcpus": spec.vcpus,
+                    "memory_mib": spec.memory_mib,
+                    "cmdline": spec.cmdline,
+                    "accel": spec.accel,
+                    "cpu": spec.cpu,
+                    "network": spec.network,
+                    "tcg_tb_size_mib": spec.tcg_tb_size_mib,
+                },
                 "sha256": sums,
                 "sizes": {name: (tmp / name).stat().st_size for name in FILES},
                 "template_boot_s": round(boot_s, 3),
@@ -157,7 +163,7 @@ class SnapshotStore:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             for name in (*FILES, "manifest.json"):
                 os.chmod(tmp / name, 0o444)
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, 0o755)  # noqa: S103 (holds no secrets; readable like the image cache)
             try:
                 os.rename(tmp, final)
             except OSError:

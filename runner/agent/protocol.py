@@ -280,7 +280,10 @@ def _convert(tp: Any, value: object) -> object:
         if value is None and type(None) in args:
             return None
         (inner,) = (a for a in args if a is not type(None))
-        return _convert(inner, value)
+        try:
+            return _convert(inner, value)
+        except TypeError as exc:
+            raise TypeError(f"{exc} or null") from None
     if tp is bytes:
         if isinstance(value, str):
             try:
@@ -441,9 +444,7 @@ class Connection:
             return None
         length, kind = _FRAME_HEADER.unpack_from(self._buffer)
         if not 1 <= length <= MAX_FRAME_SIZE:
-            self._broken = AgentProtocolError(
-                f"frame length {length} outside 1..{MAX_FRAME_SIZE}"
-            )
+            self._broken = AgentProtocolError(f"frame length {length} outside 1..{MAX_FRAME_SIZE}")
             raise self._broken
         if kind not in (FrameKind.MESSAGE, FrameKind.OUTPUT):
             self._broken = AgentProtocolError(f"unknown frame kind {kind}")

@@ -64,17 +64,34 @@ async def build_image(
 
     started = time.monotonic()
     await asyncio.to_thread(cache.remove_stale_temps, cache_dir)
-    kdir = await _layer(cache_dir, "kernel", k.kernel, force, progress,
-                        lambda out: kernel.build_kernel_layer(
-                            loaded.recipe.kernel_package, out, progress))
+    kdir = await _layer(
+        cache_dir,
+        "kernel",
+        k.kernel,
+        force,
+        progress,
+        lambda out: kernel.build_kernel_layer(loaded.recipe.kernel_package, out, progress),
+    )
     kinfo = await kernel.read_kernel_info(kdir)
-    base = await _layer(cache_dir, "rootfs-base", k.rootfs_base, force, progress,
-                        lambda out: _base(loaded, out, progress))
+    base = await _layer(
+        cache_dir,
+        "rootfs-base",
+        k.rootfs_base,
+        force,
+        progress,
+        lambda out: _base(loaded, out, progress),
+    )
     r = loaded.recipe
-    idir = await _layer(cache_dir, "initramfs", k.initramfs, force, progress,
-                        lambda out: build_initramfs_layer(
-                            kdir, kinfo, inputs.init_script, r.modules, r.busybox,
-                            out, progress))
+    idir = await _layer(
+        cache_dir,
+        "initramfs",
+        k.initramfs,
+        force,
+        progress,
+        lambda out: build_initramfs_layer(
+            kdir, kinfo, inputs.init_script, r.modules, r.busybox, out, progress
+        ),
+    )
 
     files = dict(inputs.files)
     stamp = {"name": name, "digest": k.image}
@@ -84,20 +101,27 @@ async def build_image(
         await asyncio.to_thread(_link_or_copy, idir / INITRAMFS_FILE, out / INITRAMFS_FILE)
         work = out / ".work"
         work.mkdir()
-        await rootfs.build_rootfs_image(base_layer=base, files=files,
-                                        size_mib=r.rootfs_size_mib, out=out, work=work,
-                                        progress=progress)
+        await rootfs.build_rootfs_image(
+            base_layer=base,
+            files=files,
+            size_mib=r.rootfs_size_mib,
+            out=out,
+            work=work,
+            progress=progress,
+        )
         work.rmdir()
         progress("hashing artifacts")
-        manifest = await _manifest(loaded, inputs, k, kinfo, base, idir, out,
-                                   time.monotonic() - started)
+        manifest = await _manifest(
+            loaded, inputs, k, kinfo, base, idir, out, time.monotonic() - started
+        )
         await asyncio.to_thread(_write_manifest, out, manifest)
     progress(f"image {name} built at {final} in {time.monotonic() - started:.0f}s")
     return await asyncio.to_thread(load_image_dir, final)
 
 
-async def _layer(cache_dir: Path, layer: str, key: str, force: bool,
-                 progress: ProgressFn, make: Any) -> Path:
+async def _layer(
+    cache_dir: Path, layer: str, key: str, force: bool, progress: ProgressFn, make: Any
+) -> Path:
     """Return ``<layer>-<key>``, building it with ``make(tmpdir)`` if absent."""
     path = cache.layer_path(cache_dir, layer, key)
     if path.is_dir() and not force:
@@ -110,9 +134,15 @@ async def _layer(cache_dir: Path, layer: str, key: str, force: bool,
 
 async def _base(loaded: LoadedRecipe, out: Path, progress: ProgressFn) -> None:
     r = loaded.recipe
-    await rootfs.build_base_layer(suite=r.suite, mirror=r.mirror, variant=r.variant,
-                                  components=r.components, packages=r.packages,
-                                  out=out, progress=progress)
+    await rootfs.build_base_layer(
+        suite=r.suite,
+        mirror=r.mirror,
+        variant=r.variant,
+        components=r.components,
+        packages=r.packages,
+        out=out,
+        progress=progress,
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -123,14 +153,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         dst.write_bytes(src.read_bytes())
 
 
-async def _manifest(loaded: LoadedRecipe, inputs: keys.BuildInputs, k: keys.LayerKeys,
-                    kinfo: kernel.KernelInfo, base: Path, idir: Path, out: Path,
-                    seconds: float) -> dict[str, Any]:
+async def _manifest(
+    loaded: LoadedRecipe,
+    inputs: keys.BuildInputs,
+    k: keys.LayerKeys,
+    kinfo: kernel.KernelInfo,
+    base: Path,
+    idir: Path,
+    out: Path,
+    seconds: float,
+) -> dict[str, Any]:
     r = loaded.recipe
-    records = await asyncio.gather(*(asyncio.to_thread(file_record, out / f) for f in
-                                     (VMLINUX, INITRAMFS_FILE, rootfs.ROOTFS_FILE)))
-    packages = rootfs.read_packages(await asyncio.to_thread(
-        (base / rootfs.PACKAGES_FILE).read_text))
+    records = await asyncio.gather(
+        *(
+            asyncio.to_thread(file_record, out / f)
+            for f in (VMLINUX, INITRAMFS_FILE, rootfs.ROOTFS_FILE)
+        )
+    )
+    packages = rootfs.read_packages(
+        await asyncio.to_thread((base / rootfs.PACKAGES_FILE).read_text)
+    )
     modules = json.loads(await asyncio.to_thread((idir / "initramfs.json").read_text))["modules"]
     return {
         "format": MANIFEST_FORMAT,
@@ -140,13 +182,25 @@ async def _manifest(loaded: LoadedRecipe, inputs: keys.BuildInputs, k: keys.Laye
         "recipe": r.model_dump(mode="json"),
         "cmdline": r.cmdline,
         "files": dict(zip(("kernel", "initramfs", "rootfs"), records, strict=True)),
-        "kernel": {"package": kinfo.package, "package_version": kinfo.package_version,
-                   "version": kinfo.version, "requested": r.kernel_package},
+        "kernel": {
+            "package": kinfo.package,
+            "package_version": kinfo.package_version,
+            "version": kinfo.version,
+            "requested": r.kernel_package,
+        },
         "initramfs": {"modules": modules},
-        "rootfs": {"suite": r.suite, "mirror": r.mirror, "size_mib": r.rootfs_size_mib,
-                   "packages": packages, "guest_files": sorted(inputs.files)},
-        "layers": {"kernel": cache.layer_path(out.parent, "kernel", k.kernel).name,
-                   "rootfs_base": base.name, "initramfs": idir.name},
+        "rootfs": {
+            "suite": r.suite,
+            "mirror": r.mirror,
+            "size_mib": r.rootfs_size_mib,
+            "packages": packages,
+            "guest_files": sorted(inputs.files),
+        },
+        "layers": {
+            "kernel": cache.layer_path(out.parent, "kernel", k.kernel).name,
+            "rootfs_base": base.name,
+            "initramfs": idir.name,
+        },
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": round(seconds, 1),
     }

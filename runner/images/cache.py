@@ -99,6 +99,7 @@ def _commit(tmp: Path, final: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{os.getpid()}-", dir=final.parent))
         final.rename(old / final.name)
         shutil.rmtree(old, ignore_errors=True)
+    tmp.chmod(0o755)  # mkdtemp makes 0700; an unprivileged VMM must read images
     try:
         tmp.rename(final)
     except OSError:

@@ -130,9 +130,7 @@ async def _read_module(path: Path) -> bytes:
     return raw
 
 
-async def module_entries(
-    modules: Iterable[str], moddir: Path
-) -> tuple[list[str], list[Entry]]:
+async def module_entries(modules: Iterable[str], moddir: Path) -> tuple[list[str], list[Entry]]:
     """Resolve ``modules`` in the kernel's ``moddir`` into ordered cpio entries."""
     builtin_file = moddir / "modules.builtin"
     builtin_text = await asyncio.to_thread(builtin_file.read_text)

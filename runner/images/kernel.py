@@ -68,8 +68,13 @@ def candidate_version(policy_output: str) -> str:
     return m.group(1)
 
 
-def bzimage_payload(bzimage: bytes) -> bytes:
-    """The compressed kernel payload of a bzImage (boot protocol >= 2.08)."""
+def bzimage_payload(bzimage: bytes) -> tuple[bytes, int]:
+    """The LZ4 payload of a bzImage and the size it decompresses to.
+
+    Kbuild appends the uncompressed size as 4 little-endian bytes after the
+    compressed stream; ``lz4`` reads them as a bogus block and exits 1, so
+    they are split off here (and used to check the result).
+    """
     if bzimage[0x202:0x206] != b"HdrS":
         raise ImageError("kernel image is not a bzImage (no HdrS setup header)")
     (protocol,) = struct.unpack_from("<H", bzimage, 0x206)
@@ -79,12 +84,18 @@ def bzimage_payload(bzimage: bytes) -> bytes:
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
     payload = bzimage[start : start + length]
-    if len(payload) != length:
+    if len(payload) != length or length < 8:
         raise ImageError("bzImage payload runs past the end of the file")
     if not payload.startswith((_LZ4_LEGACY_MAGIC, _LZ4_FRAME_MAGIC)):
         fmt = next((n for m, n in _OTHER_FORMATS.items() if payload.startswith(m)), "unknown")
         raise ImageError(f"bzImage payload is {fmt}, only LZ4 is supported")
-    return payload
+    (size,) = struct.unpack_from("<I", payload, length - 4)
+    return payload[:-4], size
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(4)
 
 
 async def read_kernel_info(layer: Path) -> KernelInfo:
@@ -104,8 +115,15 @@ async def build_kernel_layer(package: str, out: Path, progress: ProgressFn) -> K
     work = out / "work"
     work.mkdir()
     # Root downloads into a root-owned dir; tell apt not to drop to _apt.
-    await run("apt-get", "download", "-o", "APT::Sandbox::User=root", f"{real}={pkg_version}",
-              what=f"apt-get download {real}", cwd=work)
+    await run(
+        "apt-get",
+        "download",
+        "-o",
+        "APT::Sandbox::User=root",
+        f"{real}={pkg_version}",
+        what=f"apt-get download {real}",
+        cwd=work,
+    )
     debs = list(work.glob("*.deb"))
     if len(debs) != 1:
         raise ImageError(f"apt-get download {real} left {len(debs)} .deb files")
@@ -120,19 +138,24 @@ async def build_kernel_layer(package: str, out: Path, progress: ProgressFn) -> K
     progress(f"unpacking vmlinux {version}")
     bzimage = await asyncio.to_thread((tree / "boot" / f"vmlinuz-{version}").read_bytes)
     payload = work / "payload.lz4"
-    await asyncio.to_thread(payload.write_bytes, bzimage_payload(bzimage))
-    await run("lz4", "-dc", what="lz4 -dc kernel payload", stdin=payload, stdout=out / "vmlinux")
-    with (out / "vmlinux").open("rb") as f:
-        if f.read(4) != ELF_MAGIC:
-            raise ImageError(f"decompressed {real} payload is not an ELF vmlinux")
+    compressed, size = bzimage_payload(bzimage)
+    await asyncio.to_thread(payload.write_bytes, compressed)
+    vmlinux = out / "vmlinux"
+    await run("lz4", "-dc", what="lz4 -dc kernel payload", stdin=payload, stdout=vmlinux)
+    head = await asyncio.to_thread(_head, vmlinux)
+    if head != ELF_MAGIC or vmlinux.stat().st_size != size:
+        raise ImageError(f"decompressed {real} payload is not the expected ELF vmlinux")
 
     info = KernelInfo(real, pkg_version, version)
     (out / "modules").mkdir()
     await asyncio.to_thread(shutil.move, tree / "lib/modules" / version, out / info.modules_dir)
     await asyncio.to_thread(shutil.copy2, tree / "boot" / f"config-{version}", out / "config")
-    meta = {"package": real, "package_version": pkg_version, "version": version,
-            "requested": package}
+    meta = {
+        "package": real,
+        "package_version": pkg_version,
+        "version": version,
+        "requested": package,
+    }
     (out / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
     await asyncio.to_thread(shutil.rmtree, work)
     return info
-

@@ -51,34 +51,40 @@ def layer_keys(inputs: BuildInputs) -> LayerKeys:
     """Derive each layer's key from exactly the inputs that change its bytes."""
     r = inputs.recipe
     kernel = digest({"layer": "kernel", "format": KERNEL_FORMAT, "package": r.kernel_package})
-    base = digest({
-        "layer": "rootfs-base",
-        "format": BASE_FORMAT,
-        "suite": r.suite,
-        "mirror": r.mirror,
-        "variant": r.variant,
-        "components": list(r.components),
-        "packages": sorted(set(r.packages)),
-    })
-    initramfs = digest({
-        "layer": "initramfs",
-        "format": INITRAMFS_FORMAT,
-        "kernel": kernel,
-        "init": sha256_bytes(inputs.init_script),
-        "modules": list(r.modules),
-        "busybox": inputs.busybox_sha256,
-    })
-    image = digest({
-        "layer": "image",
-        "format": IMAGE_FORMAT,
-        "name": inputs.name,
-        "kernel": kernel,
-        "rootfs_base": base,
-        "initramfs": initramfs,
-        "rootfs_size_mib": r.rootfs_size_mib,
-        "cmdline": r.cmdline,
-        "files": {p: [m, sha256_bytes(d)] for p, (m, d) in sorted(inputs.files.items())},
-    })
+    base = digest(
+        {
+            "layer": "rootfs-base",
+            "format": BASE_FORMAT,
+            "suite": r.suite,
+            "mirror": r.mirror,
+            "variant": r.variant,
+            "components": list(r.components),
+            "packages": sorted(set(r.packages)),
+        }
+    )
+    initramfs = digest(
+        {
+            "layer": "initramfs",
+            "format": INITRAMFS_FORMAT,
+            "kernel": kernel,
+            "init": sha256_bytes(inputs.init_script),
+            "modules": list(r.modules),
+            "busybox": inputs.busybox_sha256,
+        }
+    )
+    image = digest(
+        {
+            "layer": "image",
+            "format": IMAGE_FORMAT,
+            "name": inputs.name,
+            "kernel": kernel,
+            "rootfs_base": base,
+            "initramfs": initramfs,
+            "rootfs_size_mib": r.rootfs_size_mib,
+            "cmdline": r.cmdline,
+            "files": {p: [m, sha256_bytes(d)] for p, (m, d) in sorted(inputs.files.items())},
+        }
+    )
     return LayerKeys(kernel, base, initramfs, image)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -82,7 +83,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "recipe"
 
 
-def parse_recipe(data: dict[str, object], *, source: str) -> Recipe:
+def parse_recipe(data: Mapping[str, object], *, source: str) -> Recipe:
     """Validate recipe data; raise ``ConfigError`` naming the first bad field."""
     try:
         return Recipe.model_validate(data)

@@ -50,7 +50,11 @@ async def build_base_layer(
     for rel in _SCRUB:
         await asyncio.to_thread(_scrub, tree / rel)
     listing = await run(
-        "dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n",
+        "dpkg-query",
+        f"--admindir={tree}/var/lib/dpkg",
+        "-W",
+        "-f",
+        "${Package} ${Version}\n",
         what="dpkg-query (list guest packages)",
     )
     (out / PACKAGES_FILE).write_bytes(listing)
@@ -109,11 +113,19 @@ async def build_rootfs_image(
     with image.open("wb") as f:
         f.truncate(size_mib << 20)  # sparse: only written blocks take space
     await run(
-        "mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-d", stage,
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-L",
+        FS_LABEL,
+        "-d",
+        stage,
         # Initialise inode tables and journal now: lazy init would make the
         # guest write them in the background, into every clone's overlay.
-        "-E", "lazy_itable_init=0,lazy_journal_init=0",
-        image, what="mkfs.ext4",
+        "-E",
+        "lazy_itable_init=0,lazy_journal_init=0",
+        image,
+        what="mkfs.ext4",
     )
     await asyncio.to_thread(shutil.rmtree, stage)
     return image

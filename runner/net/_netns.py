@@ -33,8 +33,13 @@ _IFF_NO_PI = 0x1000
 _NETLINK_ROUTE = 0
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                        ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 
@@ -58,10 +63,14 @@ def _share_run_dir(run_dir: str) -> None:
         return
     if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
         _check(-1, "make run dir shared", run_dir)
-    _check(_libc.mount(run_dir.encode(), run_dir.encode(), b"none", _MS_BIND | _MS_REC, None),
-           "bind run dir", run_dir)
-    _check(_libc.mount(b"none", run_dir.encode(), None, flags, None), "make run dir shared",
-           run_dir)
+    _check(
+        _libc.mount(run_dir.encode(), run_dir.encode(), b"none", _MS_BIND | _MS_REC, None),
+        "bind run dir",
+        run_dir,
+    )
+    _check(
+        _libc.mount(b"none", run_dir.encode(), None, flags, None), "make run dir shared", run_dir
+    )
 
 
 def _create_tap(name: str) -> None:
@@ -102,8 +111,11 @@ def make_netns(path: str, tap: str) -> NewNamespace:
     mounted = False
     try:
         _check(_libc.unshare(_CLONE_NEWNET), "unshare", path)
-        _check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None),
-               "bind namespace", path)
+        _check(
+            _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None),
+            "bind namespace",
+            path,
+        )
         mounted = True
         # /proc/sys/net resolves to the opening thread's namespace: this is the new one.
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:

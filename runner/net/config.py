@@ -60,8 +60,10 @@ class NetConfig(BaseModel):
         for key in ("ns_veth", "tap"):
             if not _IFNAME.fullmatch(getattr(self, key)):
                 raise ValueError(f"{key}: not a valid interface name")
-        for key, prefix in (("host_veth_prefix", self.host_veth_prefix),
-                            ("netns_prefix", self.netns_prefix)):
+        for key, prefix in (
+            ("host_veth_prefix", self.host_veth_prefix),
+            ("netns_prefix", self.netns_prefix),
+        ):
             if not _IFNAME.fullmatch(prefix) or len(prefix) + VM_ID_MAX > IFNAMSIZ:
                 raise ValueError(f"{key}: must be a name prefix of at most {IFNAMSIZ - VM_ID_MAX}")
         for key in ("host_table", "ns_table"):
@@ -85,8 +87,7 @@ class NetConfig(BaseModel):
     def guest_kernel_args(self) -> str:
         """Kernel command-line parameters that configure the template guest's network."""
         return (
-            f"snapfleet.ip={self.guest_address.with_prefixlen}"
-            f" snapfleet.gw={self.tap_address.ip}"
+            f"snapfleet.ip={self.guest_address.with_prefixlen} snapfleet.gw={self.tap_address.ip}"
         )
 
     def netns_name(self, vm_id: str) -> str:
@@ -118,7 +119,7 @@ class NetConfig(BaseModel):
         """The vm_id in a name made with ``prefix``, or None if it is not one of ours."""
         if not name.startswith(prefix):
             return None
-        vm_id = name[len(prefix):]
+        vm_id = name[len(prefix) :]
         return vm_id if _VM_ID.fullmatch(vm_id) else None
 
 

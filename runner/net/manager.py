@@ -15,7 +15,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import TypeVar
 
 import structlog
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2 import AsyncIPRoute, IPRoute, NetlinkError
 
 from runner.errors import NetworkError
 from runner.net import nft
@@ -75,6 +75,11 @@ async def _in_own_thread(fn: Callable[[], T], on_orphan: Callable[[T], None]) ->
         raise
 
 
+def _delete_link(name: str) -> None:
+    with IPRoute() as ipr:
+        ipr.link("del", ifname=name)
+
+
 @dataclass
 class _Made:
     """What ``create`` has built so far: exactly what its rollback undoes."""
@@ -88,9 +93,9 @@ class NetworkManager:
     """Creates and destroys one network namespace per clone, and the host's rules.
 
     One per daemon. Slots (the /30 of the pool each clone's veth pair uses)
-    are tracked in-process under a lock; on start, slots whose host veth
-    already exists are skipped, so a restarted daemon does not collide with
-    clones it has not reconciled yet.
+    are tracked in-process under a lock, and every ``create`` also skips
+    slots whose addresses already sit on a host interface, so a restarted
+    daemon does not collide with clones it has not reconciled yet.
     """
 
     def __init__(self, config: NetConfig) -> None:
@@ -144,8 +149,7 @@ class NetworkManager:
         holds the namespace.
         """
         validate_vm_id(vm_id)
-        async with AsyncIPRoute() as host:
-            await self._delete_host_veth(host, vm_id)
+        await self._delete_host_veth(vm_id)
         with _step(vm_id, "remove namespace"):
             await asyncio.to_thread(remove_netns, self.config.netns_path(vm_id))
         self._release(vm_id)
@@ -221,24 +225,32 @@ class NetworkManager:
         return ns
 
     async def _plumb_host(
-        self, host: AsyncIPRoute, vm_id: str, ns: NewNamespace, host_if: IPv4Interface,
+        self,
+        host: AsyncIPRoute,
+        vm_id: str,
+        ns: NewNamespace,
+        host_if: IPv4Interface,
         made: _Made,
     ) -> None:
         name = self.config.host_veth(vm_id)
         with _step(vm_id, f"create veth {name}"):
             # The peer is born inside the namespace: no separate move.
-            await host.link("add", ifname=name, kind="veth",
-                            peer={"ifname": self.config.ns_veth, "net_ns_fd": ns.fd})
+            await host.link(
+                "add",
+                ifname=name,
+                kind="veth",
+                peer={"ifname": self.config.ns_veth, "net_ns_fd": ns.fd},
+            )
         made.veth = True
         with _step(vm_id, f"configure {name}"):
             (index,) = await host.link_lookup(ifname=name)
-            await host.addr("add", index=index, address=str(host_if.ip),
-                            prefixlen=host_if.network.prefixlen)
+            await host.addr(
+                "add", index=index, address=str(host_if.ip), prefixlen=host_if.network.prefixlen
+            )
             await host.link("set", index=index, state="up")
             # Strict reverse-path filter: a clone can only send from its own /30,
             # so a rogue guest can neither spoof others nor leak unNATed sources.
-            await asyncio.to_thread(
-                write_sysctl, f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "1")
+            await asyncio.to_thread(write_sysctl, f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "1")
 
     async def _plumb_ns(
         self, vm_id: str, ns: NewNamespace, host_if: IPv4Interface, ns_if: IPv4Interface
@@ -249,13 +261,18 @@ class NetworkManager:
             with _step(vm_id, "bring up lo"):
                 await inner.link("set", index=1, state="up")  # lo is always 1 in a new netns
             with _step(vm_id, f"configure {c.tap}"):
-                await inner.addr("add", index=ns.tap_index, address=str(c.tap_address.ip),
-                                 prefixlen=c.tap_address.network.prefixlen)
+                await inner.addr(
+                    "add",
+                    index=ns.tap_index,
+                    address=str(c.tap_address.ip),
+                    prefixlen=c.tap_address.network.prefixlen,
+                )
                 await inner.link("set", index=ns.tap_index, state="up")
             with _step(vm_id, f"configure {c.ns_veth}"):
                 (index,) = await inner.link_lookup(ifname=c.ns_veth)
-                await inner.addr("add", index=index, address=str(ns_if.ip),
-                                 prefixlen=ns_if.network.prefixlen)
+                await inner.addr(
+                    "add", index=index, address=str(ns_if.ip), prefixlen=ns_if.network.prefixlen
+                )
                 await inner.link("set", index=index, state="up")
                 await inner.route("add", dst="0.0.0.0/0", gateway=str(host_if.ip), oif=index)
         finally:
@@ -264,8 +281,7 @@ class NetworkManager:
     async def _rollback(self, vm_id: str, made: _Made, exc: BaseException) -> None:
         try:
             if made.veth:
-                async with AsyncIPRoute() as host:
-                    await self._delete_host_veth(host, vm_id)
+                await self._delete_host_veth(vm_id)
             if made.netns:
                 with _step(vm_id, "remove namespace"):
                     await asyncio.to_thread(remove_netns, self.config.netns_path(vm_id))
@@ -276,11 +292,13 @@ class NetworkManager:
             if made.slot:
                 self._release(vm_id)
 
-    async def _delete_host_veth(self, host: AsyncIPRoute, vm_id: str) -> None:
+    async def _delete_host_veth(self, vm_id: str) -> None:
         name = self.config.host_veth(vm_id)
         try:
             # Deleting one end deletes the pair: no need to enter the namespace.
-            await host.link("del", ifname=name)
+            # The kernel does the work inside the sendmsg call, 15-35 ms of RCU
+            # grace periods for a veth pair, so it must not run on the loop.
+            await asyncio.to_thread(_delete_link, name)
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise NetworkError(f"vm {vm_id}: delete veth {name}: {_describe(exc)}") from exc
@@ -291,7 +309,8 @@ class NetworkManager:
         with self._lock:
             if vm_id in self._slots:
                 raise NetworkError(
-                    f"vm {vm_id}: already has a network in slot {self._slots[vm_id]}")
+                    f"vm {vm_id}: already has a network in slot {self._slots[vm_id]}"
+                )
             taken = on_host | set(self._slots.values())
             if slot is None:
                 slot = next((s for s in range(self.config.slots) if s not in taken), None)
@@ -303,14 +322,13 @@ class NetworkManager:
             return slot
 
     async def _slots_on_host(self, host: AsyncIPRoute) -> set[int]:
-        # Addresses on existing clone veths: a previous daemon's clones keep theirs.
+        # Any pool address on any host interface: a previous daemon's clones keep
+        # theirs, and a clash would make two veths claim the same /30.
         used: set[int] = set()
         async for msg in await host.addr("dump", family=socket.AF_INET):
-            label = msg.get("label") or ""
-            if label.startswith(self.config.host_veth_prefix):
-                slot = self.config.slot_of(IPv4Address(msg.get("address")))
-                if slot is not None:
-                    used.add(slot)
+            slot = self.config.slot_of(IPv4Address(msg.get("address")))
+            if slot is not None:
+                used.add(slot)
         return used
 
     def _release(self, vm_id: str) -> None:
@@ -325,8 +343,11 @@ class NetworkManager:
         where = f"vm {vm_id}: " if vm_id else ""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
         except OSError as exc:
             raise NetworkError(f"{where}cannot run {argv[0]}: {exc}") from exc
         try:
@@ -339,4 +360,5 @@ class NetworkManager:
         if proc.returncode != 0:
             raise NetworkError(
                 f"{where}nft failed with exit code {proc.returncode}: "
-                f"{stderr.decode(errors='replace').strip()}")
+                f"{stderr.decode(errors='replace').strip()}"
+            )

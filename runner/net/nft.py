@@ -40,10 +40,7 @@ def host_ruleset(config: NetConfig) -> str:
 
 def host_teardown(config: NetConfig) -> str:
     """Remove the host table; harmless when it is already gone."""
-    return (
-        f"add table inet {config.host_table}\n"
-        f"delete table inet {config.host_table}\n"
-    )
+    return f"add table inet {config.host_table}\ndelete table inet {config.host_table}\n"
 
 
 def ns_ruleset(config: NetConfig) -> str:

@@ -131,7 +131,11 @@ class Hypervisor(ABC):
 
     @abstractmethod
     async def restore(
-        self, snapshot: Snapshot, *, hostname: str | None = None, env: Mapping[str, str] | None = None
+        self,
+        snapshot: Snapshot,
+        *,
+        hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Machine:
         """Clone a VM from a snapshot, configured (clock, RNG, hostname, env) and READY."""
 

@@ -175,7 +175,7 @@ class QemuMachine(Machine):
         if self.network is not None:
             argv = self.network.exec_prefix() + argv
         started = time.monotonic()
-        with open(self.directory / "qemu.log", "wb") as log:
+        with open(self.directory / "qemu.log", "wb") as log:  # noqa: ASYNC230 (local, tiny)
             os.chmod(log.fileno(), 0o600)
             try:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -240,7 +240,9 @@ class QemuMachine(Machine):
             if self.exit_status is not None:
                 raise self.died_error(exc) from exc
             tail = _tail(self.console_log)
-            raise VMError(f"guest agent did not answer: {exc}; console: {tail}", vm_id=self.vm_id) from exc
+            raise VMError(
+                f"guest agent did not answer: {exc}; console: {tail}", vm_id=self.vm_id
+            ) from exc
         self.timings["agent"] = time.monotonic() - started
 
     def mark_ready(self) -> None:
@@ -285,9 +287,9 @@ class QemuMachine(Machine):
         self.lifecycle.move(VMState.DESTROYED)
         return report
 
-    async def _stop_vmm(self, report: TeardownReport) -> Literal[
-        "quit", "sigterm", "sigkill", "already-exited", "none"
-    ]:
+    async def _stop_vmm(
+        self, report: TeardownReport
+    ) -> Literal["quit", "sigterm", "sigkill", "already-exited", "none"]:
         proc = self._proc
         if proc is None:
             return "none"
@@ -320,7 +322,11 @@ class QemuHypervisor(Hypervisor):
         self.net_manager = net_manager
 
     async def restore(
-        self, snapshot: Snapshot, *, hostname: str | None = None, env: Mapping[str, str] | None = None
+        self,
+        snapshot: Snapshot,
+        *,
+        hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> QemuMachine:
         snapshot.check_compatible()
         machine = self._new_machine()
@@ -329,7 +335,9 @@ class QemuHypervisor(Hypervisor):
         async def build() -> None:
             await machine.setup(self.net_manager if snapshot.spec.network else None)
             overlay = await disk.create_overlay(
-                snapshot.disk, machine.directory / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
+                snapshot.disk,
+                machine.directory / "overlay.qcow2",
+                qemu_img=self.settings.qemu_img_binary,
             )
             await machine.spawn(
                 snapshot.spec,
@@ -342,7 +350,9 @@ class QemuHypervisor(Hypervisor):
             await machine.load_snapshot(snapshot.state)
             await machine.connect_agent(self.settings.restore_timeout_s)
             assert machine.agent is not None
-            await machine.agent.configure(hostname=hostname or f"snapfleet-{machine.vm_id}", env=env)
+            await machine.agent.configure(
+                hostname=hostname or f"snapfleet-{machine.vm_id}", env=env
+            )
 
         await _build_or_destroy(machine, build(), RestoreError, "restore failed")
         machine.timings["total"] = time.monotonic() - started

@@ -7,6 +7,7 @@ sees a ``qemu.qmp`` type.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -30,7 +31,9 @@ class Qmp:
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise VMError(f"QMP handshake failed: {exc}", vm_id=self._vm_id) from exc
 
-    async def command(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+    async def command(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> Any:
         """Run one QMP command; VMError on failure or timeout."""
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
@@ -71,7 +74,5 @@ class Qmp:
 
     async def close(self) -> None:
         """Disconnect; after `quit` QEMU closes first and the client reports EOF, which is fine."""
-        try:
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
-        except (QMPError, OSError, EOFError):
-            pass

@@ -1,0 +1,84 @@
+"""Shared fixtures: settings for real VMs, one engine and snapshot per session,
+and a check at the end that nothing (QEMU, namespace, veth, VM directory) leaked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.config import Settings, load_settings
+from runner.engine import Engine
+from runner.snapshots import Snapshot
+
+CACHE_DIR = Path(os.environ.get("SNAPFLEET_CACHE_DIR", "/var/cache/snapfleet"))
+
+
+def qemu_processes(marker: str) -> list[int]:
+    """PIDs of QEMU processes whose command line mentions ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and b"qemu-system" in cmdline[0] and marker.encode() in b" ".join(cmdline):
+            pids.append(int(entry.name))
+    return pids
+
+
+def leftovers(state_dir: Path) -> dict[str, list[str]]:
+    """Everything Snapfleet makes per VM that still exists."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    vms = state_dir / "vms"
+    return {
+        "qemu": [str(p) for p in qemu_processes(str(state_dir))],
+        "netns": [line.split()[0] for line in netns.splitlines() if line.startswith("sf-")],
+        "veth": [
+            ln.split(":")[1].strip().split("@")[0]
+            for ln in links.splitlines()
+            if ln.split(":")[1].strip().startswith("sfh-")
+        ],
+        "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
+    }
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    # Short path: QEMU and the kernel limit socket and interface name lengths.
+    path = Path(tempfile.mkdtemp(prefix="sf-", dir="/tmp"))
+    yield path
+    left = leftovers(path)
+    shutil.rmtree(path, ignore_errors=True)
+    assert not any(left.values()), f"the test session leaked: {left}"
+
+
+@pytest.fixture(scope="session")
+def settings(state_dir: Path) -> Settings:
+    # Tests never turn on host-wide forwarding; NAT inside each namespace is enough.
+    return load_settings(
+        None,
+        paths={"cache_dir": CACHE_DIR, "state_dir": state_dir},
+        net={"egress": False},
+    )
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    async with Engine(settings) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+async def snapshot(engine: Engine, settings: Settings) -> Snapshot:
+    """The default profile's snapshot (built on first use, cached afterwards)."""
+    return await engine.snapshot(settings.profile(), lambda m: print(f"[setup] {m}", flush=True))

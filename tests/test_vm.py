@@ -1,0 +1,198 @@
+"""Real microVMs restored from a real snapshot (TCG on this host, KVM elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from runner.engine import Command, Engine, RunResult
+from runner.errors import VMDied
+from runner.snapshots import Snapshot
+from runner.vm.backend import VMState
+from tests.conftest import leftovers, qemu_processes
+
+pytestmark = pytest.mark.vm
+
+
+class Collector:
+    """An output sink that remembers (stream, data, arrival time)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, bytes, float]] = []
+        self.wall: list[float] = []
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        self.chunks.append((stream, data, time.monotonic()))
+        self.wall.append(time.time())
+
+    def text(self, stream: str | None = None) -> str:
+        return b"".join(d for s, d, _ in self.chunks if stream in (None, s)).decode()
+
+
+async def run(
+    engine: Engine,
+    snapshot: Snapshot,
+    script: str,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout_s: float | None = None,
+) -> tuple[Collector, RunResult]:
+    out = Collector()
+    command = Command(script=script, env=env or {}, cwd=cwd, timeout_s=timeout_s)
+    result = await engine.run(snapshot, command, out, profile_timeout=120)
+    return out, result
+
+
+async def test_output_streams_live_in_order_with_exit_code(
+    engine: Engine, snapshot: Snapshot
+) -> None:
+    out, result = await run(
+        engine,
+        snapshot,
+        "echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three; sleep 2; echo done; exit 3",
+    )
+    assert result.exit_code == 3
+    lines = [(s, d.decode()) for s, d, _ in out.chunks]
+    assert [text for _, text in lines] == ["one\n", "two\n", "three\n", "done\n"]
+    assert [s for s, _ in lines] == ["stdout", "stderr", "stdout", "stdout"]
+    # Live: "three" arrived while the guest was still sleeping, not at the end.
+    arrival = {d.decode(): t for _, d, t in out.chunks}
+    assert arrival["done\n"] - arrival["three\n"] > 1.5
+
+
+async def test_timeout_kills_the_job(engine: Engine, snapshot: Snapshot) -> None:
+    started = time.monotonic()
+    out, result = await run(engine, snapshot, "echo before; sleep 60; echo after", timeout_s=2)
+    assert result.timed_out
+    assert out.text() == "before\n"
+    assert time.monotonic() - started < 30
+
+
+async def test_env_and_workdir_reach_the_job(engine: Engine, snapshot: Snapshot) -> None:
+    out, result = await run(
+        engine, snapshot, 'echo "$GREETING"; pwd', env={"GREETING": "hi there"}, cwd="/tmp"
+    )
+    assert result.exit_code == 0
+    assert out.text() == "hi there\n/tmp\n"
+
+
+async def test_clones_do_not_share_disk_writes_and_template_is_untouched(
+    engine: Engine, snapshot: Snapshot
+) -> None:
+    a = await engine.restore(snapshot)
+    b = await engine.restore(snapshot)
+    try:
+        write = await a.exec(script="echo secret-a > /root/marker && sync && cat /root/marker")
+        assert b"".join([c.data async for c in write]) == b"secret-a\n"
+        look = await b.exec(script="cat /root/marker 2>&1; echo status=$?")
+        assert b"".join([c.data async for c in look]).endswith(b"status=1\n")
+    finally:
+        await a.destroy()
+        await b.destroy()
+    await snapshot.verify()  # memory, device state and disk byte-identical to creation
+
+
+async def test_clones_get_fresh_entropy_and_the_host_clock(
+    engine: Engine, snapshot: Snapshot
+) -> None:
+    script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s.%N"
+    results = []
+    for _ in range(2):
+        out, result = await run(engine, snapshot, script)
+        assert result.exit_code == 0
+        random_hex, guest_time = out.text().split()
+        results.append(random_hex)
+        # Compare with the host clock when the date arrived: the guest must run on the
+        # host's time, not on the template's (frozen when the snapshot was taken).
+        assert abs(float(guest_time) - out.wall[-1]) < 1.0
+    assert results[0] != results[1]
+
+
+async def test_clone_reaches_host_http_through_its_nat(engine: Engine, snapshot: Snapshot) -> None:
+    peers: list[str] = []
+
+    async def hello(request: web.Request) -> web.Response:
+        peers.append(request.remote or "")
+        return web.Response(text="hello from the host")
+
+    machine = await engine.restore(snapshot)
+    assert machine.network is not None
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, machine.network.host_address, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        url = f"http://{machine.network.host_address}:{port}/"
+        session = await machine.exec(
+            [
+                "python3",
+                "-c",
+                "import sys, urllib.request;"
+                "print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())",
+                url,
+            ]
+        )
+        output = b"".join([c.data async for c in session])
+        status = await session.wait()
+    finally:
+        await machine.destroy()
+        await runner.cleanup()
+    assert status.exit_code == 0, output
+    assert output == b"hello from the host\n"
+    assert peers == [machine.network.ns_address]  # the guest's 172.16.0.2 was masqueraded
+
+
+async def test_killing_qemu_mid_job_is_a_clear_system_error_and_leaves_nothing(
+    engine: Engine, snapshot: Snapshot, state_dir: Path
+) -> None:
+    killed: list[int] = []
+
+    def kill_on_first_output(stream: str, data: bytes) -> None:
+        if not killed:
+            pids = qemu_processes(str(state_dir))
+            assert len(pids) == 1
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    with pytest.raises(VMDied, match="VMM exited with status -9") as info:
+        await engine.run(
+            snapshot,
+            Command(script="echo started; sleep 60"),
+            kill_on_first_output,
+            profile_timeout=120,
+        )
+    assert info.value.returncode == -9
+    assert killed
+    assert not any(leftovers(state_dir).values())
+
+
+async def test_destroyed_vm_refuses_exec(engine: Engine, snapshot: Snapshot) -> None:
+    machine = await engine.restore(snapshot)
+    report = await machine.destroy()
+    assert report.escalation == "quit"
+    assert machine.state is VMState.DESTROYED
+    from runner.errors import InvalidStateError
+
+    with pytest.raises(InvalidStateError):
+        await machine.exec(["true"])
+    assert (await machine.destroy()).escalation == "quit"  # twice is harmless
+
+
+async def test_eight_clones_at_once(engine: Engine, snapshot: Snapshot, state_dir: Path) -> None:
+    script = "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    runs = await asyncio.gather(*(run(engine, snapshot, script) for _ in range(8)))
+    outputs = [out.text() for out, _ in runs]
+    assert all(result.exit_code == 0 for _, result in runs), outputs
+    assert len({o.split()[0] for o in outputs}) == 8  # eight different VMs
+    assert len({o.split()[1] for o in outputs}) == 8  # eight different entropy pools
+    assert not any(leftovers(state_dir).values())
