@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,7 +82,7 @@ async def bench(runs: int, clones: int, cache_dir: Path, log: Any) -> dict[str, 
         finally:
             for m in idle:
                 await m.destroy()
-    state_dir.rmdir()
+    shutil.rmtree(state_dir, ignore_errors=True)
     cold_p, restore_p = percentiles(cold), percentiles(restore)
     return {
         "accel": engine.accel.accel,

@@ -23,6 +23,7 @@ import pytest
 from runner.agent import protocol as proto
 from runner.errors import AgentDisconnected, AgentError, AgentTimeout
 from runner.vm.agent_client import (
+    OUTPUT_BUFFER_LIMIT,
     AgentClient,
     ExecResult,
     ExecSession,
@@ -314,6 +315,28 @@ async def test_concurrent_execs(client: AgentClient) -> None:
     for i, (out, result) in enumerate(results):
         assert out == f"{i}\n".encode()
         assert result.exit_code == i
+
+
+async def test_unread_output_is_bounded_and_exact(client: AgentClient) -> None:
+    size = 3 * OUTPUT_BUFFER_LIMIT
+    session = await client.exec(["head", "-c", str(size), "/dev/zero"])
+    await asyncio.sleep(1.0)  # read nothing: the client must stop buffering
+    assert session._buffered <= OUTPUT_BUFFER_LIMIT + proto.MAX_OUTPUT_DATA
+    assert not session.done
+    total = 0
+    async for chunk in session:
+        assert chunk.stream == "stdout"
+        assert not chunk.data.strip(b"\0")
+        total += len(chunk.data)
+    assert total == size
+    assert (await session.wait()).exit_code == 0
+
+
+async def test_wait_without_reading_discards_output(client: AgentClient) -> None:
+    session = await client.exec(["head", "-c", str(3 * OUTPUT_BUFFER_LIMIT), "/dev/zero"])
+    result = await asyncio.wait_for(session.wait(), 20)
+    assert result.exit_code == 0
+    assert session._buffered == 0
 
 
 async def test_orphans_are_reaped(agent: AgentProcess, client: AgentClient) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from runner.errors import ConfigError, NetworkError
 from runner.net import CloneNetwork, NetConfig, NetworkManager, orphaned
+from runner.net.nft import host_ruleset
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 # Names of our own, so a daemon (or another test run) on this host keeps its
@@ -519,3 +520,16 @@ async def test_invalid_vm_id_makes_nothing(manager: NetworkManager) -> None:
         await manager.create("ok", slot=-1)
     with pytest.raises(ConfigError):
         await manager.destroy("../etc")
+
+
+@pytest.mark.netns
+@NEEDS_ROOT
+async def test_egress_ruleset_is_valid_nft(config: NetConfig) -> None:
+    # Tests never apply egress (it turns on host ip_forward); `nft --check`
+    # parses and validates it against the kernel without committing anything.
+    egress = config.model_copy(update={"egress": True})
+    script = host_ruleset(egress)
+    assert f"ip saddr {POOL} oifname != " in script
+    assert "masquerade" in script
+    await run("nft", "--check", "-f", "-", stdin=script)
+    await run("nft", "--check", "-f", "-", stdin=host_ruleset(config))

@@ -112,5 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Agent(channel, system=not args.no_system, kill_grace=args.kill_grace).serve()
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import select
@@ -548,7 +547,7 @@ class Agent:
             execution.cancel(signal.SIGKILL)
         if os.getpid() != 1:
             return
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # find_library() would spawn ldconfig
         if libc.reboot(RB_POWER_OFF) != 0:
             log(f"reboot(RB_POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
             self._stopping = False  # PID 1 must not exit: keep serving
@@ -605,5 +604,5 @@ def become_subreaper() -> None:
     if os.getpid() == 1:
         return
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,12 @@ async def build_image(
 
 
 async def _layer(
-    cache_dir: Path, layer: str, key: str, force: bool, progress: ProgressFn, make: Any
+    cache_dir: Path,
+    layer: str,
+    key: str,
+    force: bool,
+    progress: ProgressFn,
+    make: Callable[[Path], Awaitable[object]],
 ) -> Path:
     """Return ``<layer>-<key>``, building it with ``make(tmpdir)`` if absent."""
     path = cache.layer_path(cache_dir, layer, key)
