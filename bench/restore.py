@@ -60,7 +60,10 @@ async def bench(runs: int, clones: int, cache_dir: Path, log: Any) -> dict[str, 
         snapshot = await engine.snapshot(profile, log)
         image = await engine.image(profile, log)
         spec = engine.spec(profile, image)
-        cold, restore, phases = [], [], {"spawn": [], "load": [], "agent": [], "total": []}
+        cold: list[float] = []
+        restore: list[float] = []
+        names = ("setup", "spawn", "load", "agent", "total")
+        phases: dict[str, list[float]] = {k: [] for k in names}
         for i in range(runs):
             started = time.monotonic()
             machine = await engine.hypervisor.boot(spec, image.rootfs)

@@ -8,6 +8,7 @@ deeper reads settings. Environment variables use ``__`` for nesting, e.g.
 from __future__ import annotations
 
 import tomllib
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -63,7 +64,7 @@ class NetSettings(_Section):
     """Per-clone networking: a namespace, a tap, a veth to the host, NAT."""
 
     enabled: bool = True
-    host_pool: str = "10.241.0.0/16"
+    host_pool: IPv4Network = IPv4Network("10.241.0.0/16")
     """Host-side addresses: each clone takes one /30 of this pool for its veth pair."""
     egress: bool = True
     """Let guests reach beyond the host (host-level masquerade and ip_forward)."""

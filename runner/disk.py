@@ -8,28 +8,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from runner.errors import VMError
 
 
-async def create_overlay(base: Path, overlay: Path, *, qemu_img: str = "qemu-img") -> Path:
-    """Make ``overlay`` a qcow2 backed by the raw ``base``; VMError on failure."""
+async def create_overlay(
+    base: Path,
+    overlay: Path,
+    *,
+    qemu_img: str = "qemu-img",
+    backing_path: Path | None = None,
+) -> Path:
+    """Make ``overlay`` a qcow2 backed by the raw ``base``; VMError on failure.
+
+    ``backing_path`` records a different path for the base than where it is
+    now (a snapshot is built in a temporary directory, then renamed).
+    """
     if not base.exists():
         raise VMError(f"base disk {base} does not exist")
+    size = base.stat().st_size
     proc = await asyncio.create_subprocess_exec(
         qemu_img,
         "create",
         "-q",
         "-f",
         "qcow2",
+        "-u",
         "-o",
         "lazy_refcounts=on",
         "-b",
-        str(base.resolve()),
+        str(backing_path or base.resolve()),
         "-F",
         "raw",
         str(overlay),
+        str(size),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -38,6 +52,20 @@ async def create_overlay(base: Path, overlay: Path, *, qemu_img: str = "qemu-img
         remove(overlay)
         raise VMError(f"qemu-img create overlay failed: {err.decode(errors='replace').strip()}")
     os.chmod(overlay, 0o600)
+    return overlay
+
+
+async def clone_overlay(template: Path, overlay: Path) -> Path:
+    """Copy a snapshot's empty overlay (a few hundred KiB) instead of running qemu-img.
+
+    The template overlay already names the snapshot's disk as its backing file.
+    """
+    try:
+        await asyncio.to_thread(shutil.copyfile, template, overlay)
+        os.chmod(overlay, 0o600)
+    except OSError as exc:
+        remove(overlay)
+        raise VMError(f"cannot copy overlay {template}: {exc}") from exc
     return overlay
 
 

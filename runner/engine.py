@@ -17,7 +17,7 @@ import structlog
 
 from runner.config import Profile, Settings
 from runner.errors import AgentError, ImageError, SnapshotError, VMError
-from runner.host import AccelChoice, qemu_version, resolve_accel
+from runner.host import AccelChoice, host_tsc_khz, qemu_version, resolve_accel
 from runner.images import Image, build_image, find_image, load_image_dir
 from runner.net import NetConfig, NetworkManager
 from runner.snapshots import Snapshot, SnapshotStore
@@ -69,7 +69,9 @@ class Engine:
         self.net: NetworkManager | None = None
         if settings.net.enabled:
             self.net = NetworkManager(
-                NetConfig(pool=settings.net.host_pool, egress=settings.net.egress)
+                NetConfig.model_validate(
+                    {"pool": settings.net.host_pool, "egress": settings.net.egress}
+                )
             )
         self.hypervisor = QemuHypervisor(settings.vm, settings.paths.state_dir / "vms", self.net)
         self.qemu_version = ""
@@ -86,7 +88,11 @@ class Engine:
 
     @property
     def snapshots(self) -> SnapshotStore:
-        return SnapshotStore(self.settings.paths.cache_dir / "snapshots", self.qemu_version)
+        return SnapshotStore(
+            self.settings.paths.cache_dir / "snapshots",
+            self.qemu_version,
+            qemu_img=self.settings.vm.qemu_img_binary,
+        )
 
     async def image(self, profile: Profile, progress: Progress, *, build: bool = True) -> Image:
         """The profile's image: a user-supplied one, a cached build, or a fresh build."""
@@ -111,6 +117,8 @@ class Engine:
 
     def spec(self, profile: Profile, image: Image) -> MachineSpec:
         cmdline = image.cmdline
+        if self.accel.accel == "tcg" and (khz := host_tsc_khz()) is not None:
+            cmdline += f" tsc_early_khz={khz}"
         if self.net is not None:
             cmdline += " " + self.net.config.guest_kernel_args()
             if self.settings.net.dns:
@@ -221,7 +229,7 @@ class Engine:
             result.run_s = time.monotonic() - started
             return
         except AgentError as exc:
-            raise machine.died_error(exc) from exc
+            raise await machine.died_error(exc) from exc
         result.run_s = time.monotonic() - started
         result.exit_code = status.exit_code
         result.signal = status.signal

@@ -74,6 +74,24 @@ async def qemu_version(binary: str) -> str:
     return match.group(1)
 
 
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The host TSC frequency in kHz, when the CPU has a constant TSC.
+
+    Under TCG the guest's TSC is the host's, so telling the guest kernel its
+    frequency (``tsc_early_khz``) spares it the PIT calibration that fails on a
+    loaded host and leaves the guest hanging at boot.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    if mhz is None or flags is None or "constant_tsc" not in flags.group(1).split():
+        return None
+    return round(float(mhz.group(1)) * 1000)
+
+
 @dataclass(frozen=True)
 class Check:
     """One line of ``snapfleet doctor``."""

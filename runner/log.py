@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 _SECRET_WORDS = ("token", "secret", "password", "jitconfig", "jit_config", "private_key", "env")
 
 
-def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in event:
         if key != "event" and any(word in key.lower() for word in _SECRET_WORDS):
             event[key] = "[redacted]"

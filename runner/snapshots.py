@@ -28,8 +28,8 @@ from runner.errors import SnapshotError, SnapshotMismatch
 from runner.vm.backend import MachineSpec
 from runner.vm.qemu_args import device_layout
 
-MANIFEST_VERSION = 1
-FILES = ("memory", "state", "disk.raw", "vmlinux", "initramfs")
+MANIFEST_VERSION = 2
+FILES = ("memory", "state", "disk.raw", "overlay.qcow2", "vmlinux", "initramfs")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Snapshot:
     @property
     def disk(self) -> Path:
         return self.path / "disk.raw"
+
+    @property
+    def overlay(self) -> Path:
+        """An empty qcow2 backed by ``disk``: each clone starts from a copy of it."""
+        return self.path / "overlay.qcow2"
 
     def check_compatible(self) -> None:
         """Cheap check that the files a restore opens are all there."""
@@ -83,9 +88,10 @@ def snapshot_key(image_digest: str, spec: MachineSpec, qemu_version: str) -> str
 class SnapshotStore:
     """Snapshots under one directory (normally ``<cache_dir>/snapshots``)."""
 
-    def __init__(self, root: Path, qemu_version: str) -> None:
+    def __init__(self, root: Path, qemu_version: str, *, qemu_img: str = "qemu-img") -> None:
         self.root = root
         self.qemu_version = qemu_version
+        self.qemu_img = qemu_img
 
     def find(self, image_digest: str, spec: MachineSpec) -> Snapshot | None:
         """The snapshot for this image and shape, or None if it was never made."""
@@ -137,6 +143,12 @@ class SnapshotStore:
             tmp_spec = await _stage_files(tmp, spec, rootfs, progress)
             progress("booting template VM (cold boot; slow under TCG)")
             boot_s = await template(tmp_spec, tmp / "disk.raw", tmp / "memory", tmp / "state")
+            await disk.create_overlay(
+                tmp / "disk.raw",
+                tmp / "overlay.qcow2",
+                qemu_img=self.qemu_img,
+                backing_path=final / "disk.raw",
+            )
             progress("hashing snapshot files")
             sums = await asyncio.to_thread(_checksums, tmp)
             manifest = {

@@ -17,9 +17,9 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from runner import disk
 from runner.config import VMSettings
@@ -102,7 +102,7 @@ class QemuMachine(Machine):
         try:
             return await self.agent.exec(argv, script=script, env=env, cwd=cwd, timeout=timeout)
         except AgentError as exc:
-            raise self.died_error(exc) from exc
+            raise await self.died_error(exc) from exc
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.lifecycle.require("put_file", VMState.READY)
@@ -110,10 +110,16 @@ class QemuMachine(Machine):
         try:
             await self.agent.put_file(path, data, mode)
         except AgentError as exc:
-            raise self.died_error(exc) from exc
+            raise await self.died_error(exc) from exc
 
-    def died_error(self, exc: BaseException) -> SnapfleetError:
-        """Explain an agent failure: a dead VMM is the usual cause."""
+    async def died_error(self, exc: BaseException) -> SnapfleetError:
+        """Explain an agent failure: a dead VMM is the usual cause.
+
+        The agent channel usually reports EOF a moment before the VMM is reaped,
+        so give the process a little time to finish exiting before deciding.
+        """
+        if self._proc is not None and self._proc.returncode is None:
+            await _exited(self._proc, 1.0)
         status = self.exit_status
         if status is not None:
             tail = _tail(self.directory / "qemu.log")
@@ -137,12 +143,30 @@ class QemuMachine(Machine):
 
     # -- building ---------------------------------------------------------
 
-    async def setup(self, net_manager: NetworkManager | None) -> None:
-        """Make the VM's directory and (if wanted) its network namespace."""
+    async def setup(
+        self,
+        net_manager: NetworkManager | None,
+        make_disk: Callable[[Path], Coroutine[Any, Any, Path]],
+    ) -> Path:
+        """Make the VM's directory, then its network namespace and disk side by side.
+
+        Returns the disk path. If either fails the other is cancelled (and rolls back).
+        """
+        started = time.monotonic()
         self.directory.mkdir(mode=0o700, parents=True)
-        if net_manager is not None:
-            self._net_manager = net_manager
-            self.network = await net_manager.create(self.vm_id)
+        try:
+            async with asyncio.TaskGroup() as group:
+                if net_manager is not None:
+                    self._net_manager = net_manager
+                    group.create_task(self._make_network(net_manager))
+                disk_task = group.create_task(make_disk(self.directory))
+        except ExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        self.timings["setup"] = time.monotonic() - started
+        return disk_task.result()
+
+    async def _make_network(self, net_manager: NetworkManager) -> None:
+        self.network = await net_manager.create(self.vm_id)
 
     async def spawn(
         self,
@@ -238,7 +262,7 @@ class QemuMachine(Machine):
             self.agent = await AgentClient.connect(SocketTransport(sock), timeout=timeout)
         except AgentError as exc:
             if self.exit_status is not None:
-                raise self.died_error(exc) from exc
+                raise await self.died_error(exc) from exc
             tail = _tail(self.console_log)
             raise VMError(
                 f"guest agent did not answer: {exc}; console: {tail}", vm_id=self.vm_id
@@ -333,11 +357,9 @@ class QemuHypervisor(Hypervisor):
         started = time.monotonic()
 
         async def build() -> None:
-            await machine.setup(self.net_manager if snapshot.spec.network else None)
-            overlay = await disk.create_overlay(
-                snapshot.disk,
-                machine.directory / "overlay.qcow2",
-                qemu_img=self.settings.qemu_img_binary,
+            overlay = await machine.setup(
+                self.net_manager if snapshot.spec.network else None,
+                lambda d: disk.clone_overlay(snapshot.overlay, d / "overlay.qcow2"),
             )
             await machine.spawn(
                 snapshot.spec,
@@ -366,9 +388,11 @@ class QemuHypervisor(Hypervisor):
         machine = self._new_machine()
 
         async def build() -> None:
-            await machine.setup(self.net_manager if spec.network else None)
-            overlay = await disk.create_overlay(
-                rootfs, machine.directory / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
+            overlay = await machine.setup(
+                self.net_manager if spec.network else None,
+                lambda d: disk.create_overlay(
+                    rootfs, d / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
+                ),
             )
             await machine.spawn(spec, disk=overlay, disk_format="qcow2", disk_cache="unsafe")
             await machine.connect_agent(self.settings.boot_timeout_s)
@@ -384,7 +408,7 @@ class QemuHypervisor(Hypervisor):
         machine = self._new_machine()
 
         async def build() -> None:
-            await machine.setup(self.net_manager if spec.network else None)
+            await machine.setup(self.net_manager if spec.network else None, _given(disk_path))
             await machine.spawn(
                 spec, disk=disk_path, disk_format="raw", mem_path=memory, mem_shared=True
             )
@@ -419,6 +443,13 @@ async def _build_or_destroy(
         if isinstance(exc, error):
             raise
         raise error(f"{what}: {exc}", vm_id=machine.vm_id) from exc
+
+
+def _given(path: Path) -> Callable[[Path], Coroutine[Any, Any, Path]]:
+    async def make(_directory: Path) -> Path:
+        return path
+
+    return make
 
 
 async def _collect(report: TeardownReport, what: str, step: Awaitable[None]) -> None:

@@ -38,7 +38,7 @@ class Qmp:
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
         except ExecuteError as exc:
-            raise VMError(f"QMP {cmd} failed: {exc.error.desc}", vm_id=self._vm_id) from exc
+            raise VMError(f"QMP {cmd} failed: {exc}", vm_id=self._vm_id) from exc
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise VMError(f"QMP {cmd} failed: {exc!r}", vm_id=self._vm_id) from exc
 
