@@ -72,6 +72,38 @@ class NetSettings(_Section):
     """Nameservers written into the guest's resolv.conf at snapshot time."""
 
 
+class CapacitySettings(_Section):
+    """What this host lends to jobs at once."""
+
+    vcpus: Annotated[int, Field(ge=1)] | None = None
+    """vCPUs to hand out; unset = the host's CPU count."""
+    memory_mib: Annotated[int, Field(ge=128)] | None = None
+    """Guest memory to hand out; unset = 80% of the host's memory."""
+    gpus: Annotated[int, Field(ge=0)] = 0
+    """GPU slots (VFIO devices) to hand out."""
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    """Jobs running at once, whatever the capacity says."""
+
+
+class DaemonSettings(_Section):
+    """`snapfleet serve`."""
+
+    api_socket: Path = Path("/run/snapfleet/api.sock")
+    """Local control API (submit, jobs, logs, cancel, status)."""
+    api_group: str | None = None
+    """Group allowed to use the API (socket mode 0660); unset = root only (0600)."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """Prometheus endpoint: `host:port`, `unix:/path`, or empty to disable."""
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 300.0
+    """On SIGTERM, running jobs get this long to finish before they are cancelled."""
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    """How often the daemon compares its records with what exists on the host."""
+    log_retention_days: Annotated[float, Field(gt=0)] = 14.0
+    """Job logs (and records of finished jobs) older than this are deleted."""
+    log_max_bytes: Annotated[int, Field(ge=1024)] = 64 * 2**20
+    """Per-job log limit; output past it is dropped with a note."""
+
+
 class Profile(_Section):
     """A named VM shape that jobs run in."""
 
@@ -87,6 +119,10 @@ class Profile(_Section):
     rootfs: Path | None = None
     """Use this raw ext4 root filesystem instead of the image's."""
     labels: list[str] = Field(default_factory=list)
+    """Job labels this profile serves (all of a job's labels must be here)."""
+    warm: Annotated[int, Field(ge=0, le=64)] = 0
+    """VMM processes kept started and waiting for a restore (the warm pool)."""
+    gpus: Annotated[int, Field(ge=0, le=8)] = 0
 
     @model_validator(mode="after")
     def _own_parts_together(self) -> Profile:
@@ -109,6 +145,8 @@ class Settings(BaseSettings):
     paths: PathsSettings = PathsSettings()
     vm: VMSettings = VMSettings()
     net: NetSettings = NetSettings()
+    capacity: CapacitySettings = CapacitySettings()
+    daemon: DaemonSettings = DaemonSettings()
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
     default_profile: str = "default"
 

@@ -66,6 +66,7 @@ class QemuMachine(Machine):
         self.directory = directory
         self.agent: AgentClient | None = None
         self.timings: dict[str, float] = {}
+        self.prepared_for: str | None = None  # snapshot key, for machines made by prepare()
         self._settings = settings
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: Qmp | None = None
@@ -352,9 +353,21 @@ class QemuHypervisor(Hypervisor):
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> QemuMachine:
+        started = time.monotonic()
+        machine = await self.prepare(snapshot)
+        await self.resume(machine, snapshot, hostname=hostname, env=env)
+        machine.timings["total"] = time.monotonic() - started
+        return machine
+
+    async def prepare(self, snapshot: Snapshot) -> QemuMachine:
+        """Everything a restore needs before the snapshot loads: directory, network,
+        overlay and a QEMU process waiting in ``-incoming defer``.
+
+        A warm pool keeps machines in this state so a job skips process start-up.
+        """
         snapshot.check_compatible()
         machine = self._new_machine()
-        started = time.monotonic()
+        machine.prepared_for = snapshot.key
 
         async def build() -> None:
             overlay = await machine.setup(
@@ -369,6 +382,26 @@ class QemuHypervisor(Hypervisor):
                 mem_path=snapshot.memory,
                 incoming=True,
             )
+
+        await _build_or_destroy(machine, build(), RestoreError, "restore failed")
+        return machine
+
+    async def resume(
+        self,
+        machine: QemuMachine,
+        snapshot: Snapshot,
+        *,
+        hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> QemuMachine:
+        """Load the snapshot into a prepared machine, wait for its agent, configure it."""
+        if machine.prepared_for != snapshot.key:
+            raise RestoreError(
+                f"machine was prepared for snapshot {machine.prepared_for}, not {snapshot.key}",
+                vm_id=machine.vm_id,
+            )
+
+        async def build() -> None:
             await machine.load_snapshot(snapshot.state)
             await machine.connect_agent(self.settings.restore_timeout_s)
             assert machine.agent is not None
@@ -377,7 +410,6 @@ class QemuHypervisor(Hypervisor):
             )
 
         await _build_or_destroy(machine, build(), RestoreError, "restore failed")
-        machine.timings["total"] = time.monotonic() - started
         machine.mark_ready()
         return machine
 
