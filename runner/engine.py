@@ -16,10 +16,11 @@ from pathlib import Path
 import structlog
 
 from runner.config import Profile, Settings
-from runner.errors import AgentError, ImageError, SnapshotError, VMError
+from runner.errors import AgentError, ImageError, RestoreError, SnapshotError, VMError
 from runner.host import AccelChoice, host_tsc_khz, qemu_version, resolve_accel
 from runner.images import Image, build_image, find_image, load_image_dir
 from runner.net import NetConfig, NetworkManager
+from runner.pool import WarmPool
 from runner.snapshots import Snapshot, SnapshotStore
 from runner.vm.backend import MachineSpec, TeardownReport
 from runner.vm.qemu import QemuHypervisor, QemuMachine
@@ -74,6 +75,8 @@ class Engine:
                 )
             )
         self.hypervisor = QemuHypervisor(settings.vm, settings.paths.state_dir / "vms", self.net)
+        # One refill at a time: on a small host, spawning QEMU competes with running jobs.
+        self.pool = WarmPool(self.hypervisor, max_refills=1)
         self.qemu_version = ""
         self._snapshot_lock = asyncio.Lock()
 
@@ -81,10 +84,11 @@ class Engine:
         self.qemu_version = await qemu_version(self.settings.vm.qemu_binary)
         if self.net is not None:
             await self.net.setup_host()
+        await self.pool.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        pass
+        await self.pool.close()
 
     @property
     def snapshots(self) -> SnapshotStore:
@@ -171,7 +175,39 @@ class Engine:
     async def restore(
         self, snapshot: Snapshot, *, env: Mapping[str, str] | None = None
     ) -> QemuMachine:
-        return await self.hypervisor.restore(snapshot, env=env)
+        """A READY clone of ``snapshot``: from the warm pool when it has one, else fresh.
+
+        ``timings["pool"]`` is 1.0 for a pooled machine (whose setup and spawn
+        were paid before the job and are left out of its timings), else 0.0.
+        """
+        started = time.monotonic()
+        machine = self.pool.acquire(snapshot)
+        if machine is not None:
+            machine.timings.pop("setup", None)
+            machine.timings.pop("spawn", None)
+            try:
+                await self.hypervisor.resume(machine, snapshot, env=env)
+            except RestoreError as exc:
+                # Its QEMU may have died while idle, after acquire() looked. resume()
+                # has destroyed it already (destroy is idempotent); try once afresh.
+                await machine.destroy()
+                log.warning("pooled machine failed to resume", vm_id=machine.vm_id, error=str(exc))
+                machine = None
+        if machine is None:
+            machine = await self.hypervisor.prepare(snapshot)
+            await self.hypervisor.resume(machine, snapshot, env=env)
+            machine.timings["pool"] = 0.0
+        else:
+            machine.timings["pool"] = 1.0
+        machine.timings["total"] = time.monotonic() - started
+        return machine
+
+    def warm(self, name: str, profile: Profile, snapshot: Snapshot) -> None:
+        """Keep ``profile.warm`` machines prepared for ``snapshot`` on behalf of profile ``name``.
+
+        Calling it again with a new snapshot for the same name drops the old one's machines.
+        """
+        self.pool.set_target(snapshot, profile.warm, slot=name)
 
     async def run(
         self, snapshot: Snapshot, command: Command, sink: OutputSink, *, profile_timeout: float
@@ -185,7 +221,7 @@ class Engine:
         )
         timeout = command.timeout_s or profile_timeout
         try:
-            await self._exec(machine, command, sink, timeout, result)
+            await self.execute(machine, command, sink, timeout, result)
         finally:
             result.teardown = await machine.destroy()
             for problem in result.teardown.errors:
@@ -200,7 +236,7 @@ class Engine:
         )
         return result
 
-    async def _exec(
+    async def execute(
         self,
         machine: QemuMachine,
         command: Command,
@@ -208,6 +244,10 @@ class Engine:
         timeout: float,
         result: RunResult,
     ) -> None:
+        """Run ``command`` in a READY machine, streaming to ``sink``, filling in ``result``.
+
+        A dead VMM becomes VMDied; a hung guest past ``timeout`` is reported timed out.
+        """
         started = time.monotonic()
         try:
             # The agent enforces the timeout in the guest; this backstop covers a hung guest.

@@ -14,6 +14,8 @@ chained with ``raise ... from exc``; they never leak past the adapter.
 
 from __future__ import annotations
 
+from runner.agent import protocol as _agent_protocol
+
 
 class SnapfleetError(Exception):
     """Base of every error Snapfleet raises on purpose."""
@@ -96,8 +98,14 @@ class AgentError(SnapfleetError):
     """The guest agent failed, answered nonsense, or went away."""
 
 
-class AgentProtocolError(AgentError):
-    """A frame or message violated the agent protocol."""
+class AgentProtocolError(AgentError, _agent_protocol.AgentProtocolError):
+    """A frame or message violated the agent protocol.
+
+    Also a `runner.agent.protocol.AgentProtocolError` (which the stdlib-only
+    agent defines for itself), so one ``except`` catches what the pure
+    protocol core raises and what the host-side client raises. ``reason`` and
+    ``message_id`` come from that base.
+    """
 
 
 class AgentTimeout(AgentError):

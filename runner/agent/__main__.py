@@ -16,16 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from runner.agent.guest import (
-    PORT_NAME,
-    Agent,
-    Channel,
-    PortChannel,
-    SocketChannel,
-    become_subreaper,
-    find_port,
-    log,
-)
+from runner.agent.channel import PORT_NAME, Channel, PortChannel, SocketChannel, find_port
+from runner.agent.guest import Agent
+from runner.agent.log import log
+from runner.agent.processes import become_subreaper
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -421,7 +421,7 @@ class AgentClient:
         try:
             frame = self._proto.send(msg)
         except proto.AgentProtocolError as exc:
-            raise AgentProtocolError(str(exc)) from exc
+            raise AgentProtocolError(exc.reason, message_id=exc.message_id) from exc
         try:
             self._writer.write(frame)
             await self._writer.drain()
@@ -455,7 +455,9 @@ class AgentClient:
                 try:
                     events = self._proto.receive_data(data)
                 except proto.AgentProtocolError as exc:
-                    raise AgentProtocolError(f"agent sent an invalid frame: {exc}") from exc
+                    raise AgentProtocolError(
+                        f"agent sent an invalid frame: {exc}", message_id=exc.message_id
+                    ) from exc
                 for event in events:
                     await self._dispatch(event)
             self._fail(AgentDisconnected("agent channel closed"))

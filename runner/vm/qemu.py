@@ -67,6 +67,7 @@ class QemuMachine(Machine):
         self.agent: AgentClient | None = None
         self.timings: dict[str, float] = {}
         self.prepared_for: str | None = None  # snapshot key, for machines made by prepare()
+        self.on_gone: Callable[[], object] | None = None
         self._settings = settings
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: Qmp | None = None
@@ -310,6 +311,8 @@ class QemuMachine(Machine):
         except OSError as exc:
             report.errors.append(f"removing {self.directory}: {exc}")
         self.lifecycle.move(VMState.DESTROYED)
+        if self.on_gone is not None:
+            self.on_gone()
         return report
 
     async def _stop_vmm(
@@ -345,6 +348,9 @@ class QemuHypervisor(Hypervisor):
         self.settings = settings
         self.vms_dir = vms_dir
         self.net_manager = net_manager
+        # Every machine from creation until its teardown finished: what the
+        # daemon's reconcile must not mistake for an orphan.
+        self.live: dict[str, QemuMachine] = {}
 
     async def restore(
         self,
@@ -453,9 +459,12 @@ class QemuHypervisor(Hypervisor):
     def _new_machine(self) -> QemuMachine:
         self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         vm_id = new_vm_id()
-        while (self.vms_dir / vm_id).exists():
+        while (self.vms_dir / vm_id).exists() or vm_id in self.live:
             vm_id = new_vm_id()
-        return QemuMachine(vm_id, self.settings, self.vms_dir / vm_id)
+        machine = QemuMachine(vm_id, self.settings, self.vms_dir / vm_id)
+        self.live[vm_id] = machine
+        machine.on_gone = lambda: self.live.pop(vm_id, None)
+        return machine
 
 
 async def _build_or_destroy(

@@ -1,0 +1,1 @@
+"""The local control API (aiohttp over a unix socket) and its client."""

@@ -1,0 +1,108 @@
+"""Client of the daemon's local API, used by `snapfleet submit/jobs/logs/cancel/status`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from runner.errors import ConfigError, SnapfleetError
+
+
+class DaemonUnavailable(SnapfleetError):
+    """Nothing answers on the API socket."""
+
+
+class ApiError(SnapfleetError):
+    """The daemon refused a request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ApiClient:
+    """``async with ApiClient(path) as api: await api.submit({...})``."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        self._session = aiohttp.ClientSession(
+            connector=connector, base_url="http://snapfleet",
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self._json("POST", "/v1/jobs", json=spec)
+
+    async def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        body = await self._json("GET", "/v1/jobs", params={"limit": str(limit)})
+        jobs: list[dict[str, Any]] = body["jobs"]
+        return jobs
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/jobs/{job_id}")
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    async def status(self) -> dict[str, Any]:
+        return await self._json("GET", "/v1/status")
+
+    async def logs(self, job_id: str, *, follow: bool = False, offset: int = 0
+                   ) -> AsyncIterator[bytes]:
+        params = {"offset": str(offset), "follow": "1" if follow else "0"}
+        try:
+            async with self._sess().get(f"/v1/jobs/{job_id}/logs", params=params) as resp:
+                if resp.status != 200:
+                    await self._raise(resp)
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _json(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
+        try:
+            async with self._sess().request(method, url, **kw) as resp:
+                if resp.status >= 400:
+                    await self._raise(resp)
+                body: dict[str, Any] = await resp.json()
+                return body
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _raise(self, resp: aiohttp.ClientResponse) -> None:
+        try:
+            body = await resp.json()
+        except (aiohttp.ContentTypeError, ValueError):
+            body = {"error": await resp.text()}
+        message = body.get("error", f"HTTP {resp.status}")
+        if resp.status == 422:
+            problems = [tuple(p) for p in body.get("problems", [])] or [("", message)]
+            raise ConfigError(problems[0][0], problems[0][1], problems=problems)
+        raise ApiError(resp.status, message)
+
+    def _unavailable(self, exc: Exception) -> DaemonUnavailable:
+        return DaemonUnavailable(
+            f"cannot reach the daemon at {self.socket_path} ({exc.__class__.__name__}):"
+            " is `snapfleet serve` running?"
+        )
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use ApiClient as an async context manager")
+        return self._session

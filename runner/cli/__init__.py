@@ -1,0 +1,128 @@
+"""The ``snapfleet`` command line.
+
+Exit codes of ``snapfleet run`` (and ``submit --follow``): the command's own exit code; 124 when it
+timed out; 128+N when a signal N killed it; 125 when Snapfleet itself failed
+(bad config, missing image, VM died); 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from runner import __version__
+from runner.cli import daemon_cmds, engine_cmds
+from runner.cli.engine_cmds import EXIT_SYSTEM
+from runner.errors import ConfigError, SnapfleetError
+from runner.log import configure_logging
+
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapfleet", description="Ephemeral CI jobs in microVMs.")
+    p.add_argument("--version", action="version", version=f"snapfleet {__version__}")
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one command in a fresh microVM")
+    run.add_argument("--profile", help="VM profile from the config (default: default_profile)")
+    run.add_argument("--image", help="image recipe name or built image directory")
+    run.add_argument("--vcpus", type=int)
+    run.add_argument("--memory", type=int, metavar="MIB")
+    run.add_argument("--timeout", type=float, metavar="S", help="kill the job after S seconds")
+    run.add_argument("--env", action="append", default=[], metavar="K=V", help="job environment")
+    run.add_argument("--workdir", metavar="DIR", help="working directory in the guest")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
+
+    image = sub.add_parser("image", help="guest images").add_subparsers(
+        dest="action", required=True
+    )
+    build = image.add_parser("build", help="build (or find cached) an image")
+    build.add_argument("name", nargs="?", default="default")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    snap = sub.add_parser("snapshot", help="snapshots").add_subparsers(dest="action", required=True)
+    create = snap.add_parser("create", help="boot a template and snapshot it")
+    create.add_argument("--profile")
+    create.add_argument("--force", action="store_true", help="recreate even if one exists")
+    snap.add_parser("list", help="list stored snapshots")
+    verify = snap.add_parser("verify", help="re-hash a profile's snapshot files")
+    verify.add_argument("--profile")
+
+    sub.add_parser("serve", help="run the fleet daemon (systemd runs this)")
+    submit = sub.add_parser("submit", help="queue a job with the daemon")
+    submit.add_argument("file", nargs="?", default="-", help="job spec (TOML or JSON); - = stdin")
+    submit.add_argument("-f", "--follow", action="store_true",
+                        help="stream the job's log and exit with its exit code")
+    jobs = sub.add_parser("jobs", help="list recent jobs")
+    jobs.add_argument("--limit", type=int, default=50)
+    logs = sub.add_parser("logs", help="print a job's log")
+    logs.add_argument("job")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep streaming until it ends")
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job")
+    sub.add_parser("status", help="capacity, running and queued jobs")
+
+    sub.add_parser("doctor", help="check this host")
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="action", required=True
+    )
+    check = config.add_parser("check", help="validate a config file")
+    check.add_argument("file", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``snapfleet`` command."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    handlers: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+        "run": engine_cmds.run,
+        "image": engine_cmds.image,
+        "snapshot": engine_cmds.snapshot,
+        "doctor": engine_cmds.doctor,
+        "config": engine_cmds.config,
+        "serve": daemon_cmds.serve,
+        "submit": daemon_cmds.submit,
+        "jobs": daemon_cmds.jobs,
+        "logs": daemon_cmds.logs,
+        "cancel": daemon_cmds.cancel,
+        "status": daemon_cmds.status,
+    }
+    try:
+        return asyncio.run(_guarded(handlers[args.command](args)))
+    except KeyboardInterrupt:
+        print("snapfleet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as exc:
+        for key, reason in exc.problems:
+            print(
+                f"snapfleet: config error: {key}: {reason}" if key else f"snapfleet: {reason}",
+                file=sys.stderr,
+            )
+        return EXIT_SYSTEM
+    except SnapfleetError as exc:
+        print(f"snapfleet: error: {exc}", file=sys.stderr)
+        return EXIT_SYSTEM
+
+
+async def _guarded(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; SIGTERM cancels it like Ctrl-C so cleanup code runs."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+

@@ -1,0 +1,139 @@
+"""Commands that use the engine directly: run, image, snapshot, doctor, config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from runner.config import Profile, Settings, load_settings
+from runner.errors import ConfigError
+
+EXIT_TIMEOUT = 124
+EXIT_SYSTEM = 125
+
+
+def progress(message: str) -> None:
+    print(f"snapfleet: {message}", file=sys.stderr, flush=True)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
+    profile = settings.profile(getattr(args, "profile", None))
+    updates: dict[str, Any] = {}
+    for arg, key in (
+        ("image", "image"),
+        ("vcpus", "vcpus"),
+        ("memory", "memory_mib"),
+        ("timeout", "timeout_s"),
+    ):
+        value = getattr(args, arg, None)
+        if value is not None:
+            updates[key] = value
+    if not updates:
+        return profile
+    try:
+        return Profile.model_validate({**profile.model_dump(), **updates})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(
+            "--" + str(err["loc"][0]).replace("_mib", "").replace("_s", ""), err["msg"]
+        ) from None
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--env", f"expected K=V, got {pair!r}")
+        env[key] = value
+    return env
+
+
+async def run(args: argparse.Namespace) -> int:
+    from runner.engine import Command, Engine
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise ConfigError("command", "nothing to run: give a command after --")
+    settings = settings_of(args)
+    profile = _profile(settings, args)
+    command = Command(argv=argv, env=_parse_env(args.env), cwd=args.workdir, timeout_s=args.timeout)
+    async with Engine(settings) as engine:
+        snapshot = await engine.snapshot(profile, progress)
+        result = await engine.run(
+            snapshot, command, _write_output, profile_timeout=profile.timeout_s
+        )
+    if result.timed_out:
+        timeout = command.timeout_s or profile.timeout_s
+        print(f"snapfleet: job timed out after {timeout:g}s and was killed", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if result.signal:
+        print(f"snapfleet: job killed by signal {result.signal}", file=sys.stderr)
+        return 128 + result.signal
+    return result.exit_code if result.exit_code is not None else EXIT_SYSTEM
+
+
+def _write_output(stream: str, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(data)
+    out.flush()
+
+
+async def image(args: argparse.Namespace) -> int:
+    from runner.images import build_image
+
+    settings = settings_of(args)
+    image = await build_image(
+        args.name,
+        cache_dir=settings.paths.cache_dir,
+        recipes_dir=settings.paths.recipes_dir,
+        progress=progress,
+        force=args.force,
+    )
+    print(f"{image.name} {image.digest} {image.path}")
+    return 0
+
+
+async def snapshot(args: argparse.Namespace) -> int:
+    from runner.engine import Engine
+
+    settings = settings_of(args)
+    async with Engine(settings) as engine:
+        if args.action == "list":
+            for path in engine.snapshots.list():
+                print(path)
+            return 0
+        profile = _profile(settings, args)
+        if args.action == "verify":
+            snapshot = await engine.snapshot(profile, progress, create=False)
+            await snapshot.verify()
+            print(f"snapshot {snapshot.key}: all checksums match")
+            return 0
+        snapshot = await engine.snapshot(profile, progress, force=args.force)
+        print(f"{snapshot.key} {snapshot.path}")
+    return 0
+
+
+async def doctor(args: argparse.Namespace) -> int:
+    from runner.host import doctor
+
+    settings = settings_of(args)
+    failed = 0
+    for check in await doctor(settings):
+        mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+        print(f"[{mark}] {check.name:12} {check.detail}")
+        failed += int(check.required and not check.ok)
+    return 1 if failed else 0
+
+
+async def config(args: argparse.Namespace) -> int:
+    load_settings(args.file)
+    print(f"{args.file}: ok")
+    return 0

@@ -1,0 +1,1 @@
+"""The fleet daemon: job sources, scheduling, state, recovery, metrics."""

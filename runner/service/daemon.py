@@ -1,0 +1,289 @@
+"""`snapfleet serve`: the long-running daemon.
+
+Start: open state, reconcile the host (orphans reclaimed, lost jobs failed),
+requeue queued jobs, open the API, tell systemd READY. Then schedule jobs
+FIFO within capacity, reconcile periodically, ping the watchdog. SIGTERM:
+stop taking jobs, let running ones finish within the grace, cancel the rest,
+reclaim everything, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import structlog
+
+from runner.config import Settings
+from runner.engine import Engine
+from runner.errors import ConfigError, SnapfleetError
+from runner.service import recovery
+from runner.service.executor import Outcome, run_job
+from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
+from runner.service.logs import LogStore
+from runner.service.metrics import Metrics
+from runner.service.notify import Notifier, watchdog_loop
+from runner.service.scheduler import (
+    Resources,
+    choose_profile,
+    demand,
+    host_capacity,
+    pick,
+    refusal,
+)
+from runner.service.store import Store
+
+log = structlog.get_logger("snapfleet.daemon")
+
+
+class Draining(SnapfleetError):
+    """The daemon is shutting down and takes no new jobs."""
+
+
+class Daemon:
+    """One host's fleet daemon."""
+
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        state = settings.paths.state_dir
+        self.store = Store(state / "snapfleet.db")
+        self.logs = LogStore(state / "logs", settings.daemon.log_max_bytes)
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.total = host_capacity(settings)
+        self.used = Resources()
+        self.jobs: dict[str, Job] = {}  # unfinished jobs, by id
+        self.queue: list[str] = []  # FIFO of queued job ids
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # running jobs
+        self.accepting = False
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._progress = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``stop()``); always reclaims what it made."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            async with self.engine:
+                await self.store.open()
+                try:
+                    await self._start()
+                finally:
+                    await self.store.close()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        if not self.stopping.is_set():
+            log.info("shutdown requested", running=len(self.tasks), queued=len(self.queue))
+            self.notifier.stopping()
+            self.accepting = False
+            self.stopping.set()
+            self._wake.set()
+
+    async def _start(self) -> None:
+        from runner.api.server import serve_api
+        from runner.service.metrics import serve_metrics
+
+        await self.reconcile(startup=True)
+        for job in await self.store.jobs(states=[JobState.QUEUED], limit=100_000):
+            self.jobs[job.id] = job
+            self.queue.append(job.id)
+        self.accepting = True
+        async with (
+            serve_api(self, self.settings.daemon.api_socket, self.settings.daemon.api_group),
+            serve_metrics(self.metrics, self.settings.daemon.metrics_listen),
+        ):
+            self._update_gauges()
+            self.notifier.ready(f"serving; {len(self.queue)} queued")
+            log.info("ready", capacity=self.total, queued=len(self.queue))
+            async with asyncio.TaskGroup() as group:
+                background = [
+                    group.create_task(self._reconcile_loop(), name="reconcile"),
+                    group.create_task(watchdog_loop(self.notifier, self._healthy), name="watchdog"),
+                ]
+                await self._schedule_loop()
+                await self._drain()
+                for task in background:
+                    task.cancel()
+        log.info("stopped")
+
+    def _healthy(self) -> bool:
+        # The scheduler loop wakes at least every few seconds; if it stalls, stop pinging.
+        return time.monotonic() - self._progress < 60
+
+    # -- jobs -----------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, *, source: str = "local") -> Job:
+        """Queue a job; ConfigError (with the reason) if no profile can run it."""
+        if not self.accepting:
+            raise Draining("the daemon is shutting down and takes no new jobs")
+        try:
+            profile_name = choose_profile(self.settings, spec.profile, spec.labels)
+            why = refusal(demand(self.settings.profile(profile_name)), self.total)
+            if why is not None:
+                raise ConfigError("profile", f"profile {profile_name!r} {why}")
+        except ConfigError:
+            self.metrics.job_finished("refused")
+            raise
+        job = Job(id=new_job_id(), spec=spec, profile=profile_name, source=source)
+        await self.store.add_job(job)
+        self.jobs[job.id] = job
+        self.queue.append(job.id)
+        self._update_gauges()
+        self._wake.set()
+        log.info("job queued", job_id=job.id, profile=profile_name, forge=source)
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job. KeyError if unknown; returns the job."""
+        job = self.jobs.get(job_id) or await self.store.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.state in TERMINAL:
+            return job
+        if job.id in self.queue:
+            self.queue.remove(job.id)
+            await self._finish(job, Outcome(JobState.CANCELLED, reason="cancelled by user"))
+        elif (task := self.tasks.get(job.id)) is not None:
+            job.reason = "cancelled by user"
+            task.cancel()
+        return job
+
+    async def job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id) or await self.store.get(job_id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "accepting": self.accepting,
+            "capacity": {"total": vars(self.total), "used": vars(self.used),
+                         "max_concurrency": self.settings.capacity.max_concurrency},
+            "running": sorted(self.tasks),
+            "queued": list(self.queue),
+            "vms": sorted(self.engine.hypervisor.live),
+        }
+
+    # -- scheduling -----------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while not self.stopping.is_set():
+            self._progress = time.monotonic()
+            slots = self.settings.capacity.max_concurrency - len(self.tasks)
+            queue = [(jid, demand(self.settings.profile(self.jobs[jid].profile)))
+                     for jid in self.queue]
+            for job_id in pick(queue, self.total - self.used, slots):
+                self.queue.remove(job_id)
+                await self._launch(self.jobs[job_id])
+            self._update_gauges()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+
+    async def _launch(self, job: Job) -> None:
+        need = demand(self.settings.profile(job.profile))
+        self.used = self.used + need
+        await self.store.transition(job, JobState.STARTING)
+        self.metrics.observe_queue_wait(time.time() - job.created_at)
+        task = asyncio.create_task(self._supervise(job, need), name=f"job-{job.id}")
+        self.tasks[job.id] = task
+
+    async def _supervise(self, job: Job, need: Resources) -> None:
+        """Own one job's task: run it, record the outcome whatever happens."""
+        profile = self.settings.profile(job.profile)
+        job_log = self.logs.open(job.id)
+        outcome = Outcome(JobState.SYSTEM_FAILURE, reason="did not finish")
+        try:
+            outcome = await run_job(job, profile, self.engine, self.store, job_log)
+        except asyncio.CancelledError:
+            outcome = Outcome(JobState.CANCELLED, reason=job.reason or "cancelled")
+            raise
+        finally:
+            job.log_bytes = job_log.size
+            self.logs.close(job.id)
+            self.used = self.used - need
+            self.tasks.pop(job.id, None)
+            await asyncio.shield(self._finish(job, outcome))
+            self._wake.set()
+
+    async def _finish(self, job: Job, outcome: Outcome) -> None:
+        if job.state not in TERMINAL:
+            await self.store.transition(
+                job, outcome.state, reason=outcome.reason, exit_code=outcome.exit_code,
+                log_bytes=job.log_bytes,
+            )
+        self.jobs.pop(job.id, None)
+        self.metrics.job_finished(outcome.metric)
+        if outcome.restore_s is not None:
+            self.metrics.observe_restore(outcome.restore_s, warm=outcome.warm)
+        self._update_gauges()
+
+    async def _drain(self) -> None:
+        """Shutdown: running jobs get the grace period, then are cancelled."""
+        if not self.tasks:
+            return
+        grace = self.settings.daemon.shutdown_grace_s
+        log.info("waiting for running jobs", count=len(self.tasks), grace_s=grace)
+        _done, pending = await asyncio.wait(list(self.tasks.values()), timeout=grace)
+        for task in pending:
+            job_id = task.get_name().removeprefix("job-")
+            if (job := self.jobs.get(job_id)) is not None:
+                job.reason = "cancelled: the daemon shut down"
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- reconcile ------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.daemon.reconcile_interval_s)
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed; will retry")
+
+    async def reconcile(self, *, startup: bool = False) -> recovery.Plan:
+        """Compare records with the host; reclaim orphans, fail lost jobs."""
+        hv = self.engine.hypervisor
+        observed = await recovery.observe(hv.vms_dir, self.engine.net)
+        unfinished = {j.id: j.state for j in await self.store.jobs(
+            states=[JobState.STARTING, JobState.RUNNING], limit=100_000)}
+        leases = await self.store.leases()
+        plan = recovery.plan(observed, hv.live, unfinished, self.tasks, leases)
+        if not plan.empty:
+            log.warning("reconciling", startup=startup, orphans=sorted(plan.dirs | plan.networks
+                        | set(plan.kill)), lost_jobs=list(plan.fail_jobs))
+        for problem in await recovery.apply(plan, hv.vms_dir, self.engine.net):
+            log.error("reconcile", problem=problem)
+        for job_id in plan.fail_jobs:
+            job = await self.store.get(job_id)
+            if job is not None and job.state not in TERMINAL:
+                await self.store.transition(job, JobState.SYSTEM_FAILURE,
+                                            reason=recovery.LOST_JOB_REASON)
+                self.metrics.job_finished("system_failure")
+        for vm_id in plan.release_leases:
+            await self.store.release(vm_id)
+        self.metrics.recovered("orphan_vm", len(plan.kill))
+        self.metrics.recovered("orphan_network", len(plan.networks))
+        self.metrics.recovered("orphan_dir", len(plan.dirs))
+        self.metrics.recovered("lost_job", len(plan.fail_jobs))
+        retention = self.settings.daemon.log_retention_days * 86400
+        await asyncio.to_thread(self.logs.purge, retention)
+        await self.store.forget_finished(time.time() - retention)
+        return plan
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_jobs(queued=len(self.queue), running=len(self.tasks))
+        self.metrics.set_vms(len(self.engine.hypervisor.live))
+        self.metrics.set_capacity(self.total, self.used, self.settings.capacity.max_concurrency,
+                                  len(self.tasks))

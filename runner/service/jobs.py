@@ -1,0 +1,126 @@
+"""Jobs: what a submitter asks for, and the lifecycle a job goes through."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runner.errors import ConfigError, InvalidStateError
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"  # capacity reserved, VM being restored
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the job's own command failed
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SYSTEM_FAILURE = "system_failure"  # Snapfleet or the VM failed, not the job
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED,
+     JobState.SYSTEM_FAILURE}
+)
+_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.SYSTEM_FAILURE}),
+    JobState.STARTING: frozenset(
+        {JobState.RUNNING, JobState.CANCELLED, JobState.TIMED_OUT, JobState.SYSTEM_FAILURE}
+    ),
+    JobState.RUNNING: frozenset(TERMINAL),
+    **{state: frozenset() for state in TERMINAL},
+}
+
+
+def check_transition(job_id: str, old: JobState, new: JobState) -> None:
+    """Raise InvalidStateError unless the table allows ``old`` → ``new``."""
+    if new not in _TRANSITIONS[old]:
+        raise InvalidStateError(f"move job {job_id} to {new}", str(old))
+
+
+class JobSpec(BaseModel):
+    """A job as submitted: `snapfleet submit job.toml` or the API's POST /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(max_length=200)] | None = None
+    script: str | None = None
+    """Shell script run by /bin/sh in the guest."""
+    command: list[str] | None = None
+    """Or an argv to run directly."""
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    profile: str | None = None
+    """VM profile; unset = chosen by labels, else the default profile."""
+    labels: list[str] = Field(default_factory=list)
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    """Wall-clock limit; unset = the profile's."""
+
+    @model_validator(mode="after")
+    def _one_thing_to_run(self) -> JobSpec:
+        if (self.script is None) == (self.command is None):
+            raise ValueError("give exactly one of `script` or `command`")
+        if self.command is not None and not self.command:
+            raise ValueError("`command` must not be empty")
+        return self
+
+    @classmethod
+    def parse(cls, data: Any) -> JobSpec:
+        """Validate a submitted job; ConfigError naming every bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [
+                (".".join(str(p) for p in err["loc"]) or "job", err["msg"]) for err in exc.errors()
+            ]
+            raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(5)
+
+
+@dataclass
+class Job:
+    """A job's record, as the store keeps it (secrets in ``spec.env`` never leave the host)."""
+
+    id: str
+    spec: JobSpec
+    profile: str
+    source: str = "local"
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    vm_id: str | None = None
+    log_bytes: int = 0
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows: everything but the environment's values."""
+        return {
+            "id": self.id,
+            "name": self.spec.name,
+            "profile": self.profile,
+            "source": self.source,
+            "state": str(self.state),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "vm_id": self.vm_id,
+            "log_bytes": self.log_bytes,
+            "env_keys": sorted(self.spec.env),
+        }

@@ -1,0 +1,142 @@
+"""Reconcile records with what exists on the host.
+
+``plan`` is a pure function over observed lists (VM directories, namespaces,
+veths, QEMU processes) and what the daemon knows (live VMs, unfinished jobs);
+``observe`` and ``apply`` do the I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.net import NetworkManager
+from runner.service.jobs import JobState
+
+LOST_JOB_REASON = "the daemon stopped while the job ran; its VM was reclaimed"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What exists on the host that Snapfleet may have made."""
+
+    vm_dirs: frozenset[str] = frozenset()
+    netns: frozenset[str] = frozenset()
+    veths: frozenset[str] = frozenset()
+    qemu: Mapping[str, int] = field(default_factory=dict)  # vm_id -> pid
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to reclaim and which jobs to end."""
+
+    kill: Mapping[str, int] = field(default_factory=dict)
+    networks: frozenset[str] = frozenset()
+    dirs: frozenset[str] = frozenset()
+    fail_jobs: tuple[str, ...] = ()
+    release_leases: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.kill or self.networks or self.dirs or self.fail_jobs
+                    or self.release_leases)
+
+
+def plan(
+    observed: Observed,
+    live_vms: Iterable[str],
+    unfinished: Mapping[str, JobState],
+    live_jobs: Iterable[str],
+    leases: Iterable[str],
+) -> Plan:
+    """Decide what to reclaim.
+
+    * A VM id seen on the host (directory, namespace, veth or QEMU process) that
+      no live machine of this daemon owns is an orphan: kill, remove, delete.
+    * A job the store says is starting or running but no task of this daemon
+      runs was lost (the daemon died): it ends as a system failure.
+    * Queued jobs are left alone: they never started, so they can still run.
+    """
+    live = set(live_vms)
+    seen = observed.vm_dirs | observed.netns | observed.veths | set(observed.qemu)
+    orphans = seen - live
+    running = set(live_jobs)
+    lost = tuple(
+        job_id for job_id, state in sorted(unfinished.items())
+        if state in (JobState.STARTING, JobState.RUNNING) and job_id not in running
+    )
+    return Plan(
+        kill={vm: pid for vm, pid in observed.qemu.items() if vm in orphans},
+        networks=frozenset((observed.netns | observed.veths) & orphans),
+        dirs=frozenset(observed.vm_dirs & orphans),
+        fail_jobs=lost,
+        release_leases=frozenset(set(leases) - live),
+    )
+
+
+async def observe(vms_dir: Path, net: NetworkManager | None) -> Observed:
+    """Look at the host."""
+    dirs = frozenset(p.name for p in vms_dir.iterdir()) if vms_dir.exists() else frozenset()
+    netns: frozenset[str] = frozenset()
+    veths: frozenset[str] = frozenset()
+    if net is not None:
+        netns = frozenset(await net.list_namespaces())
+        veths = frozenset(await net.list_host_veths())
+    qemu = await asyncio.to_thread(qemu_processes, vms_dir)
+    return Observed(vm_dirs=dirs, netns=netns, veths=veths, qemu=qemu)
+
+
+def qemu_processes(vms_dir: Path) -> dict[str, int]:
+    """QEMU processes whose command line points into ``vms_dir``: vm_id -> pid."""
+    marker = str(vms_dir).rstrip("/") + "/"
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or "qemu-system" not in argv[0]:
+            continue
+        for arg in argv:
+            start = arg.find(marker)
+            if start >= 0:
+                vm_id = arg[start + len(marker):].split("/")[0]
+                found[vm_id] = int(entry.name)
+                break
+    return found
+
+
+async def apply(the_plan: Plan, vms_dir: Path, net: NetworkManager | None) -> list[str]:
+    """Carry out the reclaiming part of a plan; returns problems (never raises)."""
+    problems: list[str] = []
+    for vm_id, pid in the_plan.kill.items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # not our child: poll until it is gone
+            if not Path(f"/proc/{pid}").exists():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            problems.append(f"QEMU pid {pid} of orphan VM {vm_id} survived SIGKILL")
+    if net is not None:
+        for vm_id in sorted(the_plan.networks):
+            try:
+                await net.destroy(vm_id)
+            except Exception as exc:
+                problems.append(f"removing network of orphan VM {vm_id}: {exc}")
+    for vm_id in sorted(the_plan.dirs):
+        try:
+            await asyncio.to_thread(shutil.rmtree, vms_dir / vm_id)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"removing {vms_dir / vm_id}: {exc}")
+    return problems

@@ -1,0 +1,235 @@
+"""The daemon's state in SQLite: jobs, their transitions, VM leases, log offsets.
+
+One connection used from one worker thread, so SQLite never blocks the event
+loop and never sees two threads. The file is 0600: job environments (which
+may hold secrets) live in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, check_transition
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    exit_code INTEGER,
+    reason TEXT,
+    vm_id TEXT,
+    log_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+CREATE TABLE IF NOT EXISTS transitions (
+    job_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+CREATE TABLE IF NOT EXISTS leases (
+    vm_id TEXT PRIMARY KEY,
+    job_id TEXT,
+    pid INTEGER,
+    created_at REAL NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "id, source, profile, spec, state, created_at, started_at, finished_at, exit_code, reason,"
+    " vm_id, log_bytes"
+)
+
+
+class Store:
+    """Async facade over one SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapfleet-db")
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=True)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        os.chmod(self.path, 0o600)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    # -- jobs ---------------------------------------------------------------
+
+    async def add_job(self, job: Job) -> None:
+        def add() -> None:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                db.execute(
+                    f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    _row(job),
+                )
+                db.execute(
+                    "INSERT INTO transitions VALUES (?,?,?,?)",
+                    (job.id, str(job.state), job.created_at, None),
+                )
+
+        await self._call(add)
+
+    async def transition(
+        self, job: Job, new: JobState, *, reason: str | None = None, **fields: Any
+    ) -> None:
+        """Move ``job`` to ``new`` (checked against the table), updating ``fields``."""
+        check_transition(job.id, job.state, new)
+        now = time.time()
+        job.state = new
+        if reason is not None:
+            job.reason = reason
+        for key, value in fields.items():
+            setattr(job, key, value)
+        if new is JobState.RUNNING and job.started_at is None:
+            job.started_at = now
+        if new in TERMINAL:
+            job.finished_at = now
+
+        def update() -> None:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                db.execute(
+                    "UPDATE jobs SET state=?, started_at=?, finished_at=?, exit_code=?, reason=?,"
+                    " vm_id=?, log_bytes=? WHERE id=?",
+                    (str(job.state), job.started_at, job.finished_at, job.exit_code, job.reason,
+                     job.vm_id, job.log_bytes, job.id),
+                )
+                db.execute(
+                    "INSERT INTO transitions VALUES (?,?,?,?)", (job.id, str(new), now, reason)
+                )
+
+        await self._call(update)
+
+    async def set_log_bytes(self, job_id: str, count: int) -> None:
+        await self._call(self._exec, "UPDATE jobs SET log_bytes=? WHERE id=?", (count, job_id))
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self._call(self._query, f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    async def jobs(
+        self, *, states: Iterable[JobState] | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, oldest first within the newest ``limit``; optionally only some states."""
+        if states is None:
+            sql = f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?"
+            params: tuple[Any, ...] = (limit,)
+        else:
+            wanted = [str(s) for s in states]
+            marks = ",".join("?" * len(wanted))
+            sql = (f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks})"
+                   " ORDER BY created_at DESC LIMIT ?")
+            params = (*wanted, limit)
+        rows = await self._call(self._query, sql, params)
+        return [_job(row) for row in reversed(rows)]
+
+    async def history(self, job_id: str) -> list[tuple[str, float, str | None]]:
+        rows = await self._call(
+            self._query, "SELECT state, at, reason FROM transitions WHERE job_id=? ORDER BY at",
+            (job_id,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def forget_finished(self, before: float) -> list[str]:
+        """Delete records of jobs that finished before ``before``; return their ids."""
+
+        def forget() -> list[str]:
+            db = self._conn()
+            terminal = [str(s) for s in TERMINAL]
+            marks = ",".join("?" * len(terminal))
+            ids = [r[0] for r in db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({marks}) AND finished_at < ?",
+                (*terminal, before),
+            )]
+            with db:
+                db.execute("BEGIN")
+                for job_id in ids:
+                    db.execute("DELETE FROM transitions WHERE job_id=?", (job_id,))
+                    db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            return ids
+
+        return await self._call(forget)
+
+    # -- VM leases ----------------------------------------------------------
+
+    async def lease(self, vm_id: str, job_id: str, pid: int | None) -> None:
+        await self._call(
+            self._exec, "INSERT OR REPLACE INTO leases VALUES (?,?,?,?)",
+            (vm_id, job_id, pid, time.time()),
+        )
+
+    async def release(self, vm_id: str) -> None:
+        await self._call(self._exec, "DELETE FROM leases WHERE vm_id=?", (vm_id,))
+
+    async def leases(self) -> dict[str, tuple[str | None, int | None]]:
+        rows = await self._call(self._query, "SELECT vm_id, job_id, pid FROM leases", ())
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    # -- helpers ------------------------------------------------------------
+
+    def _exec(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._conn().execute(sql, params)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return list(self._conn().execute(sql, params))
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id, job.source, job.profile, job.spec.model_dump_json(), str(job.state),
+        job.created_at, job.started_at, job.finished_at, job.exit_code, job.reason, job.vm_id,
+        job.log_bytes,
+    )
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    return Job(
+        id=row[0], source=row[1], profile=row[2], spec=JobSpec.model_validate(json.loads(row[3])),
+        state=JobState(row[4]), created_at=row[5], started_at=row[6], finished_at=row[7],
+        exit_code=row[8], reason=row[9], vm_id=row[10], log_bytes=row[11],
+    )
