@@ -15,7 +15,7 @@ import ipaddress
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -34,7 +34,14 @@ _KEY = "daemon.metrics_listen"
 
 OUTCOMES: Final = ("succeeded", "failed", "timed_out", "cancelled", "system_failure", "refused")
 """Values of ``snapfleet_jobs_total{outcome}``."""
-RECOVERY_KINDS: Final = ("orphan_vm", "orphan_netns", "orphan_veth", "orphan_dir", "lost_job")
+RECOVERY_KINDS: Final = (
+    "orphan_vm",
+    "orphan_network",  # a namespace and/or host veth, when the daemon does not tell them apart
+    "orphan_netns",
+    "orphan_veth",
+    "orphan_dir",
+    "lost_job",
+)
 """Kinds of ``snapfleet_recoveries_total`` created at zero (others are accepted too)."""
 RESOURCES: Final = ("vcpus", "memory_mib", "gpus", "slots")
 """Values of ``snapfleet_capacity{resource}``."""
@@ -42,8 +49,7 @@ RESOURCES: Final = ("vcpus", "memory_mib", "gpus", "slots")
 # Restores take ~0.2 s warm under TCG and up to seconds cold or under load.
 RESTORE_BUCKETS: Final = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 # Queue waits range from nothing (idle host) to hours (saturated host).
-QUEUE_WAIT_BUCKETS: Final = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0,
-                             3600.0, 7200.0)
+QUEUE_WAIT_BUCKETS: Final = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200)
 
 
 class ResourceAmounts(Protocol):
@@ -100,11 +106,15 @@ class Metrics:
             registry=r,
         )
         self.pool_idle = Gauge(
-            "snapfleet_pool_idle", "Warm VMM processes waiting, by profile.", ["profile"],
+            "snapfleet_pool_idle",
+            "Warm VMM processes waiting, by profile.",
+            ["profile"],
             registry=r,
         )
         self.build_info = Gauge(
-            "snapfleet_build_info", "Always 1; the labels say what is running.", ["version"],
+            "snapfleet_build_info",
+            "Always 1; the labels say what is running.",
+            ["version"],
             registry=r,
         )
         self.build_info.labels(version=version).set(1)
@@ -199,8 +209,8 @@ def parse_listen(listen: str) -> TCPListen | UnixListen | None:
         raise ConfigError(_KEY, f"{listen!r} is neither host:port nor unix:/path")
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host:
-        raise ConfigError(_KEY, f"{listen!r} needs host:port, e.g. 127.0.0.1:9464 (0.0.0.0 for all)")
-    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(_KEY, f"{listen!r} needs host:port, e.g. 127.0.0.1:9464 or 0.0.0.0:9464")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise ConfigError(_KEY, f"port {port_text!r} in {listen!r} is not a number 0-65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -256,9 +266,9 @@ async def serve_metrics(
         if isinstance(where, UnixListen):
             sock = await _unix_socket(where.path, gid)
             bound = os.stat(where.path)
-            site: web.BaseSite = web.SockSite(runner, sock, shutdown_timeout=1.0)
+            site: web.BaseSite = web.SockSite(runner, sock)
         else:
-            site = web.TCPSite(runner, where.host, where.port, shutdown_timeout=1.0)
+            site = web.TCPSite(runner, where.host, where.port)
         try:
             await site.start()
         except OSError as exc:
@@ -272,7 +282,7 @@ async def serve_metrics(
             _remove_own_socket(where.path, bound)
 
 
-def _handler(metrics: Metrics) -> web.Handler:
+def _handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(_request: web.Request) -> web.Response:
         # Rendering is microseconds of CPU for our few dozen series: no thread needed.
         return web.Response(

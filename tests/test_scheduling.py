@@ -1,0 +1,143 @@
+"""Scheduling and recovery decisions, as tables (pure functions, no host access)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.config import load_settings
+from runner.errors import ConfigError, InvalidStateError
+from runner.service.jobs import JobSpec, JobState, check_transition
+from runner.service.recovery import LOST_JOB_REASON, Observed, plan
+from runner.service.scheduler import Resources, choose_profile, pick, refusal
+
+R1 = Resources(1, 512)
+R4 = Resources(4, 4096)
+
+
+@pytest.mark.parametrize(
+    ("queue", "free", "slots", "expected"),
+    [
+        ([("a", R1), ("b", R1), ("c", R1)], Resources(2, 4096), 8, ["a", "b"]),
+        ([("a", R1), ("b", R1), ("c", R1)], Resources(8, 8192), 2, ["a", "b"]),
+        # A big job at the head is not overtaken by small ones behind it.
+        ([("big", R4), ("s1", R1), ("s2", R1)], Resources(2, 8192), 8, []),
+        ([("s1", R1), ("big", R4), ("s2", R1)], Resources(4, 8192), 8, ["s1"]),
+        ([], Resources(8, 8192), 8, []),
+        ([("g", Resources(1, 512, 1))], Resources(8, 8192, 0), 8, []),
+    ],
+)
+def test_pick_is_strict_fifo_within_capacity(
+    queue: list[tuple[str, Resources]], free: Resources, slots: int, expected: list[str]
+) -> None:
+    assert pick(queue, free, slots) == expected
+
+
+def test_refusal_names_what_does_not_fit() -> None:
+    assert refusal(R1, R4) is None
+    reason = refusal(Resources(8, 512), R4)
+    assert reason is not None
+    assert "needs 8 vCPU" in reason
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> object:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[profiles.default]\n[profiles.big]\nvcpus = 4\nlabels = ['snapfleet', '4cpu']\n"
+        "[profiles.gpu]\ngpus = 1\nlabels = ['snapfleet', 'gpu']\n"
+    )
+    return load_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    ("profile", "labels", "expected"),
+    [
+        (None, [], "default"),
+        ("big", [], "big"),
+        (None, ["snapfleet", "4cpu"], "big"),
+        (None, ["4cpu"], "big"),
+        (None, ["gpu", "snapfleet"], "gpu"),
+        (None, ["snapfleet"], "big"),  # first profile in config order serving all labels
+    ],
+)
+def test_choose_profile(settings: object, profile: str | None, labels: list[str], expected: str
+                        ) -> None:
+    assert choose_profile(settings, profile, labels) == expected  # type: ignore[arg-type]
+
+
+def test_choose_profile_refuses(settings: object) -> None:
+    with pytest.raises(ConfigError, match="no profile serves labels"):
+        choose_profile(settings, None, ["arm64"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        choose_profile(settings, "huge", [])  # type: ignore[arg-type]
+
+
+RUN, STARTING, QUEUED = JobState.RUNNING, JobState.STARTING, JobState.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("observed", "live_vms", "unfinished", "live_jobs", "kill", "nets", "dirs", "failed"),
+    [
+        # Fresh start after kill -9: everything on the host is an orphan, running jobs lost.
+        (Observed(frozenset({"a", "b"}), frozenset({"a", "b"}), frozenset({"a"}), {"a": 10}),
+         set(), {"j1": RUN, "j2": STARTING, "j3": QUEUED}, set(),
+         {"a": 10}, {"a", "b"}, {"a", "b"}, ("j1", "j2")),
+        # Steady state: everything is accounted for.
+        (Observed(frozenset({"a"}), frozenset({"a"}), frozenset({"a"}), {"a": 10}),
+         {"a"}, {"j1": RUN}, {"j1"}, {}, set(), set(), ()),
+        # A VM the daemon no longer knows but whose netns survived (crash mid-teardown).
+        (Observed(frozenset(), frozenset({"z"}), frozenset(), {}),
+         {"a"}, {}, set(), {}, {"z"}, set(), ()),
+        # A QEMU that escaped (no dir, no netns) is still killed.
+        (Observed(qemu={"q": 77}), set(), {}, set(), {"q": 77}, set(), set(), ()),
+    ],
+)
+def test_recovery_plan(observed: Observed, live_vms: set[str], unfinished: dict[str, JobState],
+                       live_jobs: set[str], kill: dict[str, int], nets: set[str], dirs: set[str],
+                       failed: tuple[str, ...]) -> None:
+    p = plan(observed, live_vms, unfinished, live_jobs, leases=[])
+    assert dict(p.kill) == kill
+    assert set(p.networks) == nets
+    assert set(p.dirs) == dirs
+    assert p.fail_jobs == failed
+    assert "daemon stopped" in LOST_JOB_REASON
+
+
+def test_stale_leases_are_released() -> None:
+    p = plan(Observed(), live_vms={"a"}, unfinished={}, live_jobs=set(), leases=["a", "gone"])
+    assert p.release_leases == frozenset({"gone"})
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "ok"),
+    [
+        (QUEUED, STARTING, True), (QUEUED, RUN, False), (STARTING, RUN, True),
+        (RUN, JobState.SUCCEEDED, True), (JobState.SUCCEEDED, RUN, False),
+        (JobState.CANCELLED, JobState.FAILED, False), (QUEUED, JobState.CANCELLED, True),
+    ],
+)
+def test_job_transitions(old: JobState, new: JobState, ok: bool) -> None:
+    if ok:
+        check_transition("j", old, new)
+    else:
+        with pytest.raises(InvalidStateError):
+            check_transition("j", old, new)
+
+
+@pytest.mark.parametrize(
+    ("data", "keys"),
+    [
+        ({"script": "x", "scirpt": "y"}, {"scirpt"}),
+        ({"script": "x", "timeout_s": -1}, {"timeout_s"}),
+        ({}, {"job"}),
+        ({"script": "x", "command": ["y"]}, {"job"}),
+        ({"command": []}, {"job"}),
+        ({"script": "x", "env": {"A": 1}}, {"env.A"}),
+    ],
+)
+def test_bad_job_specs_name_the_field(data: dict[str, object], keys: set[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        JobSpec.parse(data)
+    assert {k for k, _ in info.value.problems} == keys
