@@ -51,10 +51,11 @@ class DaemonProcess:
 
     def start(self) -> None:
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner.cli", "--config", str(self.config), "serve"],
-            env=env, stdout=open(self.root / "daemon.log", "ab"), stderr=subprocess.STDOUT,
-        )
+        with open(self.root / "daemon.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "runner.cli", "--config", str(self.config), "serve"],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
 
     def wait_for(self, message: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -142,7 +143,7 @@ async def wait_state(api: ApiClient, job_id: str, state: str, timeout: float = 1
 async def test_forty_jobs_four_at_a_time(daemon: DaemonProcess) -> None:
     async with ApiClient(daemon.api) as api:
         ids = [
-            (await api.submit({"script": f"echo job-{i}; exit $(({i} % 3))", "name": f"n{i}"}))["id"]
+            (await api.submit({"script": f"echo job-{i}; exit $(({i} % 3))"}))["id"]
             for i in range(40)
         ]
         peak = 0
@@ -221,7 +222,7 @@ async def test_bad_jobs_are_refused_clearly_and_the_daemon_keeps_serving(
     daemon: DaemonProcess,
 ) -> None:
     async with ApiClient(daemon.api) as api:
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"script": "true", "profile": "gpu"}, "unknown profile 'gpu'"),
             ({"script": "true", "labels": ["arm64"]}, "no profile serves labels ['arm64']"),
             ({"scirpt": "true"}, "scirpt"),

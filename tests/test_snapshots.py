@@ -46,14 +46,14 @@ def test_matching_snapshot_loads(tmp_path: Path) -> None:
 
 def test_other_qemu_version_is_refused(tmp_path: Path) -> None:
     path = fake_snapshot(tmp_path, qemu="8.2.0")
-    with pytest.raises(SnapshotMismatch, match="qemu_version='8.2.0', this host has '7.2.22'"):
+    with pytest.raises(SnapshotMismatch, match=r"qemu_version='8\.2\.0', this host has '7\.2\.22'"):
         SnapshotStore(tmp_path, "7.2.22").load(path)
 
 
 def test_other_device_layout_is_refused(tmp_path: Path) -> None:
     layout = device_layout(replace(SPEC, network=False))
     path = fake_snapshot(tmp_path, layout=layout)
-    with pytest.raises(SnapshotMismatch, match="layout.devices"):
+    with pytest.raises(SnapshotMismatch, match=r"layout\.devices"):
         SnapshotStore(tmp_path, "7.2.22").load(path)
 
 
