@@ -173,7 +173,7 @@ class Engine:
         return boot_s
 
     async def restore(
-        self, snapshot: Snapshot, *, env: Mapping[str, str] | None = None
+        self, snapshot: Snapshot, *, env: Mapping[str, str] | None = None, use_pool: bool = True
     ) -> QemuMachine:
         """A READY clone of ``snapshot``: from the warm pool when it has one, else fresh.
 
@@ -181,7 +181,7 @@ class Engine:
         were paid before the job and are left out of its timings), else 0.0.
         """
         started = time.monotonic()
-        machine = self.pool.acquire(snapshot)
+        machine = self.pool.acquire(snapshot) if use_pool else None
         if machine is not None:
             machine.timings.pop("setup", None)
             machine.timings.pop("spawn", None)

@@ -103,7 +103,11 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow") in ("1", "true")
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
-    async for chunk in daemon.logs.follow(job_id, offset, follow=follow):
+
+    def finished() -> bool:
+        return job_id not in daemon.jobs  # unfinished jobs live there until their log closed
+
+    async for chunk in daemon.logs.follow(job_id, offset, finished=finished if follow else None):
         await response.write(chunk)
     await response.write_eof()
     return response

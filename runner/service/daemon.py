@@ -109,6 +109,7 @@ class Daemon:
             log.info("ready", capacity=self.total, queued=len(self.queue))
             async with asyncio.TaskGroup() as group:
                 background = [
+                    group.create_task(self._warm_pools(), name="warm-pools"),
                     group.create_task(self._reconcile_loop(), name="reconcile"),
                     group.create_task(watchdog_loop(self.notifier, self._healthy), name="watchdog"),
                 ]
@@ -117,6 +118,22 @@ class Daemon:
                 for task in background:
                     task.cancel()
         log.info("stopped")
+
+    async def _warm_pools(self) -> None:
+        """Start each profile's warm pool (after READY: a first snapshot can take minutes)."""
+        for name, profile in self.settings.profiles.items():
+            if profile.warm <= 0:
+                continue
+            bound = log.bind(profile=name)
+            try:
+                snapshot = await self.engine.snapshot(
+                    profile, lambda step: bound.info("warm pool", step=step)
+                )
+            except SnapfleetError as exc:
+                log.error("warm pool disabled", profile=name, error=str(exc))
+                continue
+            self.engine.warm(name, profile, snapshot)
+            log.info("warm pool started", profile=name, size=profile.warm)
 
     def _healthy(self) -> bool:
         # The scheduler loop wakes at least every few seconds; if it stalls, stop pinging.

@@ -66,7 +66,8 @@ async def run_job(
         async with asyncio.timeout(timeout):
             snapshot = await engine.snapshot(profile, job_log.note)
             restore_started = time.monotonic()
-            machine = await engine.restore(snapshot)
+            # A profile without a pool of its own leaves other profiles' warm VMs alone.
+            machine = await engine.restore(snapshot, use_pool=profile.warm > 0)
             outcome.restore_s = time.monotonic() - restore_started
             outcome.warm = machine.timings.get("pool") == 1.0
             bound = bound.bind(vm_id=machine.vm_id)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 READ_CHUNK = 64 * 1024
@@ -86,25 +86,30 @@ class LogStore:
         if log is not None:
             log.close()
 
-    async def follow(self, job_id: str, offset: int = 0, *, follow: bool = False
-                     ) -> AsyncIterator[bytes]:
-        """Log bytes from ``offset``; with ``follow``, keep going until the job's log closes."""
+    async def follow(
+        self, job_id: str, offset: int = 0, *, finished: Callable[[], bool] | None = None
+    ) -> AsyncIterator[bytes]:
+        """Log bytes from ``offset``.
+
+        With ``finished``, keep following (through a job still queued, whose log
+        does not exist yet) until it returns True and the log is read to its end.
+        """
         path = self.path(job_id)
         position = offset
         while True:
-            live = self.live.get(job_id)
+            done = finished is None or finished()
             data = await asyncio.to_thread(_read_from, path, position)
             if data:
                 position += len(data)
                 yield data
                 continue
-            if not follow or live is None or live.closed:
-                # One last read: the job may have written between our read and its close.
-                rest = await asyncio.to_thread(_read_from, path, position)
-                if rest:
-                    yield rest
+            if done:
                 return
-            await live.changed(timeout=1.0)
+            live = self.live.get(job_id)
+            if live is None:
+                await asyncio.sleep(0.1)  # not started yet
+            else:
+                await live.changed(timeout=1.0)
 
     def purge(self, older_than_s: float) -> list[str]:
         """Delete logs of finished jobs older than ``older_than_s``; returns their job ids."""

@@ -1,0 +1,165 @@
+"""The daemon under load, measured from outside like a user sees it.
+
+1. Queue → first output of a local job, with the warm pool and without, in one
+   run (two profiles of the same shape, one with `warm = 2`), interleaved.
+2. Jobs per minute the daemon sustains with trivial jobs.
+3. The daemon's RSS after 10 jobs and after 200 (growth would be a leak).
+
+    .venv/bin/python bench/daemon.py [--latency-runs 20] [--jobs 200] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.api.client import ApiClient
+
+
+def percentiles(samples: list[float]) -> dict[str, float | int]:
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def write_config(root: Path, cache_dir: Path, concurrency: int) -> Path:
+    config = root / "config.toml"
+    config.write_text(f"""
+[paths]
+state_dir = "{root / 'state'}"
+cache_dir = "{cache_dir}"
+[net]
+egress = false
+[daemon]
+api_socket = "{root / 'api.sock'}"
+metrics_listen = ""
+shutdown_grace_s = 30
+[capacity]
+vcpus = {concurrency}
+max_concurrency = {concurrency}
+[profiles.default]
+[profiles.warm]
+warm = 2
+""")
+    return config
+
+
+async def first_output_ms(api: ApiClient, profile: str) -> float:
+    started = time.monotonic()
+    job = await api.submit({"script": "echo ready", "profile": profile})
+    async for chunk in api.logs(job["id"], follow=True):
+        # Skip Snapfleet's own notes ("[snapfleet] restored ..."); wait for the job's output.
+        if any(not line.startswith(b"[snapfleet]") for line in chunk.splitlines() if line):
+            return (time.monotonic() - started) * 1000
+    raise RuntimeError(f"job {job['id']} produced no output")
+
+
+async def wait_all(api: ApiClient, ids: list[str]) -> None:
+    pending = set(ids)
+    while pending:
+        for job_id in list(pending):
+            if (await api.job(job_id))["state"] not in ("queued", "starting", "running"):
+                pending.discard(job_id)
+        await asyncio.sleep(0.25)
+
+
+async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="sf-bd-", dir="/tmp"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(root / "notify"))
+    config = write_config(root, args.cache_dir, args.concurrency)
+    out = open(root / "daemon.log", "wb")  # noqa: SIM115 (closed in finally)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "--config", str(config), "serve"],
+        env={"NOTIFY_SOCKET": str(root / "notify"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        stdout=out, stderr=subprocess.STDOUT,
+    )
+    try:
+        notify.settimeout(600)
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        async with ApiClient(root / "api.sock") as api:
+            log("warming up (first jobs build the snapshot if needed)")
+            await first_output_ms(api, "default")
+            await asyncio.sleep(3)  # let the pool fill
+            warm, cold = [], []
+            for i in range(args.latency_runs):
+                warm.append(await first_output_ms(api, "warm"))
+                cold.append(await first_output_ms(api, "default"))
+                await asyncio.sleep(0.5)  # pool refill between runs
+                log(f"latency {i + 1}/{args.latency_runs}: warm {warm[-1]:.0f} ms, "
+                    f"cold {cold[-1]:.0f} ms")
+            log(f"throughput: {args.jobs} trivial jobs, {args.concurrency} at a time")
+            ids = [(await api.submit({"script": "true"}))["id"] for _ in range(10)]
+            await wait_all(api, ids)
+            rss_10 = rss_mib(proc.pid)
+            started = time.monotonic()
+            ids = [(await api.submit({"script": "true"}))["id"] for _ in range(args.jobs - 10)]
+            await wait_all(api, ids)
+            elapsed = time.monotonic() - started
+            rss_200 = rss_mib(proc.pid)
+    except BaseException:
+        log((root / "daemon.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        out.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "queue_to_first_output_ms": {"warm_pool": percentiles(warm), "no_pool": percentiles(cold)},
+        "jobs_per_minute": round((args.jobs - 10) / elapsed * 60, 1),
+        "concurrency": args.concurrency,
+        "daemon_rss_mib": {"after_10": round(rss_10, 1), f"after_{args.jobs}": round(rss_200, 1)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/snapfleet"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = asyncio.run(bench(args, log))
+    if args.json:
+        print(json.dumps(result))
+        return
+    lat = result["queue_to_first_output_ms"]
+    print(f"{'queue → first output':24}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
+    for name in ("warm_pool", "no_pool"):
+        r = lat[name]
+        print(f"{name.replace('_', ' '):24}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print(f"throughput: {result['jobs_per_minute']} jobs/min at concurrency "
+          f"{result['concurrency']}")
+    rss = result["daemon_rss_mib"]
+    print("daemon RSS: " + ", ".join(f"{k.replace('_', ' ')} {v} MiB" for k, v in rss.items()))
+
+
+if __name__ == "__main__":
+    main()
