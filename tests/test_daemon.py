@@ -261,3 +261,24 @@ def test_bad_config_refuses_to_start(tmp_path: Path) -> None:
     assert done.returncode == 125
     assert "capacity.max_concurrency" in done.stderr
     assert "daemon.shutdown_grace_s" in done.stderr
+
+
+async def test_cli_follows_a_queued_job_and_exits_with_its_code(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory(concurrency="1")
+    d.start()
+    d.wait_for("READY=1")
+    cli = [sys.executable, "-m", "runner.cli", "--config", str(d.config)]
+    async with ApiClient(d.api) as api:
+        await api.submit({"script": "sleep 2"})
+        queued = subprocess.run([*cli, "submit"], input='script = "echo second-output; exit 4"\n',
+                                capture_output=True, text=True, timeout=60, check=True)
+        job_id = queued.stdout.strip()
+        assert (await api.job(job_id))["state"] == "queued"
+    follow = await asyncio.to_thread(
+        subprocess.run, [*cli, "logs", "-f", job_id], capture_output=True, text=True, timeout=120
+    )
+    assert "second-output\n" in follow.stdout
+    assert follow.returncode == 4
+    listing = subprocess.run([*cli, "jobs"], capture_output=True, text=True, timeout=60)
+    assert f"{job_id}  failed" in listing.stdout
+    assert d.stop() == 0

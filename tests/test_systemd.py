@@ -179,3 +179,42 @@ def test_sysusers_and_tmpfiles_apply_to_an_empty_root(tmp_path: Path) -> None:
 
 def test_install_script_parses() -> None:
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "install.sh")], check=True)
+
+
+@needs
+@needs_root
+def test_install_systemd_into_a_destdir(tmp_path: Path) -> None:
+    # Only the --systemd part of install.sh (no apt, no pip), into a scratch root.
+    dest = tmp_path / "root"
+    script = (
+        "set -euo pipefail; "
+        "source <(sed -n '/^install_systemd() {/,/^}/p' scripts/install.sh); "
+        "install_systemd"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DESTDIR": str(dest)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "not reloaded" in proc.stdout
+    assert (dest / "etc/systemd/system/snapfleet.service").read_text() == UNIT.read_text()
+    assert (dest / "etc/tmpfiles.d/snapfleet.conf").read_text() == TMPFILES.read_text()
+    assert (dest / "etc/sysusers.d/snapfleet.conf").read_text() == SYSUSERS.read_text()
+    link = dest / "usr/local/bin/snapfleet"
+    assert os.readlink(link) == str(ROOT / ".venv" / "bin" / "snapfleet")
+    config = dest / "etc/snapfleet/config.toml"
+    assert config.read_text() == (ROOT / "config.example.toml").read_text()
+    assert config.stat().st_mode & 0o777 == 0o640
+    assert (dest / "var/lib/snapfleet").is_dir()
+
+    # A second run keeps an edited config.
+    config.write_text("# edited\n")
+    subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env={**os.environ, "DESTDIR": str(dest)},
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert config.read_text() == "# edited\n"

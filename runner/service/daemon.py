@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -37,6 +38,11 @@ from runner.service.scheduler import (
 from runner.service.store import Store
 
 log = structlog.get_logger("snapfleet.daemon")
+
+
+def _progress_logger(profile: str) -> Callable[[str], None]:
+    bound = log.bind(profile=profile)
+    return lambda step: bound.info("warm pool", step=step)
 
 
 class Draining(SnapfleetError):
@@ -102,7 +108,8 @@ class Daemon:
         self.accepting = True
         async with (
             serve_api(self, self.settings.daemon.api_socket, self.settings.daemon.api_group),
-            serve_metrics(self.metrics, self.settings.daemon.metrics_listen),
+            serve_metrics(self.metrics, self.settings.daemon.metrics_listen,
+                          group=self.settings.daemon.api_group),
         ):
             self._update_gauges()
             self.notifier.ready(f"serving; {len(self.queue)} queued")
@@ -124,11 +131,8 @@ class Daemon:
         for name, profile in self.settings.profiles.items():
             if profile.warm <= 0:
                 continue
-            bound = log.bind(profile=name)
             try:
-                snapshot = await self.engine.snapshot(
-                    profile, lambda step: bound.info("warm pool", step=step)
-                )
+                snapshot = await self.engine.snapshot(profile, _progress_logger(name))
             except SnapfleetError as exc:
                 log.error("warm pool disabled", profile=name, error=str(exc))
                 continue
