@@ -24,12 +24,35 @@ from runner.log import configure_logging
 EXIT_INTERRUPTED = 130
 
 
+class _Commands:
+    """Subcommands that also accept the global options after their name."""
+
+    def __init__(self, group: Any, common: argparse.ArgumentParser) -> None:
+        self._group = group
+        self._common = common
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._group.add_parser(
+            name, parents=[self._common], **kw
+        )
+        return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapfleet", description="Ephemeral CI jobs in microVMs.")
     p.add_argument("--version", action="version", version=f"snapfleet {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     p.add_argument("--log-level", default="warning", help="debug, info, warning, error")
-    sub = p.add_subparsers(dest="command", required=True)
+    # The same options after the command (`snapfleet serve --config F`); SUPPRESS keeps
+    # a value given before the command when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def commands(parser: argparse.ArgumentParser, dest: str) -> _Commands:
+        return _Commands(parser.add_subparsers(dest=dest, required=True), common)
+
+    sub = commands(p, "command")
 
     run = sub.add_parser("run", help="run one command in a fresh microVM")
     run.add_argument("--profile", help="VM profile from the config (default: default_profile)")
@@ -41,14 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR", help="working directory in the guest")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
 
-    image = sub.add_parser("image", help="guest images").add_subparsers(
-        dest="action", required=True
-    )
+    image = commands(sub.add_parser("image", help="guest images"), "action")
     build = image.add_parser("build", help="build (or find cached) an image")
     build.add_argument("name", nargs="?", default="default")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
 
-    snap = sub.add_parser("snapshot", help="snapshots").add_subparsers(dest="action", required=True)
+    snap = commands(sub.add_parser("snapshot", help="snapshots"), "action")
     create = snap.add_parser("create", help="boot a template and snapshot it")
     create.add_argument("--profile")
     create.add_argument("--force", action="store_true", help="recreate even if one exists")
@@ -71,9 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="capacity, running and queued jobs")
 
     sub.add_parser("doctor", help="check this host")
-    config = sub.add_parser("config", help="configuration").add_subparsers(
-        dest="action", required=True
-    )
+    config = commands(sub.add_parser("config", help="configuration"), "action")
     check = config.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
     return p
