@@ -104,6 +104,17 @@ class DaemonSettings(_Section):
     """Per-job log limit; output past it is dropped with a note."""
 
 
+class GitLabSettings(_Section):
+    """GitLab custom executor (`snapfleet gitlab-executor ...` in gitlab-runner's config)."""
+
+    allowed_profiles: list[str] = Field(default_factory=lambda: ["default"])
+    """Profiles a job may ask for with the SNAPFLEET_PROFILE variable."""
+    builds_dir: str = "/builds"
+    cache_dir: str = "/cache"
+    shell: str = "/bin/bash"
+    """Shell that runs gitlab-runner's stage scripts in the VM."""
+
+
 class Profile(_Section):
     """A named VM shape that jobs run in."""
 
@@ -147,6 +158,7 @@ class Settings(BaseSettings):
     net: NetSettings = NetSettings()
     capacity: CapacitySettings = CapacitySettings()
     daemon: DaemonSettings = DaemonSettings()
+    gitlab: GitLabSettings = GitLabSettings()
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
     default_profile: str = "default"
 
@@ -164,6 +176,9 @@ class Settings(BaseSettings):
     def _default_exists(self) -> Settings:
         if self.default_profile not in self.profiles:
             raise ValueError(f"default_profile {self.default_profile!r} is not in [profiles]")
+        unknown = sorted(set(self.gitlab.allowed_profiles) - set(self.profiles))
+        if unknown:
+            raise ValueError(f"gitlab.allowed_profiles names unknown profiles: {unknown}")
         return self
 
     @classmethod

@@ -7,6 +7,8 @@
   daemon carries on, and the VM's resources have been (or must be) reclaimed.
 * ``AgentError``: the guest agent misbehaved or went away; a system failure too.
 * ``NetworkError``: a namespace, tap or NAT rule could not be set up or removed.
+* ``ForgeError``: a forge request was refused; ``ForgeAuthError``: fix credentials;
+  ``ForgeUnavailable``: retry later; ``WebhookError``: a bad delivery (answer 4xx).
 
 Third-party exceptions are translated at the adapter that calls them and are
 chained with ``raise ... from exc``; they never leak past the adapter.
@@ -118,3 +120,56 @@ class AgentDisconnected(AgentError):
 
 class NetworkError(SnapfleetError):
     """A network namespace, tap, veth or NAT rule could not be managed."""
+
+
+class ForgeError(SnapfleetError):
+    """A forge (GitHub, GitLab) refused a request or answered nonsense.
+
+    Retrying the same request will fail the same way (404, 409, 422, a
+    response of the wrong shape); the loop logs it and moves on. ``forge``
+    names the forge, ``status`` is the HTTP status when there was one.
+    Messages never carry tokens, JIT configs or request bodies.
+    """
+
+    def __init__(self, message: str, *, forge: str, status: int | None = None) -> None:
+        super().__init__(f"{forge}: {message}")
+        self.forge = forge
+        self.status = status
+
+
+class ForgeAuthError(ForgeError):
+    """The forge rejected our credentials or permissions (401, 403).
+
+    The operator must fix the token, App key, installation or its permissions.
+    """
+
+
+class ForgeUnavailable(ForgeError):
+    """The forge is down, unreachable or rate-limiting us: try again later.
+
+    ``retry_after`` is the number of seconds the forge asked us to wait, when
+    it said (rate limits), else ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        forge: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, forge=forge, status=status)
+        self.retry_after = retry_after
+
+
+class WebhookError(ForgeError):
+    """A webhook delivery is malformed: answer 400. ``field`` names what was wrong."""
+
+    def __init__(self, message: str, *, forge: str, field: str | None = None) -> None:
+        super().__init__(message, forge=forge)
+        self.field = field
+
+
+class WebhookSignatureError(WebhookError):
+    """A webhook delivery's signature is missing, malformed or wrong: answer 401."""

@@ -82,3 +82,7 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
 async def snapshot(engine: Engine, settings: Settings) -> Snapshot:
     """The default profile's snapshot (built on first use, cached afterwards)."""
     return await engine.snapshot(settings.profile(), lambda m: print(f"[setup] {m}", flush=True))
+
+
+# Daemon fixtures live with the daemon helper; importing them here shares them.
+from tests.daemons import daemon, daemon_factory  # noqa: E402, F401

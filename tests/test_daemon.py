@@ -3,141 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runner.api.client import ApiClient
-from runner.config import Settings
 from runner.errors import ConfigError
 from runner.service.recovery import LOST_JOB_REASON, qemu_processes
-from runner.snapshots import Snapshot
+from tests.daemons import DaemonProcess, wait_state, wait_terminal
 
 pytestmark = pytest.mark.vm
-_COUNTER = itertools.count()
-TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "system_failure"}
-
-
-class DaemonProcess:
-    """One `snapfleet serve` subprocess with its own state dir and notify socket."""
-
-    def __init__(self, root: Path, settings: Settings, **extra: str) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.api = root / "api.sock"
-        self.config = root / "config.toml"
-        lines = [
-            "[paths]", f'state_dir = "{self.state}"', f'cache_dir = "{settings.paths.cache_dir}"',
-            "[net]", "egress = false",
-            "[daemon]", f'api_socket = "{self.api}"', 'metrics_listen = ""',
-            f"shutdown_grace_s = {extra.pop('grace', '5')}",
-            "[capacity]", "vcpus = 4", f"max_concurrency = {extra.pop('concurrency', '4')}",
-        ]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.notify_path = root / "notify.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.messages: list[str] = []
-
-    def start(self) -> None:
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
-        with open(self.root / "daemon.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runner.cli", "--config", str(self.config), "serve"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
-
-    def wait_for(self, message: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.notify.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                data = self.notify.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.messages.append(data)
-            if message in data.split("\n"):
-                return
-        raise AssertionError(f"no {message} from the daemon; log: {self.log()[-2000:]}")
-
-    def log(self) -> str:
-        return (self.root / "daemon.log").read_text(errors="replace")
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def vm_dirs(self) -> list[str]:
-        vms = self.state / "vms"
-        return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
-
-
-@pytest.fixture
-def daemon_factory(state_dir: Path, settings: Settings, snapshot: Snapshot
-                   ) -> Iterator[Any]:
-    made: list[DaemonProcess] = []
-
-    def make(**extra: str) -> DaemonProcess:
-        root = state_dir / f"d{next(_COUNTER)}"
-        root.mkdir()
-        d = DaemonProcess(root, settings, **extra)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        assert not d.vm_dirs(), f"daemon left VM directories: {d.vm_dirs()}"
-        assert not qemu_processes(d.state / "vms")
-
-
-@pytest.fixture
-async def daemon(daemon_factory: Any) -> AsyncIterator[DaemonProcess]:
-    d: DaemonProcess = daemon_factory()
-    d.start()
-    d.wait_for("READY=1")
-    yield d
-    assert d.stop() == 0
-
-
-async def wait_terminal(api: ApiClient, job_ids: list[str], timeout: float = 600
-                        ) -> dict[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    done: dict[str, dict[str, Any]] = {}
-    while len(done) < len(job_ids):
-        assert time.monotonic() < deadline, f"jobs not finished: {set(job_ids) - set(done)}"
-        for job_id in job_ids:
-            if job_id not in done:
-                job = await api.job(job_id)
-                if job["state"] in TERMINAL:
-                    done[job_id] = job
-        await asyncio.sleep(0.2)
-    return done
-
-
-async def wait_state(api: ApiClient, job_id: str, state: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while (await api.job(job_id))["state"] != state:
-        assert time.monotonic() < deadline, f"job {job_id} never reached {state}"
-        await asyncio.sleep(0.1)
 
 
 async def test_forty_jobs_four_at_a_time(daemon: DaemonProcess) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -63,6 +66,52 @@ class ApiClient:
     async def status(self) -> dict[str, Any]:
         return await self._json("GET", "/v1/status")
 
+    async def acquire_lease(self, key: str, profile: str | None) -> dict[str, Any]:
+        return await self._json("POST", "/v1/leases", json={"key": key, "profile": profile})
+
+    async def release_lease(self, key: str) -> bool:
+        body = await self._json("DELETE", f"/v1/leases/{key}")
+        return bool(body["released"])
+
+    async def exec_in_lease(
+        self,
+        key: str,
+        script: str,
+        on_output: Callable[[str, bytes], None],
+        cancel: asyncio.Event,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``script`` in the leased VM; returns the final status frame.
+
+        Setting ``cancel`` asks the daemon to stop the script; the status frame
+        that follows still arrives.
+        """
+        try:
+            async with self._sess().ws_connect(f"/v1/leases/{key}/exec") as ws:
+                await ws.send_json({"script": script, "env": env, "cwd": cwd})
+                stopper = asyncio.create_task(_send_cancel(ws, cancel))
+                try:
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            stream = "stdout" if msg.data[:1] == b"\x01" else "stderr"
+                            on_output(stream, msg.data[1:])
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            final: dict[str, Any] = json.loads(msg.data)
+                            return final
+                finally:
+                    stopper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stopper
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (404, 410):
+                raise ApiError(exc.status, f"no VM is held for {key} (was prepare run?)") from exc
+            raise ApiError(exc.status, f"exec refused: HTTP {exc.status}") from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unavailable(exc) from exc
+        raise ApiError(500, "the daemon closed the exec stream without a result")
+
     async def logs(self, job_id: str, *, follow: bool = False, offset: int = 0
                    ) -> AsyncIterator[bytes]:
         params = {"offset": str(offset), "follow": "1" if follow else "0"}
@@ -106,3 +155,9 @@ class ApiClient:
         if self._session is None:
             raise RuntimeError("use ApiClient as an async context manager")
         return self._session
+
+
+async def _send_cancel(ws: aiohttp.ClientWebSocketResponse, cancel: asyncio.Event) -> None:
+    await cancel.wait()
+    with contextlib.suppress(ConnectionError):
+        await ws.send_json({"cancel": True})

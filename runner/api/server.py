@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from runner.api import leases
 from runner.errors import ConfigError, HostError
 from runner.service.jobs import JobSpec
 
@@ -41,6 +42,7 @@ def build_app(daemon: Daemon) -> web.Application:
         web.post("/v1/jobs/{id}/cancel", cancel_job),
         web.get("/v1/status", status),
     ])
+    leases.add_routes(app, DAEMON)
     return app
 
 

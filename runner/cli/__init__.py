@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     sub.add_parser("status", help="capacity, running and queued jobs")
 
+    gitlab = sub.add_parser("gitlab-executor", help="gitlab-runner custom executor steps")
+    gitlab.add_argument("action", choices=["config", "prepare", "run", "cleanup"])
+    gitlab.add_argument("args", nargs=argparse.REMAINDER, help="run: <script> <stage>")
+
     sub.add_parser("doctor", help="check this host")
     config = commands(sub.add_parser("config", help="configuration"), "action")
     check = config.add_parser("check", help="validate a config file")
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "logs": daemon_cmds.logs,
         "cancel": daemon_cmds.cancel,
         "status": daemon_cmds.status,
+        "gitlab-executor": daemon_cmds.gitlab_executor,
     }
     try:
         return asyncio.run(_guarded(handlers[args.command](args)))

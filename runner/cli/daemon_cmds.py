@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import tomllib
@@ -126,3 +127,16 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+async def gitlab_executor(args: argparse.Namespace) -> int:
+    from runner.forge import gitlab_executor as executor
+
+    try:
+        settings = settings_of(args)
+    except ConfigError as exc:
+        # gitlab-runner only understands its own exit codes.
+        env = executor.ExecutorEnv(os.environ)
+        print(f"Snapfleet: system failure: bad configuration: {exc}", file=sys.stderr)
+        return env.system_failure
+    return await executor.main(settings, args.action, args.args)

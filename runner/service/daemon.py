@@ -20,10 +20,11 @@ import structlog
 
 from runner.config import Settings
 from runner.engine import Engine
-from runner.errors import ConfigError, SnapfleetError
+from runner.errors import ConfigError, SnapfleetError, VMError
 from runner.service import recovery
-from runner.service.executor import Outcome, run_job
+from runner.service.executor import Outcome, run_in_vm
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
+from runner.service.leases import Lease, check_key
 from runner.service.logs import LogStore
 from runner.service.metrics import Metrics
 from runner.service.notify import Notifier, watchdog_loop
@@ -65,6 +66,8 @@ class Daemon:
         self.jobs: dict[str, Job] = {}  # unfinished jobs, by id
         self.queue: list[str] = []  # FIFO of queued job ids
         self.tasks: dict[str, asyncio.Task[None]] = {}  # running jobs
+        self.leases: dict[str, Lease] = {}  # by key
+        self._lease_jobs: dict[str, Lease] = {}  # by job id
         self.accepting = False
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -181,6 +184,52 @@ class Daemon:
             task.cancel()
         return job
 
+    async def acquire_lease(self, key: str, profile: str | None) -> Lease:
+        """Hold a VM under ``key`` until released; waits for capacity and the restore.
+
+        Asking again for a key already held returns the same lease (a retried prepare).
+        """
+        check_key(key)
+        existing = self.leases.get(key)
+        if existing is None:
+            name = profile or self.settings.default_profile
+            allowed = self.settings.gitlab.allowed_profiles
+            if name not in allowed:
+                raise ConfigError(
+                    "SNAPFLEET_PROFILE",
+                    f"profile {name!r} is not allowed for GitLab jobs (allowed: {allowed})",
+                )
+            spec = JobSpec(command=["gitlab-executor"], name=key, profile=name)
+            job = await self.submit(spec, source="gitlab")
+            existing = Lease(key, job, asyncio.get_running_loop().create_future())
+            self.leases[key] = existing
+            self._lease_jobs[job.id] = existing
+        await asyncio.shield(existing.ready)
+        return existing
+
+    async def release_lease(self, key: str) -> bool:
+        """Destroy the VM held under ``key``; False if there was none. Idempotent."""
+        lease = self.leases.pop(key, None)
+        if lease is None:
+            return False
+        lease.released.set()
+        if lease.job.id in self.queue:
+            await self.cancel(lease.job.id)
+        task = self.tasks.get(lease.job.id)
+        if task is not None:
+            await asyncio.wait([task])  # returns once the VM is destroyed
+        return True
+
+    def _end_lease(self, job_id: str, outcome: Outcome) -> None:
+        lease = self._lease_jobs.pop(job_id, None)
+        if lease is None:
+            return
+        if not lease.released.is_set():
+            lease.ended = outcome.reason or str(outcome.state)
+        if not lease.ready.done():
+            lease.ready.set_exception(VMError(f"no VM for {lease.key}: {lease.ended}"))
+            lease.ready.exception()  # retrieved here; waiters re-raise it
+
     async def job(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id) or await self.store.get(job_id)
 
@@ -192,6 +241,7 @@ class Daemon:
             "running": sorted(self.tasks),
             "queued": list(self.queue),
             "vms": sorted(self.engine.hypervisor.live),
+            "leases": sorted(self.leases),
         }
 
     # -- scheduling -----------------------------------------------------------
@@ -224,13 +274,16 @@ class Daemon:
         job_log = self.logs.open(job.id)
         outcome = Outcome(JobState.SYSTEM_FAILURE, reason="did not finish")
         try:
-            outcome = await run_job(job, profile, self.engine, self.store, job_log)
+            lease = self._lease_jobs.get(job.id)
+            work = lease.work() if lease is not None else None
+            outcome = await run_in_vm(job, profile, self.engine, self.store, job_log, work)
         except asyncio.CancelledError:
             outcome = Outcome(JobState.CANCELLED, reason=job.reason or "cancelled")
             raise
         finally:
             job.log_bytes = job_log.size
             self.logs.close(job.id)
+            self._end_lease(job.id, outcome)
             self.used = self.used - need
             self.tasks.pop(job.id, None)
             await asyncio.shield(self._finish(job, outcome))

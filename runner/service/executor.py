@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -14,6 +16,9 @@ from runner.errors import SnapfleetError
 from runner.service.jobs import Job, JobState
 from runner.service.logs import JobLog
 from runner.service.store import Store
+
+if TYPE_CHECKING:
+    from runner.vm.qemu import QemuMachine
 
 log = structlog.get_logger("snapfleet.job")
 
@@ -27,6 +32,7 @@ class Outcome:
     reason: str | None = None
     restore_s: float | None = None
     warm: bool = False
+    snapshot: str | None = None
 
     @property
     def metric(self) -> str:
@@ -53,11 +59,37 @@ def outcome_of(result: RunResult, timeout_s: float) -> Outcome:
                    reason=f"exited with code {result.exit_code}")
 
 
-async def run_job(
-    job: Job, profile: Profile, engine: Engine, store: Store, job_log: JobLog
+Work = Callable[["QemuMachine", float], Awaitable[Outcome]]
+"""What to do with a READY machine, given the seconds left: returns the outcome."""
+
+
+def script_work(job: Job, job_log: JobLog, engine: Engine, timeout: float) -> Work:
+    """Run the job's script or command, streaming its output into the job log."""
+
+    async def work(machine: QemuMachine, remaining: float) -> Outcome:
+        spec = job.spec
+        command = Command(argv=spec.command, script=spec.script, env=spec.env, cwd=spec.workdir)
+        result = RunResult(vm_id=machine.vm_id, exit_code=None)
+        await engine.execute(machine, command, _sink(job_log), remaining, result)
+        return outcome_of(result, timeout)
+
+    return work
+
+
+async def run_in_vm(
+    job: Job,
+    profile: Profile,
+    engine: Engine,
+    store: Store,
+    job_log: JobLog,
+    work: Work | None = None,
 ) -> Outcome:
-    """Run ``job`` in a fresh VM; always destroys the VM. CancelledError propagates."""
+    """Restore a VM for ``job``, do ``work`` in it (default: run its script), destroy it.
+
+    The wall-clock timeout covers restore and work. CancelledError propagates.
+    """
     timeout = job.spec.timeout_s or profile.timeout_s
+    work = work or script_work(job, job_log, engine, timeout)
     bound = log.bind(job_id=job.id, forge=job.source, profile=job.profile)
     machine = None
     started = time.monotonic()
@@ -70,6 +102,7 @@ async def run_job(
             machine = await engine.restore(snapshot, use_pool=profile.warm > 0)
             outcome.restore_s = time.monotonic() - restore_started
             outcome.warm = machine.timings.get("pool") == 1.0
+            outcome.snapshot = snapshot.key
             bound = bound.bind(vm_id=machine.vm_id)
             await store.lease(machine.vm_id, job.id, machine.pid)
             await store.transition(job, JobState.RUNNING, vm_id=machine.vm_id)
@@ -77,13 +110,8 @@ async def run_job(
                 f"restored {job.profile} from snapshot {snapshot.key[:12]} in "
                 f"{outcome.restore_s * 1000:.0f} ms (vm {machine.vm_id})"
             )
-            spec = job.spec
-            command = Command(argv=spec.command, script=spec.script, env=spec.env,
-                              cwd=spec.workdir)
-            result = RunResult(vm_id=machine.vm_id, exit_code=None)
             remaining = max(1.0, timeout - (time.monotonic() - started))
-            await engine.execute(machine, command, _sink(job_log), remaining, result)
-        outcome = _with_restore(outcome_of(result, timeout), outcome)
+            outcome = _with_restore(await work(machine, remaining), outcome)
     except TimeoutError:
         outcome = _with_restore(
             Outcome(JobState.TIMED_OUT, reason=f"timed out after {timeout:g}s"), outcome
@@ -116,7 +144,7 @@ async def run_job(
 
 
 def _with_restore(new: Outcome, old: Outcome) -> Outcome:
-    new.restore_s, new.warm = old.restore_s, old.warm
+    new.restore_s, new.warm, new.snapshot = old.restore_s, old.warm, old.snapshot
     return new
 
 

@@ -106,6 +106,7 @@ class Machine(ABC):
         argv: Sequence[str] | None = None,
         *,
         script: str | None = None,
+        shell: str = "/bin/sh",
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,

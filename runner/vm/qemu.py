@@ -95,6 +95,7 @@ class QemuMachine(Machine):
         argv: Sequence[str] | None = None,
         *,
         script: str | None = None,
+        shell: str = "/bin/sh",
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
@@ -102,7 +103,9 @@ class QemuMachine(Machine):
         self.lifecycle.require("exec", VMState.READY)
         assert self.agent is not None
         try:
-            return await self.agent.exec(argv, script=script, env=env, cwd=cwd, timeout=timeout)
+            return await self.agent.exec(
+                argv, script=script, shell=shell, env=env, cwd=cwd, timeout=timeout
+            )
         except AgentError as exc:
             raise await self.died_error(exc) from exc
 

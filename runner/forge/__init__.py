@@ -1,0 +1,1 @@
+"""Forges: where jobs come from (GitHub Actions, GitLab, a local job file)."""

@@ -1,0 +1,225 @@
+"""The GitLab custom executor driven the way gitlab-runner drives it.
+
+A driver runs `config`, `prepare`, `run <script> <stage>` for every stage with
+bash scripts shaped like the ones gitlab-runner generates, and `cleanup`, as
+separate processes with the CUSTOM_ENV_* and failure-code variables set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.api.client import ApiClient
+from runner.service.recovery import qemu_processes
+from tests.daemons import DaemonProcess
+
+pytestmark = pytest.mark.vm
+BUILD_FAILURE, SYSTEM_FAILURE = 31, 32
+STAGES = ["prepare_script", "get_sources", "build_script", "after_script", "archive_cache",
+          "upload_artifacts_on_success", "cleanup_file_variables"]
+
+
+class Runner:
+    """Plays gitlab-runner for one job."""
+
+    def __init__(self, daemon: DaemonProcess, job_id: int, tmp: Path) -> None:
+        self.daemon = daemon
+        self.job_id = job_id
+        self.tmp = tmp
+        self.code_file = tmp / f"exit-code-{job_id}"
+        self.env = {
+            **os.environ,
+            "CUSTOM_ENV_CI_JOB_ID": str(job_id),
+            "CUSTOM_ENV_CI_RUNNER_ID": "12",
+            "CUSTOM_ENV_CI_SERVER_HOST": "gitlab.example.com",
+            "CUSTOM_ENV_CI_PROJECT_PATH": "group/project",
+            "BUILD_FAILURE_EXIT_CODE": str(BUILD_FAILURE),
+            "SYSTEM_FAILURE_EXIT_CODE": str(SYSTEM_FAILURE),
+            "BUILD_EXIT_CODE_FILE": str(self.code_file),
+        }
+
+    def argv(self, *args: str) -> list[str]:
+        # As in gitlab-runner's config.toml: *_exec = snapfleet, *_args = [--config, F,
+        # gitlab-executor, step]; gitlab-runner appends <script> <stage> for `run`.
+        return [sys.executable, "-m", "runner.cli", "--config", str(self.daemon.config),
+                "gitlab-executor", *args]
+
+    def step(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True,
+                              timeout=180, check=False)
+
+    def script(self, stage: str, body: str) -> Path:
+        """A stage script in the shape gitlab-runner generates for bash."""
+        path = self.tmp / f"script-{self.job_id}-{stage}"
+        path.write_text(
+            "#!/usr/bin/env bash\n\nset -eo pipefail\nset +o noclobber\n"
+            f"export CI_JOB_ID='{self.job_id}'\n"
+            "export CI_PROJECT_DIR='/builds/group/project'\n"
+            "export DEPLOY_TOKEN='s3cret-from-gitlab'\n"
+            'mkdir -p "$CI_PROJECT_DIR" && cd "$CI_PROJECT_DIR"\n'
+            f"{body}\n"
+        )
+        return path
+
+    async def start_run(self, stage: str, body: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *self.argv("run", str(self.script(stage, body)), stage), env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+
+
+@pytest.fixture
+async def gl_daemon(daemon_factory: object) -> DaemonProcess:
+    d: DaemonProcess = daemon_factory()  # type: ignore[operator]
+    d.start()
+    d.wait_for("READY=1")
+    return d
+
+
+BODIES = {
+    "prepare_script": 'echo "Running on $(hostname) via Snapfleet"',
+    "get_sources": ("git init -q . && echo 'print(\"hello from python\")' > main.py && "
+                    "git add . && git -c user.email=ci@x -c user.name=ci commit -qm init && "
+                    "echo sources-ready"),
+    "build_script": ('echo build-start; python3 main.py; echo "token=$DEPLOY_TOKEN"; '
+                     'echo "leaked=$(env | grep -c CUSTOM_ENV_ || true)"; echo to-stderr >&2'),
+    "after_script": "echo after",
+    "archive_cache": "mkdir -p /cache && tar czf /cache/cache.tgz . && echo cached",
+    "upload_artifacts_on_success": "ls main.py",
+    "cleanup_file_variables": "echo cleaned",
+}
+
+
+async def test_passing_job_runs_every_stage_in_one_vm(gl_daemon: DaemonProcess,
+                                                      tmp_path: Path) -> None:
+    runner = Runner(gl_daemon, 501, tmp_path)
+    config = runner.step("config")
+    assert config.returncode == 0
+    cfg = json.loads(config.stdout)
+    assert cfg["builds_dir"] == "/builds"
+    assert cfg["builds_dir_is_shared"] is False
+    assert cfg["driver"]["name"] == "snapfleet"
+    prepare = runner.step("prepare")
+    assert prepare.returncode == 0, prepare.stderr
+    assert "restored default from snapshot" in prepare.stdout
+    hostnames = set()
+    outputs = {}
+    for stage in STAGES:
+        done = runner.step("run", str(runner.script(stage, BODIES[stage])), stage)
+        assert done.returncode == 0, (stage, done.stdout, done.stderr)
+        outputs[stage] = done.stdout
+        if stage == "prepare_script":
+            hostnames.add(done.stdout.split()[2])
+        if stage == "build_script":
+            assert "to-stderr" in done.stderr
+    assert outputs["get_sources"].endswith("sources-ready\n")
+    assert outputs["build_script"] == (
+        "build-start\nhello from python\ntoken=s3cret-from-gitlab\nleaked=0\n"
+    )
+    assert outputs["archive_cache"] == "cached\n"  # the files of get_sources were still there
+    assert runner.step("cleanup").returncode == 0
+    assert gl_daemon.vm_dirs() == []
+
+
+async def test_failing_script_is_a_build_failure_with_the_real_code(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    runner = Runner(gl_daemon, 502, tmp_path)
+    assert runner.step("prepare").returncode == 0
+    done = runner.step("run", str(runner.script("build_script", "echo failing; exit 3")),
+                       "build_script")
+    assert done.returncode == BUILD_FAILURE
+    assert done.stdout == "failing\n"
+    assert runner.code_file.read_text().strip() == "3"
+    # The VM survives a failed stage: after_script still runs in it.
+    after = runner.step("run", str(runner.script("after_script", "echo after-failure")),
+                        "after_script")
+    assert after.returncode == 0
+    assert runner.step("cleanup").returncode == 0
+
+
+async def test_vm_killed_mid_stage_is_a_system_failure(gl_daemon: DaemonProcess,
+                                                       tmp_path: Path) -> None:
+    runner = Runner(gl_daemon, 503, tmp_path)
+    assert runner.step("prepare").returncode == 0
+    proc = await runner.start_run("build_script", "echo started; sleep 120")
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
+    pids = qemu_processes(gl_daemon.state / "vms")
+    assert len(pids) == 1
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == SYSTEM_FAILURE
+    assert "system failure" in err.decode()
+    assert "VMM exited" in err.decode()
+    assert runner.step("cleanup").returncode == 0
+    assert gl_daemon.vm_dirs() == []
+
+
+async def test_sigterm_stops_a_long_stage_within_5s_and_cleanup_leaves_nothing(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    runner = Runner(gl_daemon, 504, tmp_path)
+    assert runner.step("prepare").returncode == 0
+    proc = await runner.start_run("build_script", "echo started; sleep 300; echo never")
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert time.monotonic() - started < 5
+    assert b"never" not in out
+    assert proc.returncode != 0
+    assert runner.step("cleanup").returncode == 0
+    async with ApiClient(gl_daemon.api) as api:
+        status = await api.status()
+    assert status["vms"] == []
+    assert status["leases"] == []
+    assert gl_daemon.vm_dirs() == []
+
+
+async def test_two_jobs_at_once_get_two_vms(gl_daemon: DaemonProcess, tmp_path: Path) -> None:
+    a, b = Runner(gl_daemon, 505, tmp_path), Runner(gl_daemon, 506, tmp_path)
+    prepared = await asyncio.gather(*(asyncio.to_thread(r.step, "prepare") for r in (a, b)))
+    assert all(p.returncode == 0 for p in prepared)
+    vm_ids = {p.stdout.split("(vm ")[1].rstrip(")\n") for p in prepared}
+    assert len(vm_ids) == 2
+    write = a.step("run", str(a.script("build_script", "echo a > /builds/marker-a; hostname")),
+                   "build_script")
+    look = b.step("run", str(b.script("build_script", "test ! -e /builds/marker-a && hostname")),
+                  "build_script")
+    assert write.returncode == 0
+    assert look.returncode == 0, look.stdout
+    assert write.stdout != look.stdout  # different hostnames: different VMs
+    for r in (a, b):
+        assert r.step("cleanup").returncode == 0
+
+
+async def test_cleanup_without_prepare_and_twice_is_harmless(gl_daemon: DaemonProcess,
+                                                             tmp_path: Path) -> None:
+    runner = Runner(gl_daemon, 507, tmp_path)
+    assert runner.step("cleanup").returncode == 0
+    assert runner.step("prepare").returncode == 0
+    assert runner.step("cleanup").returncode == 0
+    assert runner.step("cleanup").returncode == 0
+    stage = runner.step("run", str(runner.script("build_script", "true")), "build_script")
+    assert stage.returncode == SYSTEM_FAILURE
+    assert "was prepare run?" in stage.stderr
+
+
+async def test_disallowed_profile_is_a_system_failure(gl_daemon: DaemonProcess,
+                                                      tmp_path: Path) -> None:
+    runner = Runner(gl_daemon, 508, tmp_path)
+    runner.env["CUSTOM_ENV_SNAPFLEET_PROFILE"] = "gpu"
+    done = runner.step("prepare")
+    assert done.returncode == SYSTEM_FAILURE
+    assert "profile 'gpu' is not allowed for GitLab jobs" in done.stderr
