@@ -5,7 +5,7 @@
 2. Jobs per minute the daemon sustains with trivial jobs.
 3. The daemon's RSS after 10 jobs and after 200 (growth would be a leak).
 
-    .venv/bin/python bench/daemon.py [--latency-runs 20] [--jobs 200] [--json]
+    .venv/bin/python -m bench.daemon [--latency-runs 20] [--jobs 200] [--json]
 """
 
 from __future__ import annotations
@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench._daemon import percentiles, running_daemon
 from runner.api.client import ApiClient
-
-
-def percentiles(samples: list[float]) -> dict[str, float | int]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
 
 
 def rss_mib(pid: int) -> float:
@@ -40,28 +27,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def write_config(root: Path, cache_dir: Path, concurrency: int) -> Path:
-    config = root / "config.toml"
-    config.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-cache_dir = "{cache_dir}"
-[net]
-egress = false
-[daemon]
-api_socket = "{root / 'api.sock'}"
-metrics_listen = ""
-shutdown_grace_s = 30
-[capacity]
-vcpus = {concurrency}
-max_concurrency = {concurrency}
-[profiles.default]
-[profiles.warm]
-warm = 2
-""")
-    return config
 
 
 async def first_output_ms(api: ApiClient, profile: str) -> float:
@@ -84,23 +49,9 @@ async def wait_all(api: ApiClient, ids: list[str]) -> None:
 
 
 async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="sf-bd-", dir="/tmp"))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(root / "notify"))
-    config = write_config(root, args.cache_dir, args.concurrency)
-    # The daemon runs for the whole bench; starting it blocks the loop for a moment only.
-    out = open(root / "daemon.log", "wb")  # noqa: SIM115, ASYNC230 (closed in finally)
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "runner.cli", "--config", str(config), "serve"],
-        env={"NOTIFY_SOCKET": str(root / "notify"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        stdout=out, stderr=subprocess.STDOUT,
-    )
-    try:
-        notify.settimeout(600)
-        while b"READY=1" not in notify.recv(4096):
-            pass
+    with running_daemon(args.cache_dir, args.concurrency, log) as (root, proc):
         async with ApiClient(root / "api.sock") as api:
-            log("warming up (first jobs build the snapshot if needed)")
+            log("warming up (the first job builds the snapshot if needed)")
             await first_output_ms(api, "default")
             await asyncio.sleep(3)  # let the pool fill
             warm, cold = [], []
@@ -119,14 +70,6 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             await wait_all(api, ids)
             elapsed = time.monotonic() - started
             rss_200 = rss_mib(proc.pid)
-    except BaseException:
-        log((root / "daemon.log").read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        out.close()
-        shutil.rmtree(root, ignore_errors=True)
     return {
         "queue_to_first_output_ms": {"warm_pool": percentiles(warm), "no_pool": percentiles(cold)},
         "jobs_per_minute": round((args.jobs - 10) / elapsed * 60, 1),

@@ -1,0 +1,74 @@
+"""Shared by the benches: run `snapfleet serve` in a scratch directory."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def percentiles(samples: list[float]) -> dict[str, float | int]:
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
+
+
+CONFIG = """
+[paths]
+state_dir = "{root}/state"
+cache_dir = "{cache_dir}"
+[net]
+egress = false
+[daemon]
+api_socket = "{root}/api.sock"
+metrics_listen = ""
+shutdown_grace_s = 30
+[capacity]
+vcpus = {concurrency}
+max_concurrency = {concurrency}
+[gitlab]
+allowed_profiles = ["default", "warm"]
+[profiles.default]
+[profiles.warm]
+warm = 2
+"""
+
+
+@contextlib.contextmanager
+def running_daemon(cache_dir: Path, concurrency: int, log: Callable[[str], None]
+                   ) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """Yields (scratch dir with config.toml and api.sock, the daemon process)."""
+    root = Path(tempfile.mkdtemp(prefix="sf-bd-", dir="/tmp"))
+    (root / "config.toml").write_text(
+        CONFIG.format(root=root, cache_dir=cache_dir, concurrency=concurrency)
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(root / "notify"))
+    with open(root / "daemon.log", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner.cli", "--config", str(root / "config.toml"), "serve"],
+            env={"NOTIFY_SOCKET": str(root / "notify"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            notify.settimeout(600)
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            yield root, proc
+        except BaseException:
+            log((root / "daemon.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+            notify.close()
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,419 @@
+"""A fake GitHub REST API: a real aiohttp server that checks every exchange against the spec.
+
+Each request must match a method and path template of GitHub's published
+OpenAPI description, with declared query parameters and a body that
+validates against the operation's request schema; each response the fake
+sends is validated against the schema for its status code. Mismatches are
+answered 400 and recorded in ``violations``; tests assert that list is empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import jwt
+from aiohttp import web
+
+SPECS = Path("/work/shared/specs")
+REST_SPEC = SPECS / "github-actions-runners.openapi.json"
+WEBHOOK_SPEC = SPECS / "github-workflow-job-webhooks.openapi.json"
+# GitHub answers these on any operation, documented or not (auth, gone, limits, outages).
+GENERIC_STATUSES = {401, 403, 404, 429, 500, 502, 503}
+BASIC_ERROR = {"type": "object", "properties": {"message": {"type": "string"}}}
+Json = dict[str, Any]
+
+
+def oas30_to_jsonschema(node: Any) -> Any:
+    """OpenAPI 3.0 schema → JSON Schema: ``nullable: true`` becomes a ``null`` type."""
+    if isinstance(node, list):
+        return [oas30_to_jsonschema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: oas30_to_jsonschema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+            if "enum" in out:
+                out["enum"] = [*out["enum"], None]
+        else:  # a nullable allOf/anyOf/oneOf
+            return {"anyOf": [{"type": "null"}, out]}
+    return out
+
+
+@cache
+def rest_spec() -> Json:
+    """The REST spec with schemas converted to JSON Schema (no ``$ref``s in this file)."""
+    spec: Json = json.loads(REST_SPEC.read_text())
+    converted: Json = oas30_to_jsonschema(spec)
+    return converted
+
+
+@cache
+def webhook_spec() -> Json:
+    """The webhook spec (OpenAPI 3.1: its schemas are JSON Schema already)."""
+    spec: Json = json.loads(WEBHOOK_SPEC.read_text())
+    return spec
+
+
+def schema_errors(instance: Any, schema: Json) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(instance)]
+
+
+def synthesize(schema: Json) -> Any:
+    """A small instance of ``schema``: required properties only, first choices, non-null."""
+    if "allOf" in schema:
+        merged: Json = {}
+        for part in schema["allOf"]:
+            value = synthesize(part)
+            if isinstance(value, dict):
+                merged.update(value)
+        return merged
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            options = [o for o in schema[key] if o.get("type") != "null"] or schema[key]
+            return synthesize(options[0])
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return next(v for v in schema["enum"] if v is not None)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next(k for k in kind if k != "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: synthesize(props.get(k, {"type": "string"})) for k in schema.get("required", [])}
+    if kind == "array":
+        return [synthesize(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
+    if kind == "string":
+        fmt = schema.get("format")
+        return {"date-time": "2024-05-01T12:00:00Z", "uri": "https://github.com/x"}.get(fmt, "x")
+    return {"integer": 1, "number": 1, "boolean": False}[kind]
+
+
+@dataclass
+class Operation:
+    method: str
+    template: str
+    spec: Json
+    pattern: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.template))
+        self.pattern = re.compile(f"^{regex}$")
+
+    def params(self, where: str) -> dict[str, Json]:
+        return {p["name"]: p for p in self.spec.get("parameters", []) if p["in"] == where}
+
+
+@cache
+def operations() -> list[Operation]:
+    ops = [
+        Operation(method.upper(), path, op)
+        for path, item in rest_spec()["paths"].items()
+        for method, op in item.items()
+    ]
+    # Literal segments first: ".../runners/downloads" is not runner "downloads".
+    return sorted(ops, key=lambda op: op.template.count("{"))
+
+
+def _coerce(raw: str, schema: Json) -> Any:
+    kind = schema.get("type")
+    if kind == "integer":
+        return int(raw) if re.fullmatch(r"-?\d+", raw) else raw
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(raw, raw)
+    return raw
+
+
+@dataclass
+class Fault:
+    """A canned answer for the next ``times`` requests matching ``method`` and ``path`` (regex)."""
+
+    method: str
+    path: str
+    status: int
+    headers: dict[str, str]
+    body: Json | None
+    times: int
+
+
+class Reply(Exception):  # noqa: N818 - control flow inside the fake, not an error
+    def __init__(self, status: int, body: Json | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+class FakeGitHub:
+    """State and behaviour of the endpoints Snapfleet uses; see ``violations`` and ``requests``."""
+
+    def __init__(self, *, prefix: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.prefix = prefix
+        self.clock = clock
+        self.violations: list[str] = []
+        self.requests: list[tuple[str, str]] = []
+        self.undocumented: list[str] = []
+        self.tokens: dict[str, float] = {}
+        self.apps: dict[int, tuple[str, bytes]] = {}
+        self.token_ttl_s = 3600.0
+        self.runners: dict[str, dict[int, Json]] = {}
+        self.runs: dict[str, list[Json]] = {}
+        self.jobs: dict[int, list[Json]] = {}
+        self.jit_configs: dict[int, str] = {}
+        self.faults: list[Fault] = []
+        self._ids = iter(range(1000, 10**9))
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}{self.prefix}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- state set-up for tests -------------------------------------------------
+
+    def add_token(self, token: str) -> None:
+        self.tokens[token] = float("inf")
+
+    def add_installation(self, installation_id: int, app_id: int, public_key_pem: bytes) -> None:
+        self.apps[installation_id] = (str(app_id), public_key_pem)
+
+    def add_runner(
+        self, scope: str, name: str, *, status: str = "online", busy: bool = False,
+        labels: tuple[str, ...] = ("self-hosted",),
+    ) -> int:
+        runner_id = next(self._ids)
+        self.runners.setdefault(scope, {})[runner_id] = {
+            "id": runner_id, "name": name, "os": "linux", "status": status, "busy": busy,
+            "ephemeral": True,
+            "labels": [{"id": i + 1, "name": n, "type": "custom"} for i, n in enumerate(labels)],
+        }
+        return runner_id
+
+    def add_job(
+        self, repo: str, labels: list[str], *, run_id: int | None = None,
+        run_status: str = "queued", job_status: str = "queued",
+    ) -> tuple[int, int]:
+        """A job (and its run, unless ``run_id`` names an existing one); returns both ids."""
+        example = _example("/repos/{owner}/{repo}/actions/runs", "get")["workflow_runs"][0]
+        if run_id is None:
+            run_id = next(self._ids)
+            run = copy.deepcopy(example)
+            run.update(id=run_id, status=run_status, conclusion=None)
+            run["repository"]["full_name"] = repo
+            self.runs.setdefault(repo, []).append(run)
+        job = copy.deepcopy(_example("/repos/{owner}/{repo}/actions/runs/{run_id}/jobs", "get")["jobs"][0])
+        job_id = next(self._ids)
+        job.update(
+            id=job_id, run_id=run_id, status=job_status, labels=labels, conclusion=None,
+            completed_at=None, runner_id=None, runner_name=None, runner_group_id=None,
+            runner_group_name=None, created_at="2024-05-01T12:00:00Z", steps=[],
+        )
+        self.jobs.setdefault(run_id, []).append(job)
+        return run_id, job_id
+
+    def inject(
+        self, method: str, path: str, status: int, *, headers: dict[str, str] | None = None,
+        body: Json | None = None, times: int = 1,
+    ) -> None:
+        """Answer the next ``times`` matching requests with ``status`` (after spec checks)."""
+        body = body if body is not None or status < 400 else {"message": f"injected {status}"}
+        self.faults.append(Fault(method, path, status, headers or {}, body, times))
+
+    # -- the server ---------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.requests.append((request.method, path))
+        op: Operation | None = None
+        try:
+            if not path.startswith(self.prefix + "/"):
+                raise self._violation(f"{path} is not under {self.prefix!r}")
+            op, params = self._match(request.method, path[len(self.prefix):])
+            body = await self._check_request(request, op)
+            self._fault(request.method, path[len(self.prefix):])
+            self._authenticate(request, op)
+            reply = self._dispatch(op, params, dict(request.query), body, request)
+        except Reply as exc:
+            reply = exc
+        if op is not None:
+            self._check_response(op, reply)
+        if reply.body is None:
+            return web.Response(status=reply.status, headers=reply.headers)
+        return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+
+    def _violation(self, text: str) -> Reply:
+        self.violations.append(text)
+        return Reply(400, {"message": f"spec violation: {text}"})
+
+    def _match(self, method: str, path: str) -> tuple[Operation, dict[str, Any]]:
+        for op in operations():
+            found = op.pattern.match(path)
+            if found and op.method == method:
+                declared = op.params("path")
+                params = {k: _coerce(v, declared[k]["schema"]) for k, v in found.groupdict().items()}
+                for name, value in params.items():
+                    if errors := schema_errors(value, declared[name]["schema"]):
+                        raise self._violation(f"{method} {op.template}: path {name}: {errors}")
+                return op, params
+        raise self._violation(f"{method} {path} is not in the spec")
+
+    async def _check_request(self, request: web.Request, op: Operation) -> Any:
+        where = f"{op.method} {op.template}"
+        wanted = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
+        for name, value in wanted.items():
+            if request.headers.get(name) != value:
+                raise self._violation(f"{where}: header {name} is {request.headers.get(name)!r}")
+        if not request.headers.get("User-Agent", "").startswith("snapfleet/"):
+            raise self._violation(f"{where}: User-Agent {request.headers.get('User-Agent')!r}")
+        declared = op.params("query")
+        for name, raw in request.query.items():
+            if name not in declared:
+                raise self._violation(f"{where}: query parameter {name} is not declared")
+            if errors := schema_errors(_coerce(raw, declared[name]["schema"]), declared[name]["schema"]):
+                raise self._violation(f"{where}: query {name}: {errors}")
+        raw_body = await request.read()
+        spec_body = op.spec.get("requestBody")
+        if spec_body is None:
+            if raw_body:
+                raise self._violation(f"{where}: takes no body")
+            return None
+        if not raw_body:
+            if spec_body.get("required"):
+                raise self._violation(f"{where}: body is required")
+            return None
+        try:
+            body = json.loads(raw_body)
+        except json.JSONDecodeError:
+            raise self._violation(f"{where}: body is not JSON") from None
+        if errors := schema_errors(body, spec_body["content"]["application/json"]["schema"]):
+            raise self._violation(f"{where}: body: {errors}")
+        return body
+
+    def _check_response(self, op: Operation, reply: Reply) -> None:
+        if reply.status == 400 and reply.body and "spec violation" in str(reply.body):
+            return
+        where = f"{op.method} {op.template} -> {reply.status}"
+        documented = op.spec["responses"].get(str(reply.status))
+        if documented is None:
+            if reply.status not in GENERIC_STATUSES:
+                self.violations.append(f"{where}: status not in the spec")
+                return
+            self.undocumented.append(where)
+            documented = {"content": {"application/json": {"schema": BASIC_ERROR}}}
+        content = documented.get("content")
+        if content is None:
+            if reply.body is not None:
+                self.violations.append(f"{where}: spec says no body")
+            return
+        if errors := schema_errors(reply.body, content["application/json"]["schema"]):
+            self.violations.append(f"{where}: response: {errors}")
+
+    def _fault(self, method: str, path: str) -> None:
+        for fault in self.faults:
+            if fault.times > 0 and fault.method == method and re.fullmatch(fault.path, path):
+                fault.times -= 1
+                raise Reply(fault.status, fault.body, fault.headers)
+
+    def _authenticate(self, request: web.Request, op: Operation) -> None:
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer":
+            raise Reply(401, {"message": "Requires authentication"})
+        if op.template.startswith("/app/"):
+            installation = int(request.match_info["tail"].split("/")[-2])
+            app_id, public_key = self.apps.get(installation, ("", b""))
+            try:
+                claims = jwt.decode(credential, public_key, algorithms=["RS256"], issuer=app_id)
+            except (jwt.PyJWTError, ValueError):
+                raise Reply(401, {"message": "A JSON web token could not be decoded"}) from None
+            now = self.clock()
+            if not claims["iat"] <= now < claims["exp"] or claims["exp"] - claims["iat"] > 600:
+                raise Reply(401, {"message": "'Expiration time' claim ('exp') is too far"})
+            return
+        if self.tokens.get(credential, 0.0) <= self.clock():
+            raise Reply(401, {"message": "Bad credentials"})
+
+    # -- endpoints ----------------------------------------------------------------
+
+    def _dispatch(
+        self, op: Operation, params: dict[str, Any], query: dict[str, str], body: Any,
+        request: web.Request,
+    ) -> Reply:
+        scope = f"{params['owner']}/{params['repo']}" if "repo" in params else params.get("org", "")
+        name = op.spec["operationId"]
+        if name == "apps/create-installation-access-token":
+            token = "ghs_" + secrets.token_hex(16)
+            self.tokens[token] = self.clock() + self.token_ttl_s
+            expires = datetime.fromtimestamp(self.tokens[token], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return Reply(201, {"token": token, "expires_at": expires})
+        if name.startswith("actions/generate-runner-jitconfig"):
+            if any(r["name"] == body["name"] for r in self.runners.get(scope, {}).values()):
+                return Reply(409, {"message": "Already exists - A runner with the name already exists."})
+            runner_id = self.add_runner(scope, body["name"], status="offline", labels=tuple(body["labels"]))
+            runner = self.runners[scope][runner_id]
+            runner["runner_group_id"] = body["runner_group_id"]
+            blob = {"runner_id": runner_id, "secret": secrets.token_hex(16), "work": body.get("work_folder")}
+            config = base64.b64encode(json.dumps(blob).encode()).decode()
+            self.jit_configs[runner_id] = config
+            return Reply(201, {"runner": runner, "encoded_jit_config": config})
+        if name.startswith("actions/list-self-hosted-runners-for"):
+            items = [r for r in self.runners.get(scope, {}).values() if query.get("name") in (None, r["name"])]
+            return self._page(request, query, "runners", items)
+        if name.startswith("actions/delete-self-hosted-runner-from"):
+            runner = self.runners.get(scope, {}).get(params["runner_id"])
+            if runner is None:
+                return Reply(404, {"message": "Not Found"})
+            if runner["busy"]:
+                return Reply(422, {"message": "Bad request - Runner is still running a job",
+                                   "documentation_url": "https://docs.github.com/rest"})
+            del self.runners[scope][params["runner_id"]]
+            return Reply(204)
+        if name == "actions/list-workflow-runs-for-repo":
+            runs = [r for r in self.runs.get(scope, []) if query.get("status") in (None, r["status"])]
+            return self._page(request, query, "workflow_runs", runs)
+        if name == "actions/list-jobs-for-workflow-run":
+            return self._page(request, query, "jobs", self.jobs.get(params["run_id"], []))
+        return Reply(501, {"message": f"the fake does not implement {name}"})
+
+    def _page(self, request: web.Request, query: dict[str, str], key: str, items: list[Json]) -> Reply:
+        per_page, page = int(query.get("per_page", 30)), int(query.get("page", 1))
+        chunk = items[(page - 1) * per_page : page * per_page]
+        headers = {}
+        if page * per_page < len(items):
+            # Like GitHub: absolute URLs that keep the original query.
+            next_url = request.url.update_query(page=page + 1)
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        return Reply(200, {"total_count": len(items), key: chunk}, headers)
+
+
+def _example(path: str, method: str) -> Json:
+    response = rest_spec()["paths"][path][method]["responses"]["200"]
+    value: Json = response["content"]["application/json"]["examples"]["default"]["value"]
+    return value
+
+
+def iter_webhook_schemas() -> Iterator[tuple[str, Json]]:
+    for name, item in webhook_spec()["webhooks"].items():
+        yield name, item["post"]["requestBody"]["content"]["application/json"]["schema"]
