@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -25,10 +25,15 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
 
 
 def configure_logging(
-    level: str = "info", *, stream: TextIO | None = None, json: bool | None = None
+    level: str = "info", *, stream: Literal["stdout", "stderr"] = "stderr", json: bool | None = None
 ) -> None:
-    """Configure structlog for the whole process."""
-    out = stream or sys.stderr
+    """Configure structlog for the whole process.
+
+    The stream is looked up at each call, not captured here: a logger must never
+    hold on to a file object that someone else may close (and then fail the
+    code that merely wanted to log).
+    """
+    out: TextIO = getattr(sys, stream)
     as_json = (not out.isatty()) if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -45,6 +50,6 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_args: structlog.PrintLogger(file=getattr(sys, stream)),
         cache_logger_on_first_use=False,
     )

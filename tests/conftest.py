@@ -8,8 +8,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,12 +36,15 @@ def qemu_processes(marker: str) -> list[int]:
     return pids
 
 
-def leftovers(state_dir: Path) -> dict[str, list[str]]:
-    """Everything Snapfleet makes per VM that still exists."""
+def leftovers(state_dir: Path, live: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+    """Everything Snapfleet makes per VM that still exists, except the ``live`` VMs
+    (an engine's ``hypervisor.live``: e.g. a warm pool's machines)."""
+    keep = set(live or {})
+    keep_pids = {str(getattr(m, "pid", "")) for m in (live or {}).values()}
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     vms = state_dir / "vms"
-    return {
+    found = {
         "qemu": [str(p) for p in qemu_processes(str(state_dir))],
         "netns": [line.split()[0] for line in netns.splitlines() if line.startswith("sf-")],
         "veth": [
@@ -50,6 +54,11 @@ def leftovers(state_dir: Path) -> dict[str, list[str]]:
         ],
         "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
     }
+    found["qemu"] = [p for p in found["qemu"] if p not in keep_pids]
+    for kind in ("netns", "veth"):
+        found[kind] = [n for n in found[kind] if n.split("-", 1)[1] not in keep]
+    found["vm_dirs"] = [d for d in found["vm_dirs"] if d not in keep]
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs in the dev extras
 import jwt
 from aiohttp import web
 
@@ -69,7 +69,10 @@ def webhook_spec() -> Json:
 
 def schema_errors(instance: Any, schema: Json) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(instance)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(instance)
+    ]
 
 
 def synthesize(schema: Json) -> Any:
@@ -98,8 +101,8 @@ def synthesize(schema: Json) -> Any:
     if kind == "array":
         return [synthesize(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
     if kind == "string":
-        fmt = schema.get("format")
-        return {"date-time": "2024-05-01T12:00:00Z", "uri": "https://github.com/x"}.get(fmt, "x")
+        samples = {"date-time": "2024-05-01T12:00:00Z", "uri": "https://github.com/x"}
+        return samples.get(str(schema.get("format")), "x")
     return {"integer": 1, "number": 1, "boolean": False}[kind]
 
 
@@ -150,8 +153,10 @@ class Fault:
     times: int
 
 
-class Reply(Exception):  # noqa: N818 - control flow inside the fake, not an error
-    def __init__(self, status: int, body: Json | None = None, headers: dict[str, str] | None = None):
+class Reply(Exception):
+    def __init__(
+        self, status: int, body: Json | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(status)
         self.status, self.body, self.headers = status, body, headers or {}
 
@@ -201,20 +206,34 @@ class FakeGitHub:
         self.apps[installation_id] = (str(app_id), public_key_pem)
 
     def add_runner(
-        self, scope: str, name: str, *, status: str = "online", busy: bool = False,
+        self,
+        scope: str,
+        name: str,
+        *,
+        status: str = "online",
+        busy: bool = False,
         labels: tuple[str, ...] = ("self-hosted",),
     ) -> int:
         runner_id = next(self._ids)
         self.runners.setdefault(scope, {})[runner_id] = {
-            "id": runner_id, "name": name, "os": "linux", "status": status, "busy": busy,
+            "id": runner_id,
+            "name": name,
+            "os": "linux",
+            "status": status,
+            "busy": busy,
             "ephemeral": True,
             "labels": [{"id": i + 1, "name": n, "type": "custom"} for i, n in enumerate(labels)],
         }
         return runner_id
 
     def add_job(
-        self, repo: str, labels: list[str], *, run_id: int | None = None,
-        run_status: str = "queued", job_status: str = "queued",
+        self,
+        repo: str,
+        labels: list[str],
+        *,
+        run_id: int | None = None,
+        run_status: str = "queued",
+        job_status: str = "queued",
     ) -> tuple[int, int]:
         """A job (and its run, unless ``run_id`` names an existing one); returns both ids."""
         example = _example("/repos/{owner}/{repo}/actions/runs", "get")["workflow_runs"][0]
@@ -224,22 +243,40 @@ class FakeGitHub:
             run.update(id=run_id, status=run_status, conclusion=None)
             run["repository"]["full_name"] = repo
             self.runs.setdefault(repo, []).append(run)
-        job = copy.deepcopy(_example("/repos/{owner}/{repo}/actions/runs/{run_id}/jobs", "get")["jobs"][0])
+        job = copy.deepcopy(
+            _example("/repos/{owner}/{repo}/actions/runs/{run_id}/jobs", "get")["jobs"][0]
+        )
         job_id = next(self._ids)
         job.update(
-            id=job_id, run_id=run_id, status=job_status, labels=labels, conclusion=None,
-            completed_at=None, runner_id=None, runner_name=None, runner_group_id=None,
-            runner_group_name=None, created_at="2024-05-01T12:00:00Z", steps=[],
+            id=job_id,
+            run_id=run_id,
+            status=job_status,
+            labels=labels,
+            conclusion=None,
+            completed_at=None,
+            runner_id=None,
+            runner_name=None,
+            runner_group_id=None,
+            runner_group_name=None,
+            created_at="2024-05-01T12:00:00Z",
+            steps=[],
         )
         self.jobs.setdefault(run_id, []).append(job)
         return run_id, job_id
 
     def inject(
-        self, method: str, path: str, status: int, *, headers: dict[str, str] | None = None,
-        body: Json | None = None, times: int = 1,
+        self,
+        method: str,
+        path: str,
+        status: int,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Json | None = None,
+        times: int = 1,
     ) -> None:
         """Answer the next ``times`` matching requests with ``status`` (after spec checks)."""
-        body = body if body is not None or status < 400 else {"message": f"injected {status}"}
+        if body is None and status >= 400:
+            body = {"message": f"injected {status}"}
         self.faults.append(Fault(method, path, status, headers or {}, body, times))
 
     # -- the server ---------------------------------------------------------------
@@ -251,9 +288,9 @@ class FakeGitHub:
         try:
             if not path.startswith(self.prefix + "/"):
                 raise self._violation(f"{path} is not under {self.prefix!r}")
-            op, params = self._match(request.method, path[len(self.prefix):])
+            op, params = self._match(request.method, path[len(self.prefix) :])
             body = await self._check_request(request, op)
-            self._fault(request.method, path[len(self.prefix):])
+            self._fault(request.method, path[len(self.prefix) :])
             self._authenticate(request, op)
             reply = self._dispatch(op, params, dict(request.query), body, request)
         except Reply as exc:
@@ -273,7 +310,9 @@ class FakeGitHub:
             found = op.pattern.match(path)
             if found and op.method == method:
                 declared = op.params("path")
-                params = {k: _coerce(v, declared[k]["schema"]) for k, v in found.groupdict().items()}
+                params = {
+                    k: _coerce(v, declared[k]["schema"]) for k, v in found.groupdict().items()
+                }
                 for name, value in params.items():
                     if errors := schema_errors(value, declared[name]["schema"]):
                         raise self._violation(f"{method} {op.template}: path {name}: {errors}")
@@ -292,7 +331,9 @@ class FakeGitHub:
         for name, raw in request.query.items():
             if name not in declared:
                 raise self._violation(f"{where}: query parameter {name} is not declared")
-            if errors := schema_errors(_coerce(raw, declared[name]["schema"]), declared[name]["schema"]):
+            if errors := schema_errors(
+                _coerce(raw, declared[name]["schema"]), declared[name]["schema"]
+            ):
                 raise self._violation(f"{where}: query {name}: {errors}")
         raw_body = await request.read()
         spec_body = op.spec.get("requestBody")
@@ -345,7 +386,14 @@ class FakeGitHub:
             installation = int(request.match_info["tail"].split("/")[-2])
             app_id, public_key = self.apps.get(installation, ("", b""))
             try:
-                claims = jwt.decode(credential, public_key, algorithms=["RS256"], issuer=app_id)
+                # Times are checked below against the fake's clock, not the real one.
+                claims = jwt.decode(
+                    credential,
+                    public_key,
+                    algorithms=["RS256"],
+                    issuer=app_id,
+                    options={"verify_exp": False, "verify_iat": False, "require": ["iat", "exp"]},
+                )
             except (jwt.PyJWTError, ValueError):
                 raise Reply(401, {"message": "A JSON web token could not be decoded"}) from None
             now = self.clock()
@@ -358,7 +406,11 @@ class FakeGitHub:
     # -- endpoints ----------------------------------------------------------------
 
     def _dispatch(
-        self, op: Operation, params: dict[str, Any], query: dict[str, str], body: Any,
+        self,
+        op: Operation,
+        params: dict[str, Any],
+        query: dict[str, str],
+        body: Any,
         request: web.Request,
     ) -> Reply:
         scope = f"{params['owner']}/{params['repo']}" if "repo" in params else params.get("org", "")
@@ -370,34 +422,55 @@ class FakeGitHub:
             return Reply(201, {"token": token, "expires_at": expires})
         if name.startswith("actions/generate-runner-jitconfig"):
             if any(r["name"] == body["name"] for r in self.runners.get(scope, {}).values()):
-                return Reply(409, {"message": "Already exists - A runner with the name already exists."})
-            runner_id = self.add_runner(scope, body["name"], status="offline", labels=tuple(body["labels"]))
+                return Reply(
+                    409, {"message": "Already exists - A runner with the name already exists."}
+                )
+            runner_id = self.add_runner(
+                scope, body["name"], status="offline", labels=tuple(body["labels"])
+            )
             runner = self.runners[scope][runner_id]
             runner["runner_group_id"] = body["runner_group_id"]
-            blob = {"runner_id": runner_id, "secret": secrets.token_hex(16), "work": body.get("work_folder")}
+            blob = {
+                "runner_id": runner_id,
+                "secret": secrets.token_hex(16),
+                "work": body.get("work_folder"),
+            }
             config = base64.b64encode(json.dumps(blob).encode()).decode()
             self.jit_configs[runner_id] = config
             return Reply(201, {"runner": runner, "encoded_jit_config": config})
         if name.startswith("actions/list-self-hosted-runners-for"):
-            items = [r for r in self.runners.get(scope, {}).values() if query.get("name") in (None, r["name"])]
+            items = [
+                r
+                for r in self.runners.get(scope, {}).values()
+                if query.get("name") in (None, r["name"])
+            ]
             return self._page(request, query, "runners", items)
         if name.startswith("actions/delete-self-hosted-runner-from"):
-            runner = self.runners.get(scope, {}).get(params["runner_id"])
-            if runner is None:
+            found = self.runners.get(scope, {}).get(params["runner_id"])
+            if found is None:
                 return Reply(404, {"message": "Not Found"})
-            if runner["busy"]:
-                return Reply(422, {"message": "Bad request - Runner is still running a job",
-                                   "documentation_url": "https://docs.github.com/rest"})
+            if found["busy"]:
+                return Reply(
+                    422,
+                    {
+                        "message": "Bad request - Runner is still running a job",
+                        "documentation_url": "https://docs.github.com/rest",
+                    },
+                )
             del self.runners[scope][params["runner_id"]]
             return Reply(204)
         if name == "actions/list-workflow-runs-for-repo":
-            runs = [r for r in self.runs.get(scope, []) if query.get("status") in (None, r["status"])]
+            runs = [
+                r for r in self.runs.get(scope, []) if query.get("status") in (None, r["status"])
+            ]
             return self._page(request, query, "workflow_runs", runs)
         if name == "actions/list-jobs-for-workflow-run":
             return self._page(request, query, "jobs", self.jobs.get(params["run_id"], []))
         return Reply(501, {"message": f"the fake does not implement {name}"})
 
-    def _page(self, request: web.Request, query: dict[str, str], key: str, items: list[Json]) -> Reply:
+    def _page(
+        self, request: web.Request, query: dict[str, str], key: str, items: list[Json]
+    ) -> Reply:
         per_page, page = int(query.get("per_page", 30)), int(query.get("page", 1))
         chunk = items[(page - 1) * per_page : page * per_page]
         headers = {}

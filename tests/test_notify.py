@@ -163,8 +163,8 @@ async def test_watchdog_loop_pings_at_half_the_interval(
     try:
         await asyncio.sleep(0.55)
         pings = fake.received()
-        # 0.1 s apart: five in 0.55 s, give or take one for scheduling jitter.
-        assert 4 <= len(pings) <= 6
+        # 0.1 s apart: five in 0.55 s, give or take for scheduling jitter on a busy loop.
+        assert 3 <= len(pings) <= 7
         assert set(pings) == {b"WATCHDOG=1"}
 
         healthy = False
@@ -174,8 +174,12 @@ async def test_watchdog_loop_pings_at_half_the_interval(
         assert fake.received() == []
 
         healthy = True
-        await asyncio.sleep(0.25)
-        assert len(fake.received()) >= 1
+        for _ in range(40):  # pings resume (allow for a loop busy with other tests' VMs)
+            await asyncio.sleep(0.05)
+            if fake.received():
+                break
+        else:
+            pytest.fail("watchdog pings did not resume once healthy again")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

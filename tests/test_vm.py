@@ -15,7 +15,7 @@ from runner.engine import Command, Engine, RunResult
 from runner.errors import VMDied
 from runner.snapshots import Snapshot
 from runner.vm.backend import VMState
-from tests.conftest import leftovers, qemu_processes
+from tests.conftest import leftovers
 
 pytestmark = pytest.mark.vm
 
@@ -159,10 +159,11 @@ async def test_killing_qemu_mid_job_is_a_clear_system_error_and_leaves_nothing(
 
     def kill_on_first_output(stream: str, data: bytes) -> None:
         if not killed:
-            pids = qemu_processes(str(state_dir))
-            assert len(pids) == 1
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
+            running = [m.pid for m in engine.hypervisor.live.values()
+                       if m.state is VMState.READY and m.pid is not None]
+            assert len(running) == 1
+            os.kill(running[0], signal.SIGKILL)
+            killed.append(running[0])
 
     with pytest.raises(VMDied, match="VMM exited with status -9") as info:
         await engine.run(
@@ -173,7 +174,7 @@ async def test_killing_qemu_mid_job_is_a_clear_system_error_and_leaves_nothing(
         )
     assert info.value.returncode == -9
     assert killed
-    assert not any(leftovers(state_dir).values())
+    assert not any(leftovers(state_dir, engine.hypervisor.live).values())
 
 
 async def test_destroyed_vm_refuses_exec(engine: Engine, snapshot: Snapshot) -> None:
@@ -195,4 +196,4 @@ async def test_eight_clones_at_once(engine: Engine, snapshot: Snapshot, state_di
     assert all(result.exit_code == 0 for _, result in runs), outputs
     assert len({o.split()[0] for o in outputs}) == 8  # eight different VMs
     assert len({o.split()[1] for o in outputs}) == 8  # eight different entropy pools
-    assert not any(leftovers(state_dir).values())
+    assert not any(leftovers(state_dir, engine.hypervisor.live).values())

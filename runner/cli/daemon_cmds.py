@@ -25,7 +25,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     # JSON lines to stdout for journald (console output on a terminal).
-    configure_logging(args.log_level if args.log_level != "warning" else "info", stream=sys.stdout)
+    configure_logging(args.log_level if args.log_level != "warning" else "info", stream="stdout")
     await Daemon(settings).serve()
     return 0
 

@@ -171,8 +171,10 @@ class Transport:
     async def _wait(self, delay: float, waited: float, what: str, status: int | None) -> float:
         if waited + delay > self._retry.max_wait_s:
             raise ForgeUnavailable(
-                f"{what}: rate limited for {delay:.0f} s more", forge=FORGE,
-                status=status, retry_after=delay,
+                f"{what}: rate limited for {delay:.0f} s more",
+                forge=FORGE,
+                status=status,
+                retry_after=delay,
             )
         await self._sleep(delay)
         return waited + delay

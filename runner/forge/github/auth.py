@@ -130,7 +130,8 @@ class AppCredentials:
                 raise ForgeAuthError(
                     f"GitHub App {self.app_id} cannot get a token for installation "
                     f"{self.installation_id}: {exc}",
-                    forge=FORGE, status=exc.status,
+                    forge=FORGE,
+                    status=exc.status,
                 ) from exc
             raise
         self.fetches += 1

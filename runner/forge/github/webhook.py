@@ -183,7 +183,7 @@ class _Fields:
 
     def labels(self, key: str) -> tuple[str, ...]:
         value = self._get(key)
-        # workflow_job.completed allows null items; they carry no routing meaning.
+        # One allOf branch of the completed schema allows null items; they route nothing.
         if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
             raise self._fail(key, "expected a list of strings")
         return tuple(v for v in value if v is not None)
