@@ -7,6 +7,7 @@ deeper reads settings. Environment variables use ``__`` for nesting, e.g.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic_settings import (
 )
 
 from runner.errors import ConfigError
+from runner.forge.github.config import GitHubConfig
 
 Accel = Literal["auto", "kvm", "tcg"]
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
@@ -149,6 +151,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SNAPFLEET_",
         env_nested_delimiter="__",
+        secrets_nested_delimiter="__",
         extra="forbid",
         frozen=True,
     )
@@ -159,6 +162,8 @@ class Settings(BaseSettings):
     capacity: CapacitySettings = CapacitySettings()
     daemon: DaemonSettings = DaemonSettings()
     gitlab: GitLabSettings = GitLabSettings()
+    github: GitHubConfig | None = None
+    """GitHub Actions JIT runners; unset = off."""
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
     default_profile: str = "default"
 
@@ -213,8 +218,12 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         _check_toml(path)
 
+    # Secrets as files: systemd's LoadCredential= puts them in $CREDENTIALS_DIRECTORY,
+    # one file per key, e.g. `github__webhook_secret`.
+    secrets = os.environ.get("CREDENTIALS_DIRECTORY")
+
     class _FromFile(Settings):
-        model_config = SettingsConfigDict(toml_file=path)
+        model_config = SettingsConfigDict(toml_file=path, secrets_dir=secrets)
 
     try:
         return Settings.model_validate(_FromFile(**overrides).model_dump())

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -38,12 +38,18 @@ from runner.service.scheduler import (
 )
 from runner.service.store import Store
 
+if TYPE_CHECKING:
+    from runner.forge.github.source import GitHubSource
+
 log = structlog.get_logger("snapfleet.daemon")
 
 
 def _progress_logger(profile: str) -> Callable[[str], None]:
     bound = log.bind(profile=profile)
     return lambda step: bound.info("warm pool", step=step)
+
+
+RESTART_REASON = "the daemon restarted before this job started; its forge will retry"
 
 
 class Draining(SnapfleetError):
@@ -67,6 +73,7 @@ class Daemon:
         self.queue: list[str] = []  # FIFO of queued job ids
         self.tasks: dict[str, asyncio.Task[None]] = {}  # running jobs
         self.leases: dict[str, Lease] = {}  # by key
+        self.listeners: list[Callable[[Job], None]] = []  # told when a job ends
         self._lease_jobs: dict[str, Lease] = {}  # by job id
         self.accepting = False
         self.stopping = asyncio.Event()
@@ -106,14 +113,24 @@ class Daemon:
 
         await self.reconcile(startup=True)
         for job in await self.store.jobs(states=[JobState.QUEUED], limit=100_000):
+            if job.source != "local":
+                # A GitLab lease or GitHub runner depended on memory the old daemon took
+                # with it (its driver, its JIT config); the forge side starts anew.
+                await self.store.transition(job, JobState.SYSTEM_FAILURE,
+                                            reason=RESTART_REASON)
+                continue
             self.jobs[job.id] = job
             self.queue.append(job.id)
         self.accepting = True
-        async with (
-            serve_api(self, self.settings.daemon.api_socket, self.settings.daemon.api_group),
-            serve_metrics(self.metrics, self.settings.daemon.metrics_listen,
-                          group=self.settings.daemon.api_group),
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                serve_api(self, self.settings.daemon.api_socket, self.settings.daemon.api_group)
+            )
+            await stack.enter_async_context(serve_metrics(
+                self.metrics, self.settings.daemon.metrics_listen,
+                group=self.settings.daemon.api_group,
+            ))
+            github = await self._github(stack)
             self._update_gauges()
             self.notifier.ready(f"serving; {len(self.queue)} queued")
             log.info("ready", capacity=self.total, queued=len(self.queue))
@@ -123,11 +140,28 @@ class Daemon:
                     group.create_task(self._reconcile_loop(), name="reconcile"),
                     group.create_task(watchdog_loop(self.notifier, self._healthy), name="watchdog"),
                 ]
+                if github is not None:
+                    background.append(group.create_task(github.run(), name="github"))
                 await self._schedule_loop()
                 await self._drain()
                 for task in background:
                     task.cancel()
         log.info("stopped")
+
+    async def _github(self, stack: contextlib.AsyncExitStack) -> GitHubSource | None:
+        """The GitHub source (client, webhook listener) when configured."""
+        from runner.forge.github.api import GitHubClient
+        from runner.forge.github.source import GitHubSource, serve_webhooks
+
+        config = self.settings.github
+        if config is None:
+            return None
+        client = await stack.enter_async_context(GitHubClient.from_config(config))
+        source = GitHubSource(config, self, client)
+        if config.webhook_secret is not None:
+            where = await stack.enter_async_context(serve_webhooks(source, config.webhook_listen))
+            log.info("serving GitHub webhooks", listen=where)
+        return source
 
     async def _warm_pools(self) -> None:
         """Start each profile's warm pool (after READY: a first snapshot can take minutes)."""
@@ -148,7 +182,9 @@ class Daemon:
 
     # -- jobs -----------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec, *, source: str = "local") -> Job:
+    async def submit(
+        self, spec: JobSpec, *, source: str = "local", secret_env: dict[str, str] | None = None
+    ) -> Job:
         """Queue a job; ConfigError (with the reason) if no profile can run it."""
         if not self.accepting:
             raise Draining("the daemon is shutting down and takes no new jobs")
@@ -160,7 +196,8 @@ class Daemon:
         except ConfigError:
             self.metrics.job_finished("refused")
             raise
-        job = Job(id=new_job_id(), spec=spec, profile=profile_name, source=source)
+        job = Job(id=new_job_id(), spec=spec, profile=profile_name, source=source,
+                  secret_env=dict(secret_env or {}))
         await self.store.add_job(job)
         self.jobs[job.id] = job
         self.queue.append(job.id)
@@ -296,6 +333,8 @@ class Daemon:
                 log_bytes=job.log_bytes,
             )
         self.jobs.pop(job.id, None)
+        for listener in self.listeners:
+            listener(job)
         self.metrics.job_finished(outcome.metric)
         if outcome.restore_s is not None:
             self.metrics.observe_restore(outcome.restore_s, warm=outcome.warm)

@@ -106,6 +106,9 @@ class Job:
     reason: str | None = None
     vm_id: str | None = None
     log_bytes: int = 0
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Environment that exists only in this process's memory (e.g. a runner's JIT
+    config): never stored, shown or logged, handed to the guest over the agent."""
 
     def public(self) -> dict[str, Any]:
         """What the API shows: everything but the environment's values."""

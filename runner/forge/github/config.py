@@ -41,6 +41,12 @@ class GitHubConfig(BaseModel):
     """Tries per request (5xx, connection errors, rate limits)."""
     max_wait_s: Annotated[float, Field(ge=0)] = 120.0
     """Total time one request may spend waiting between tries."""
+    webhook_listen: str = "127.0.0.1:8089"
+    """Where `POST /webhooks/github` is served (`host:port`); put a TLS proxy in front."""
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    """How often queued jobs, runners and VMs are compared (webhooks get lost)."""
+    host: str | None = None
+    """Host part of runner names (default: this machine's hostname)."""
 
     @model_validator(mode="after")
     def _one_way_to_authenticate(self) -> GitHubConfig:

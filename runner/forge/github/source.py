@@ -1,0 +1,268 @@
+"""GitHub Actions as a job source: webhooks in, ephemeral JIT runners in VMs out.
+
+The webhook only records what it heard and wakes the reconcile loop; the
+loop (also run every ``reconcile_interval_s``, since GitHub never redelivers)
+lists queued jobs and our runners, lets the pure ``reconcile.plan`` decide,
+and does what it says: start runner VMs, delete dead registrations, destroy
+VMs whose runner never took a job. A runner's JIT config lives only in memory
+and reaches the guest through the agent; it is never stored or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from runner.errors import (
+    ConfigError,
+    ForgeError,
+    SnapfleetError,
+    WebhookError,
+    WebhookSignatureError,
+)
+from runner.forge.github import reconcile
+from runner.forge.github.api import GitHubClient
+from runner.forge.github.config import GitHubConfig
+from runner.forge.github.types import Runner, Scope
+from runner.forge.github.webhook import (
+    DeliveryDedupe,
+    Ping,
+    WorkflowJobEvent,
+    parse_event,
+    verify_signature,
+)
+from runner.service.jobs import Job, JobSpec
+from runner.service.scheduler import choose_profile
+
+if TYPE_CHECKING:
+    from runner.service.daemon import Daemon
+
+log = structlog.get_logger("snapfleet.github")
+RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
+JIT_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+
+
+@dataclass
+class RunnerVM:
+    """One JIT runner we registered and the daemon job whose VM runs it."""
+
+    name: str
+    scope: Scope
+    profile: str
+    registered_at: float
+    runner_id: int | None = None
+    job_id: str | None = None
+    took_job: bool = False
+
+
+class GitHubSource:
+    """Turns queued GitHub jobs into runner VMs on this host."""
+
+    def __init__(self, config: GitHubConfig, daemon: Daemon, client: GitHubClient) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.client = client
+        self.prefix = reconcile.runner_prefix(
+            config.runner_name_prefix, config.host or socket.gethostname()
+        )
+        self.scopes = [Scope.parse(s) for s in config.scopes]
+        self.queued: dict[int, tuple[Scope, str]] = {}  # GitHub job id → (scope, profile)
+        self.runners: dict[str, RunnerVM] = {}  # by runner name
+        self.dedupe = DeliveryDedupe()
+        self._unserved: set[tuple[str, ...]] = set()
+        self._wake = asyncio.Event()
+        daemon.listeners.append(self._job_ended)
+
+    # -- webhook --------------------------------------------------------------
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        """`POST /webhooks/github`: verify, dedupe, record, answer at once."""
+        body = await request.read()
+        secret = self.config.webhook_secret
+        try:
+            if secret is None:
+                raise WebhookSignatureError("webhooks are not configured", forge="github")
+            verify_signature(
+                secret.get_secret_value().encode(), body,
+                request.headers.get("X-Hub-Signature-256"),
+            )
+        except WebhookSignatureError:
+            return web.json_response({"error": "bad or missing signature"}, status=401)
+        delivery = request.headers.get("X-GitHub-Delivery", "")
+        if self.dedupe.seen(delivery):
+            return web.json_response({"duplicate": True})
+        try:
+            event = parse_event(request.headers.get("X-GitHub-Event", ""), delivery, body)
+        except WebhookError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if isinstance(event, Ping):
+            return web.json_response({"pong": True})
+        if isinstance(event, WorkflowJobEvent):
+            self.on_event(event)
+            return web.json_response({"accepted": True}, status=202)
+        return web.json_response({"ignored": True})
+
+    def on_event(self, event: WorkflowJobEvent) -> None:
+        """Record a workflow_job event (no I/O); queued ones wake the loop."""
+        bound = log.bind(github_job=event.job_id, repo=event.repo, forge="github")
+        if event.action == "queued":
+            routed = self._route(event.repo, event.labels)
+            if routed is not None:
+                self.queued[event.job_id] = routed
+                self._wake.set()
+        elif event.action in ("in_progress", "completed"):
+            self.queued.pop(event.job_id, None)
+            runner = self.runners.get(event.runner_name or "")
+            if runner is not None:
+                runner.took_job = True
+            bound.info(f"job {event.action}", runner=event.runner_name,
+                       conclusion=event.conclusion)
+
+    def _route(self, repo: str, labels: tuple[str, ...] | list[str]) -> tuple[Scope, str] | None:
+        scope = self._scope_for(repo)
+        if scope is None:
+            return None
+        try:
+            profile = choose_profile(self.daemon.settings, None, list(labels))
+        except ConfigError:
+            key = tuple(sorted(labels))
+            if key not in self._unserved:  # log each unserved label set once
+                self._unserved.add(key)
+                log.info("ignoring jobs with labels no profile serves", labels=list(key))
+            return None
+        return scope, profile
+
+    def _scope_for(self, repo: str) -> Scope | None:
+        owner = repo.split("/")[0]
+        for scope in self.scopes:
+            if (scope.kind == "repo" and f"{scope.owner}/{scope.repo}" == repo) or (
+                scope.kind == "org" and scope.owner == owner
+            ):
+                return scope
+        return None
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile now, then on every webhook and every interval. Never raises."""
+        while True:
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except SnapfleetError as exc:
+                log.warning("github reconcile failed; will retry", error=str(exc))
+            except Exception:
+                log.exception("github reconcile crashed; will retry")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval_s)
+
+    async def reconcile_once(self) -> None:
+        await self._poll_queued()
+        now = time.time()
+        for scope in self.scopes:
+            ours = [r for r in await self.client.list_runners(scope)
+                    if r.name.startswith(self.prefix)]
+            plan = reconcile.plan(
+                queued=[reconcile.RoutedJob(job_id, profile) for job_id, (s, profile)
+                        in self.queued.items() if s == scope],
+                runners=ours,
+                vms=[self._live_vm(r, now) for r in self.runners.values() if r.scope == scope],
+                now=now, idle_limit_s=self.config.idle_limit_s, prefix=self.prefix,
+            )
+            await self._apply(scope, plan, ours)
+
+    async def _poll_queued(self) -> None:
+        """Queued jobs the webhooks may have missed."""
+        for repo in self.config.repos_to_poll():
+            for job in await self.client.queued_jobs(repo):
+                if job.id not in self.queued:
+                    routed = self._route(job.repo, job.labels)
+                    if routed is not None:
+                        self.queued[job.id] = routed
+
+    def _live_vm(self, runner: RunnerVM, now: float) -> reconcile.LiveVM:
+        job = self.daemon.jobs.get(runner.job_id or "")
+        # A runner still queued for capacity is not idle yet: its clock starts with its VM.
+        started = job.started_at if job is not None and job.started_at else now
+        return reconcile.LiveVM(runner.job_id or runner.name, runner.name, runner.profile,
+                                started, runner.took_job)
+
+    async def _apply(self, scope: Scope, plan: reconcile.Plan, ours: list[Runner]) -> None:
+        for profile, count in plan.start.items():
+            for _ in range(count):
+                await self.start_runner(scope, profile)
+        for runner_id in plan.delete_runners:
+            log.info("deleting orphaned runner registration", runner_id=runner_id)
+            await self.client.delete_runner(scope, runner_id)
+        for teardown in plan.destroy_vms:
+            if teardown.runner_id is not None:
+                try:
+                    await self.client.delete_runner(scope, teardown.runner_id)
+                except ForgeError as exc:
+                    if exc.status == 422:  # it just took a job: keep its VM
+                        continue
+                    raise
+            runner = self.runners.get(teardown.runner_name)
+            if runner is not None and runner.job_id is not None:
+                log.info("destroying idle runner VM", runner=runner.name, job_id=runner.job_id)
+                await self.daemon.cancel(runner.job_id)
+
+    async def start_runner(self, scope: Scope, profile: str) -> None:
+        """Register a JIT runner and queue a VM for it."""
+        name = f"{self.prefix}{secrets.token_hex(4)}"
+        runner = RunnerVM(name, scope, profile, time.time())
+        self.runners[name] = runner  # before registering: never mistaken for an orphan
+        try:
+            labels = self.daemon.settings.profile(profile).labels
+            jit = await self.client.generate_jitconfig(
+                scope, name=name, labels=labels, runner_group_id=self.config.runner_group_id
+            )
+            runner.runner_id = jit.runner_id
+            spec = JobSpec(script=RUNNER_SCRIPT, profile=profile, name=f"github runner {name}")
+            job = await self.daemon.submit(
+                spec, source="github", secret_env={JIT_ENV: jit.encoded_jit_config.reveal()}
+            )
+        except BaseException:
+            self.runners.pop(name, None)
+            raise
+        runner.job_id = job.id
+        log.info("runner started", runner=name, profile=profile, job_id=job.id, forge="github")
+
+    def _job_ended(self, job: Job) -> None:
+        if job.source != "github":
+            return
+        for name, runner in list(self.runners.items()):
+            if runner.job_id == job.id:
+                del self.runners[name]
+                log.info("runner VM ended", runner=name, job_id=job.id, state=str(job.state))
+                self._wake.set()
+
+
+@contextlib.asynccontextmanager
+async def serve_webhooks(source: GitHubSource, listen: str) -> AsyncIterator[str]:
+    """Serve `POST /webhooks/github` on ``host:port``; yields the bound address."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("github.webhook_listen", f"expected host:port, got {listen!r}")
+    app = web.Application(client_max_size=25 * 2**20)  # GitHub caps payloads at 25 MB
+    app.router.add_post("/webhooks/github", source.webhook)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    try:
+        await site.start()
+        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        yield f"{bound[0]}:{bound[1]}"
+    finally:
+        await runner.cleanup()
