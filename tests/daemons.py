@@ -28,7 +28,8 @@ TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "system_failure"}
 class DaemonProcess:
     """One `snapfleet serve` subprocess with its own state dir and notify socket."""
 
-    def __init__(self, root: Path, settings: Settings, **extra: str) -> None:
+    def __init__(self, root: Path, settings: Settings, *, toml: str = "",
+                 env: dict[str, str] | None = None, **extra: str) -> None:
         self.root = root
         self.state = root / "state"
         self.api = root / "api.sock"
@@ -40,7 +41,8 @@ class DaemonProcess:
             f"shutdown_grace_s = {extra.pop('grace', '5')}",
             "[capacity]", "vcpus = 4", f"max_concurrency = {extra.pop('concurrency', '4')}",
         ]
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text("\n".join(lines) + "\n" + toml)
+        self.env = env or {}
         self.notify_path = root / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
@@ -48,7 +50,7 @@ class DaemonProcess:
         self.messages: list[str] = []
 
     def start(self) -> None:
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(self.notify_path)}
         with open(self.root / "daemon.log", "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "runner.cli", "--config", str(self.config), "serve"],
@@ -92,7 +94,7 @@ def daemon_factory(state_dir: Path, settings: Settings, snapshot: Snapshot
                    ) -> Iterator[Any]:
     made: list[DaemonProcess] = []
 
-    def make(**extra: str) -> DaemonProcess:
+    def make(**extra: Any) -> DaemonProcess:
         root = state_dir / f"d{next(_COUNTER)}"
         root.mkdir()
         d = DaemonProcess(root, settings, **extra)

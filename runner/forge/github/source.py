@@ -49,6 +49,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger("snapfleet.github")
 RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
 JIT_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+FRESH_S = 30.0
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A queued GitHub job we can serve."""
+
+    scope: Scope
+    profile: str
+    repo: str
+    seen_at: float
 
 
 @dataclass
@@ -75,7 +86,7 @@ class GitHubSource:
             config.runner_name_prefix, config.host or socket.gethostname()
         )
         self.scopes = [Scope.parse(s) for s in config.scopes]
-        self.queued: dict[int, tuple[Scope, str]] = {}  # GitHub job id → (scope, profile)
+        self.queued: dict[int, Queued] = {}  # by GitHub job id
         self.runners: dict[str, RunnerVM] = {}  # by runner name
         self.dedupe = DeliveryDedupe()
         self._unserved: set[tuple[str, ...]] = set()
@@ -127,7 +138,7 @@ class GitHubSource:
             bound.info(f"job {event.action}", runner=event.runner_name,
                        conclusion=event.conclusion)
 
-    def _route(self, repo: str, labels: tuple[str, ...] | list[str]) -> tuple[Scope, str] | None:
+    def _route(self, repo: str, labels: tuple[str, ...] | list[str]) -> Queued | None:
         scope = self._scope_for(repo)
         if scope is None:
             return None
@@ -139,7 +150,7 @@ class GitHubSource:
                 self._unserved.add(key)
                 log.info("ignoring jobs with labels no profile serves", labels=list(key))
             return None
-        return scope, profile
+        return Queued(scope, profile, repo, time.monotonic())
 
     def _scope_for(self, repo: str) -> Scope | None:
         owner = repo.split("/")[0]
@@ -174,8 +185,8 @@ class GitHubSource:
             ours = [r for r in await self.client.list_runners(scope)
                     if r.name.startswith(self.prefix)]
             plan = reconcile.plan(
-                queued=[reconcile.RoutedJob(job_id, profile) for job_id, (s, profile)
-                        in self.queued.items() if s == scope],
+                queued=[reconcile.RoutedJob(job_id, q.profile) for job_id, q
+                        in self.queued.items() if q.scope == scope],
                 runners=ours,
                 vms=[self._live_vm(r, now) for r in self.runners.values() if r.scope == scope],
                 now=now, idle_limit_s=self.config.idle_limit_s, prefix=self.prefix,
@@ -183,13 +194,23 @@ class GitHubSource:
             await self._apply(scope, plan, ours)
 
     async def _poll_queued(self) -> None:
-        """Queued jobs the webhooks may have missed."""
+        """Queued jobs the webhooks may have missed, and ones no longer queued.
+
+        The poll is the truth for its repositories, except for jobs heard of in
+        the last ``FRESH_S`` seconds, which the API may not list yet.
+        """
         for repo in self.config.repos_to_poll():
-            for job in await self.client.queued_jobs(repo):
-                if job.id not in self.queued:
+            name = f"{repo.owner}/{repo.repo}"
+            listed = {job.id: job for job in await self.client.queued_jobs(repo)}
+            fresh = time.monotonic() - FRESH_S
+            for job_id, entry in list(self.queued.items()):
+                if entry.repo == name and job_id not in listed and entry.seen_at < fresh:
+                    del self.queued[job_id]
+            for job_id, job in listed.items():
+                if job_id not in self.queued:
                     routed = self._route(job.repo, job.labels)
                     if routed is not None:
-                        self.queued[job.id] = routed
+                        self.queued[job_id] = routed
 
     def _live_vm(self, runner: RunnerVM, now: float) -> reconcile.LiveVM:
         job = self.daemon.jobs.get(runner.job_id or "")
