@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -200,7 +201,8 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             TomlConfigSettingsSource(settings_cls),
-            file_secret_settings,
+            # Credential files are named by key alone (github__token), without the prefix.
+            NestedSecretsSettingsSource(file_secret_settings, secrets_prefix=""),
         )
 
     def profile(self, name: str | None = None) -> Profile:

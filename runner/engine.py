@@ -160,10 +160,37 @@ class Engine:
             )
 
     async def _template(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float:
+        # Local import: this method's edit stays self-contained (hoist it when convenient).
+        from runner.images.image import WARMUP_GUEST_PATH as warmup_path
+
         started = time.monotonic()
         machine = await self.hypervisor.boot_template(spec, disk, memory)
         try:
             boot_s = time.monotonic() - started
+            # The image's warm-up (its recipe's ``warmup``, installed in the guest
+            # by the image builder) runs before the save, so what it did (files
+            # read into the page cache) is done in every clone.
+            timeout = self.settings.vm.boot_timeout_s
+            output = b""
+            try:
+                async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
+                    warmup = await machine.exec(
+                        script=f"[ ! -e {warmup_path} ] || exec /bin/sh {warmup_path}",
+                        timeout=timeout,
+                    )
+                    async for chunk in warmup:
+                        output = (output + chunk.data)[-2000:]
+                    status = await warmup.wait()
+            except TimeoutError:
+                raise SnapshotError(f"the image's warm-up {warmup_path} hung") from None
+            if status.exit_code != 0:
+                how = (
+                    f"timed out after {timeout:.0f}s"
+                    if status.timed_out
+                    else f"exit {status.exit_code}, signal {status.signal}"
+                )
+                detail = output.decode(errors="replace").strip() or "no output"
+                raise SnapshotError(f"the image's warm-up {warmup_path} failed ({how}): {detail}")
             # Run one command so the exec path is already warm in every clone.
             session = await machine.exec(["/bin/true"])
             await session.wait()

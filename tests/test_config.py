@@ -84,3 +84,19 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "config.example.toml"
     settings = load_settings(example)
     assert settings == load_settings()
+
+
+def test_secrets_come_from_credential_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    # systemd's LoadCredential= puts one file per secret in $CREDENTIALS_DIRECTORY.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "github__token").write_text("ghp_from_a_file")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[github]\nscopes = ["org/repo"]\n')
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings(cfg)
+    assert settings.github is not None
+    assert settings.github.token is not None
+    assert settings.github.token.get_secret_value() == "ghp_from_a_file"
+    assert "ghp_from_a_file" not in repr(settings)

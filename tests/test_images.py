@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
+import io
 import json
 import os
 import shutil
 import stat
 import struct
 import subprocess
+import tarfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from runner.errors import ConfigError, ImageError
+from runner.config import Profile, Settings, load_settings
+from runner.engine import Engine
+from runner.errors import ConfigError, ImageError, SnapshotError
 from runner.host import host_tsc_khz
-from runner.images import build, build_image, find_image, kernel, load_image_dir, rootfs
+from runner.images import archives, build, build_image, find_image, kernel, load_image_dir, rootfs
 from runner.images.initramfs import Entry, newc_archive, resolve_modules, with_parents
 from runner.images.kernel import bzimage_payload, candidate_version, real_kernel_package
 from runner.images.keys import BuildInputs, gather_inputs, layer_keys
 from runner.images.recipe import default_recipes_dir, load_recipe, parse_recipe
+from runner.vm.agent_client import ExecResult, OutputChunk
 
 CACHE_DIR = Path(os.environ.get("SNAPFLEET_CACHE_DIR", "/var/cache/snapfleet"))
 MINIMAL: dict[str, object] = {
@@ -67,7 +75,7 @@ def test_default_recipe_is_valid() -> None:
     assert "python3" in loaded.recipe.packages
     assert loaded.recipe.modules[:2] == ("virtio_ring", "virtio")
     assert "root=/dev/vda" in loaded.recipe.cmdline
-    init = loaded.overlay_dir / "sbin/snapfleet-init"
+    init = loaded.overlay_dirs[0] / "sbin/snapfleet-init"
     assert init.stat().st_mode & stat.S_IXUSR
 
 
@@ -319,6 +327,347 @@ def test_load_image_dir_checks_files(tmp_path: Path) -> None:
     (tmp_path / "disk").write_bytes(b"abcd")
     with pytest.raises(ImageError, match="wrong size"):
         load_image_dir(tmp_path)
+
+
+# -- archives and warm-up ----------------------------------------------------------
+
+TAR_ENV = "SNAPFLEET_TEST_TARBALL"
+ARCHIVE_RECIPE = f"""
+warmup = "cat /opt/tool/run.sh > /dev/null"
+
+[[archives]]
+source = "env:{TAR_ENV}"
+dest = "/opt/tool"
+hint = "the tool-<ver>.tar.gz path or URL"
+"""
+
+
+def make_tar(
+    path: Path,
+    files: Mapping[str, tuple[int, bytes]],
+    links: Mapping[str, str] | None = None,
+) -> Path:
+    """A deterministic .tar.gz: fixed mtimes and a non-root owner, like vendor tarballs."""
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
+        dirs = sorted({str(Path(n).parent) for n in files if str(Path(n).parent) != "."})
+        for name in dirs:
+            tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
+        for name, (mode, data) in sorted(files.items()):
+            tar.addfile(_tarinfo(name, tarfile.REGTYPE, mode, len(data)), io.BytesIO(data))
+        for name, target in sorted((links or {}).items()):
+            info = _tarinfo(name, tarfile.SYMTYPE, 0o777)
+            info.linkname = target
+            tar.addfile(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_bytes() != buf.getvalue():
+        path.write_bytes(buf.getvalue())
+    return path
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.size = kind, mode, size
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 1_700_000_000, 1001, 1001, "", ""
+    return info
+
+
+TOOL = {"run.sh": (0o755, b"#!/bin/sh\necho tool\n"), "bin/lib.so": (0o644, b"\x7fELF lib")}
+
+
+def keys_with_archives(recipes: Path, environ: Mapping[str, str]) -> Any:
+    loaded = load_recipe("t", recipes)
+    found = archives.locate(loaded, recipes / "cache", environ)
+    return layer_keys(gather_inputs(loaded, found or ()))
+
+
+@pytest.mark.parametrize(
+    ("archive", "key", "words"),
+    [
+        ({"source": "x.tgz", "dest": "opt/x"}, "archives.0.dest", "should match pattern"),
+        ({"source": "x.tgz", "dest": "/opt/../etc"}, "archives.0.dest", "'..'"),
+        ({"source": "x.tgz", "dest": "/"}, "archives.0.dest", "below /"),
+        ({"source": "env:1BAD", "dest": "/opt/x"}, "archives.0.source", "variable name"),
+        ({"source": "ftp://h/x.tgz", "dest": "/opt/x"}, "archives.0.source", "scheme"),
+        ({"source": "x.tgz", "dest": "/x", "sha256": "ABC"}, "archives.0.sha256", "pattern"),
+        ({"source": "x.tgz", "dest": "/x", "mode": 1}, "archives.0.mode", "Extra inputs"),
+    ],
+)
+def test_archive_fields_are_checked(archive: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({**MINIMAL, "archives": [archive]}, source="r.toml")
+    assert err.value.key == key
+    assert words in err.value.reason
+    with pytest.raises(ConfigError, match="warmup"):
+        parse_recipe({**MINIMAL, "warmup": "  "}, source="r.toml")
+
+
+def test_missing_archive_names_the_variable(tmp_path: Path) -> None:
+    recipes = make_recipes(tmp_path, ARCHIVE_RECIPE)
+    loaded = load_recipe("t", recipes)
+    with pytest.raises(ImageError) as err:
+        archives.locate(loaded, tmp_path / "cache", {})
+    assert f"{TAR_ENV} is not set; set {TAR_ENV} to the tool-<ver>.tar.gz path or URL" in str(
+        err.value
+    )
+    assert "/opt/tool" in str(err.value)
+    with pytest.raises(ImageError, match=rf"nope\.tgz does not exist; set {TAR_ENV} to"):
+        archives.locate(loaded, tmp_path / "cache", {TAR_ENV: str(tmp_path / "nope.tgz")})
+    # Nothing to download, nothing fetched: find_image says the same.
+    with pytest.raises(ImageError, match=f"{TAR_ENV} is not set"):
+        find_image("t", cache_dir=tmp_path / "cache", recipes_dir=recipes, environ={})
+
+
+def test_archive_sha256_is_checked(tmp_path: Path) -> None:
+    tarball = make_tar(tmp_path / "tool.tgz", TOOL)
+    actual = archives.file_sha256(tarball)
+    recipes = make_recipes(tmp_path, f'{ARCHIVE_RECIPE}sha256 = "{"0" * 64}"\n')
+    with pytest.raises(ImageError, match=f"has sha256 {actual}, but the recipe expects 0000"):
+        keys_with_archives(recipes, {TAR_ENV: str(tarball)})
+    _sub(recipes, "0" * 64, actual)
+    assert keys_with_archives(recipes, {TAR_ENV: str(tarball)}) is not None
+
+
+def test_archive_key_follows_content_not_path(tmp_path: Path) -> None:
+    recipes = make_recipes(tmp_path, ARCHIVE_RECIPE)
+    a = make_tar(tmp_path / "a/tool-1.tgz", TOOL)
+    moved = make_tar(tmp_path / "b/renamed.tar.gz", TOOL)
+    newer = make_tar(tmp_path / "c/tool-2.tgz", {**TOOL, "run.sh": (0o755, b"v2")})
+    first = keys_with_archives(recipes, {TAR_ENV: str(a)})
+    assert keys_with_archives(recipes, {TAR_ENV: str(moved)}) == first
+    assert keys_with_archives(recipes, {TAR_ENV: f"file://{moved}"}) == first
+    second = keys_with_archives(recipes, {TAR_ENV: str(newer)})
+    assert (second.kernel, second.rootfs_base, second.initramfs) == (
+        first.kernel,
+        first.rootfs_base,
+        first.initramfs,
+    )
+    assert second.image != first.image
+
+
+def test_warmup_is_a_guest_script_in_the_image_key(tmp_path: Path) -> None:
+    recipes = make_recipes(tmp_path)
+    before = keys_for(recipes)
+    _append(recipes, 'warmup = "cat /big > /dev/null"\n')
+    inputs = gather_inputs(load_recipe("t", recipes))
+    assert inputs.files["etc/snapfleet/warmup"] == (0o755, b"#!/bin/sh\ncat /big > /dev/null\n")
+    after = layer_keys(inputs)
+    assert (before.rootfs_base, before.initramfs) == (after.rootfs_base, after.initramfs)
+    assert before.image != after.image
+
+
+def test_overlays_apply_in_order(tmp_path: Path) -> None:
+    recipes = make_recipes(tmp_path)
+    (recipes / "mine/etc").mkdir(parents=True)
+    (recipes / "mine/etc/motd").write_text("mine")
+    (recipes / "mine/sbin").mkdir()
+    (recipes / "mine/sbin/snapfleet-init").write_text("#!/bin/sh\necho v2\n")
+    _append(recipes, 'overlay = ["rootfs", "../mine"]\n')
+    files = gather_inputs(load_recipe("t", recipes)).files
+    assert files["etc/motd"] == (0o644, b"mine")
+    assert files["sbin/snapfleet-init"] == (0o644, b"#!/bin/sh\necho v2\n")
+    _sub(recipes, '"../mine"', '"../none"')
+    with pytest.raises(ConfigError, match="none is not a directory"):
+        load_recipe("t", recipes)
+
+
+def test_unpack_makes_root_owned_tree(tmp_path: Path) -> None:
+    tarball = make_tar(tmp_path / "tool.tgz", TOOL, links={"bin/current": "lib.so"})
+    root = tmp_path / "root"
+    (root / "opt").mkdir(parents=True)
+    archives.unpack(tarball, root, "/opt/tool")
+    run = root / "opt/tool/run.sh"
+    assert run.read_bytes() == TOOL["run.sh"][1]
+    assert stat.S_IMODE(run.stat().st_mode) == 0o755
+    assert (run.stat().st_uid, run.stat().st_gid) == (0, 0)
+    assert stat.S_IMODE((root / "opt/tool/bin").stat().st_mode) == 0o755
+    assert os.readlink(root / "opt/tool/bin/current") == "lib.so"
+
+
+@pytest.mark.parametrize(
+    ("files", "links", "words"),
+    [
+        ({"../evil": (0o644, b"x")}, None, "outside its destination"),
+        ({"a/../../evil": (0o644, b"x")}, None, "outside its destination"),
+        ({"/etc/evil": (0o644, b"x")}, None, "outside its destination"),
+        ({}, {"escape": "/etc"}, "links outside"),
+        ({}, {"a/escape": "../../etc"}, "links outside"),
+    ],
+)
+def test_unpack_refuses_path_traversal(
+    tmp_path: Path, files: dict[str, tuple[int, bytes]], links: dict[str, str] | None, words: str
+) -> None:
+    tarball = make_tar(tmp_path / "bad.tgz", files, links)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ImageError, match=words):
+        archives.unpack(tarball, root, "/opt/tool")
+    assert not (tmp_path / "evil").exists()
+    assert not (root / "opt/evil").exists()
+    assert list((root / "opt/tool").iterdir()) == []
+
+
+def test_unpack_refuses_a_dest_through_an_absolute_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "opt").symlink_to(tmp_path / "outside")
+    with pytest.raises(ImageError, match="leads out of the guest tree"):
+        archives.unpack(make_tar(tmp_path / "t.tgz", TOOL), root, "/opt/tool")
+    not_tar = tmp_path / "not.tgz"
+    not_tar.write_bytes(b"<html>404</html>")
+    with pytest.raises(ImageError, match="not a tar archive"):
+        archives.unpack(not_tar, tmp_path / "root2", "/opt/tool")
+
+
+async def test_archive_url_is_downloaded_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeLayers(monkeypatch)
+    unpacked: list[Any] = []
+    real_rootfs = fake.rootfs
+
+    async def rootfs_with_archives(*, archives: Any = (), **kw: Any) -> Path:
+        unpacked.append(archives)
+        return await real_rootfs(**kw)
+
+    monkeypatch.setattr(rootfs, "build_rootfs_image", rootfs_with_archives)
+    body = make_tar(tmp_path / "served.tgz", TOOL).read_bytes()
+    hits: list[str] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        hits.append(request.path_qs)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/dl/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        recipes, cache = make_recipes(tmp_path, ARCHIVE_RECIPE), tmp_path / "cache"
+        env = {TAR_ENV: f"http://127.0.0.1:{port}/dl/tool-1.tgz?token=s3cret"}
+        assert find_image("t", cache_dir=cache, recipes_dir=recipes, environ=env) is None
+        messages: list[str] = []
+        image = await build_image(
+            "t", cache_dir=cache, recipes_dir=recipes, environ=env, progress=messages.append
+        )
+        assert not any("s3cret" in m for m in messages)
+        assert hits == ["/dl/tool-1.tgz?token=s3cret"]
+        [(dest, path)] = unpacked[0]
+        assert dest == "/opt/tool"
+        assert path.parent == cache / "downloads"
+        assert path.read_bytes() == body
+        assert image.warmup == "cat /opt/tool/run.sh > /dev/null"
+        assert image.manifest["rootfs"]["archives"] == [
+            {
+                "source": f"env:{TAR_ENV}",
+                "file": path.name,
+                "dest": "/opt/tool",
+                "sha256": archives.file_sha256(path),
+            }
+        ]
+        found = find_image("t", cache_dir=cache, recipes_dir=recipes, environ=env)
+        assert found is not None
+        assert found.path == image.path
+        assert found.warmup == image.warmup
+        assert hits == ["/dl/tool-1.tgz?token=s3cret"]
+
+        env = {TAR_ENV: f"http://127.0.0.1:{port}/missing"}
+        app_404 = "cannot download http://127.0.0.1"
+        with pytest.raises(ImageError, match=app_404):
+            await build_image("t", cache_dir=cache, recipes_dir=recipes, environ=env)
+    finally:
+        await runner.cleanup()
+
+
+def test_old_manifests_have_no_warmup(tmp_path: Path) -> None:
+    for name in ("vmlinux", "initrd", "disk"):
+        (tmp_path / name).write_bytes(b"abc")
+    files = {
+        role: {"file": name, "size": 3, "sha256": "0" * 64}
+        for role, name in (("kernel", "vmlinux"), ("initramfs", "initrd"), ("rootfs", "disk"))
+    }
+    manifest = {"name": "x", "digest": "d", "cmdline": "c", "files": files}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_image_dir(tmp_path).warmup is None
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "warmup": "true"}))
+    assert load_image_dir(tmp_path).warmup == "true"
+
+
+class FakeWarmupMachine:
+    """Just enough of a QemuMachine for Engine._template."""
+
+    def __init__(self, result: ExecResult, output: bytes) -> None:
+        self.result, self.output = result, output
+        self.scripts: list[str | None] = []
+        self.saved = self.destroyed = False
+
+    async def exec(self, argv: Any = None, *, script: str | None = None, **_: Any) -> Any:
+        self.scripts.append(script)
+        return FakeSession(
+            self.result if script else ExecResult(0, None, False, False), self.output
+        )
+
+    async def save_snapshot(self, state: Path) -> None:
+        self.saved = True
+
+    async def destroy(self) -> None:
+        self.destroyed = True
+
+
+class FakeSession:
+    def __init__(self, result: ExecResult, output: bytes) -> None:
+        self.result, self.chunks = result, [OutputChunk("stderr", output)]
+
+    def __aiter__(self) -> FakeSession:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop()
+
+    async def wait(self) -> ExecResult:
+        return self.result
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+async def test_template_runs_the_warmup_before_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_code: int
+) -> None:
+    settings: Settings = load_settings(
+        None, paths={"cache_dir": tmp_path, "state_dir": tmp_path}, net={"enabled": False}
+    )
+    engine = Engine(settings)
+    machine = FakeWarmupMachine(ExecResult(exit_code, None, False, False), b"cat: no such file")
+
+    async def boot_template(*_: Any) -> FakeWarmupMachine:
+        return machine
+
+    monkeypatch.setattr(engine.hypervisor, "boot_template", boot_template)
+    args = (engine.spec(Profile(), _fake_image(tmp_path)), tmp_path / "d", tmp_path / "m")
+    if exit_code:
+        with pytest.raises(SnapshotError, match=r"warm-up /etc/snapfleet/warmup failed \(exit 1"):
+            await engine._template(*args, tmp_path / "s")
+        assert not machine.saved
+    else:
+        await engine._template(*args, tmp_path / "s")
+        assert machine.saved
+    assert machine.destroyed
+    assert machine.scripts[0] is not None
+    assert "/etc/snapfleet/warmup" in machine.scripts[0]
+
+
+def _fake_image(tmp_path: Path) -> Any:
+    from runner.images import Image
+
+    kernel, initramfs, disk = (tmp_path / n for n in ("vmlinux", "initrd", "disk"))
+    return Image("x", "d", tmp_path, kernel, initramfs, disk, "console=ttyS0", {})
 
 
 # -- pure pieces -----------------------------------------------------------------
@@ -605,3 +954,113 @@ ctypes.CDLL(None).reboot(0x4321FEDC)  # RB_POWER_OFF
 def _tsc_hint() -> str:
     khz = host_tsc_khz()
     return f"tsc_early_khz={khz}" if khz else ""
+
+
+# -- the GitHub runner image -----------------------------------------------------------
+
+# Stands in for GitHub's run.sh: checks the JIT config the way the real runner
+# receives it (base64 JSON in ACTIONS_RUNNER_INPUT_JITCONFIG, never in an argv).
+STANDIN_RUN_SH = b"""#!/bin/sh
+if [ "${RUNNER_ALLOW_RUNASROOT:-}" != 1 ]; then
+    echo "snapfleet-test-runner: RUNNER_ALLOW_RUNASROOT is not 1" >&2
+    exit 4
+fi
+exec python3 -c '
+import base64, glob, json, os, sys
+raw = os.environ.get("ACTIONS_RUNNER_INPUT_JITCONFIG", "")
+for path in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        with open(path, "rb") as f:
+            if raw and raw.encode() in f.read():
+                sys.exit("snapfleet-test-runner: the JIT config is in an argv")
+    except OSError:
+        pass
+try:
+    config = json.loads(base64.b64decode(raw, validate=True))
+except ValueError:
+    config = None
+if not isinstance(config, dict) or "runner_id" not in config or "secret" not in config:
+    print("snapfleet-test-runner: malformed JIT config", file=sys.stderr)
+    sys.exit(3)
+print("snapfleet-test-runner: jit ok runner_id=%s" % config["runner_id"])
+'
+"""
+
+
+def standin_runner_tarball(directory: Path) -> Path:
+    """A deterministic actions-runner stand-in (same bytes every run: the image stays cached)."""
+    return make_tar(
+        directory / "actions-runner-linux-x64-standin.tar.gz",
+        {
+            "run.sh": (0o755, STANDIN_RUN_SH),
+            "bin/Runner.Listener": (0o755, b"#!/bin/sh\nexit 0\n"),
+            "config.sh": (0o755, b"#!/bin/sh\nexit 0\n"),
+        },
+    )
+
+
+async def guest_run(machine: Any, argv: list[str], env: dict[str, str]) -> tuple[int | None, str]:
+    session = await machine.exec(argv, env=env, timeout=60)
+    out = b"".join([chunk.data async for chunk in session])
+    return (await session.wait()).exit_code, out.decode(errors="replace")
+
+
+@pytest.mark.vm
+async def test_github_runner_image_runs_a_jit_job(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = standin_runner_tarball(CACHE_DIR / "test-inputs")
+    monkeypatch.setenv("SNAPFLEET_RUNNER_TARBALL", str(tarball))
+    start = time.monotonic()
+    image = await build_image(
+        "github-runner", cache_dir=CACHE_DIR, progress=lambda m: print(f"[image] {m}", flush=True)
+    )
+    print(f"[image] github-runner ready in {time.monotonic() - start:.1f}s: {image.path}")
+    assert image.warmup is not None
+    assert "/opt/actions-runner/bin/*" in image.warmup
+    default = load_recipe("default")
+    assert image.manifest["layers"]["kernel"].startswith("kernel-")
+    assert "libicu72" in image.manifest["rootfs"]["packages"]
+    assert layer_keys(gather_inputs(default)).initramfs.startswith(
+        image.manifest["layers"]["initramfs"].removeprefix("initramfs-")
+    )
+
+    # The template runs the warm-up before it is saved.
+    snapshot = await engine.snapshot(
+        Profile(image="github-runner"), lambda m: print(f"[setup] {m}", flush=True)
+    )
+    machine = await engine.restore(snapshot, use_pool=False)
+    try:
+        # Only the warm-up reads config.sh: its pages came with the snapshot.
+        resident = ["fincore", "--noheadings", "--output", "PAGES", "/opt/actions-runner/config.sh"]
+        code, out = await guest_run(machine, resident, {})
+        assert (code, out.strip()) == (0, "1"), out
+
+        secret = "s3cret-" + os.urandom(8).hex()
+        jit = base64.b64encode(json.dumps({"runner_id": 42, "secret": secret}).encode()).decode()
+        script = ["/usr/local/bin/snapfleet-github-runner"]
+        code, out = await guest_run(machine, script, {"ACTIONS_RUNNER_INPUT_JITCONFIG": jit})
+        assert (code, out) == (0, "snapfleet-test-runner: jit ok runner_id=42\n")
+        assert secret not in out
+
+        bad = base64.b64encode(b'["runner_id"]').decode()
+        code, out = await guest_run(machine, script, {"ACTIONS_RUNNER_INPUT_JITCONFIG": bad})
+        assert code == 3, out
+        code, out = await guest_run(machine, script, {})
+        assert code == 2
+        assert "ACTIONS_RUNNER_INPUT_JITCONFIG is not set" in out
+
+        listing = [
+            "stat",
+            "-c",
+            "%u:%g %a %n",
+            "/opt/actions-runner/run.sh",
+            "/etc/snapfleet/warmup",
+        ]
+        code, out = await guest_run(machine, listing, {})
+        assert out.splitlines() == [
+            "0:0 755 /opt/actions-runner/run.sh",
+            "0:0 755 /etc/snapfleet/warmup",
+        ]
+    finally:
+        await machine.destroy()

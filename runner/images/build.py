@@ -6,12 +6,12 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runner.images import cache, kernel, keys, rootfs
+from runner.images import archives, cache, kernel, keys, rootfs
 from runner.images.image import MANIFEST, MANIFEST_FORMAT, Image, file_record, load_image_dir
 from runner.images.image import write_manifest as _write_manifest
 from runner.images.initramfs import INITRAMFS_FILE, build_initramfs_layer
@@ -25,14 +25,27 @@ def _noop(_message: str) -> None:
     pass
 
 
-def find_image(name: str, *, cache_dir: Path, recipes_dir: Path | None = None) -> Image | None:
+def find_image(
+    name: str,
+    *,
+    cache_dir: Path,
+    recipes_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Image | None:
     """The cached image built from the *current* recipe ``name``, or None.
 
-    Reads the recipe and its inputs to compute the key (cheap) and checks the
-    manifest and file sizes of ``image-<key>``; never builds anything.
+    Reads the recipe and its inputs to compute the key (cheap; an archive is
+    hashed once per process) and checks the manifest and file sizes of
+    ``image-<key>``; never builds or downloads anything. ``environ`` (default
+    ``os.environ``) supplies ``env:NAME`` archive sources.
     """
     loaded = load_recipe(name, recipes_dir)
-    path = cache.layer_path(cache_dir, "image", keys.layer_keys(keys.gather_inputs(loaded)).image)
+    found = archives.locate(loaded, cache_dir, os.environ if environ is None else environ)
+    if found is None:
+        return None  # an archive URL is not downloaded yet, so this image was never built
+    path = cache.layer_path(
+        cache_dir, "image", keys.layer_keys(keys.gather_inputs(loaded, found)).image
+    )
     if not (path / MANIFEST).is_file():
         return None
     return load_image_dir(path)
@@ -46,6 +59,7 @@ async def build_image(
     progress: ProgressFn = _noop,
     force: bool = False,
     verify: bool = False,
+    environ: Mapping[str, str] | None = None,
 ) -> Image:
     """Build image ``name`` (or return it from the cache) and return it.
 
@@ -53,10 +67,14 @@ async def build_image(
     guest files only re-makes the ext4 image. ``force`` rebuilds every layer;
     ``verify`` re-hashes a cached image's files. Raises ``ConfigError`` for a
     bad recipe, ``HostError`` for a missing tool and ``ImageError`` when a
-    step fails; no partial layer is left behind.
+    step fails; no partial layer is left behind. ``environ`` (default
+    ``os.environ``) supplies ``env:NAME`` archive sources; archive URLs are
+    downloaded into ``cache_dir``.
     """
     loaded = load_recipe(name, recipes_dir)
-    inputs = await asyncio.to_thread(keys.gather_inputs, loaded)
+    env = os.environ if environ is None else environ
+    fetched = await archives.fetch(loaded, cache_dir, env, progress)
+    inputs = await asyncio.to_thread(keys.gather_inputs, loaded, fetched)
     k = keys.layer_keys(inputs)
     final = cache.layer_path(cache_dir, "image", k.image)
     if not force and (final / MANIFEST).is_file():
@@ -105,6 +123,7 @@ async def build_image(
         await rootfs.build_rootfs_image(
             base_layer=base,
             files=files,
+            archives=[(a.dest, a.path) for a in inputs.archives],
             size_mib=r.rootfs_size_mib,
             out=out,
             work=work,
@@ -187,6 +206,7 @@ async def _manifest(
         "recipe_digest": keys.recipe_digest(r),
         "recipe": r.model_dump(mode="json"),
         "cmdline": r.cmdline,
+        "warmup": r.warmup,
         "files": dict(zip(("kernel", "initramfs", "rootfs"), records, strict=True)),
         "kernel": {
             "package": kinfo.package,
@@ -201,6 +221,10 @@ async def _manifest(
             "size_mib": r.rootfs_size_mib,
             "packages": packages,
             "guest_files": sorted(inputs.files),
+            "archives": [
+                {"source": a.source, "file": a.path.name, "dest": a.dest, "sha256": a.sha256}
+                for a in inputs.archives
+            ],
         },
         "layers": {
             "kernel": cache.layer_path(out.parent, "kernel", k.kernel).name,

@@ -14,6 +14,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Manifest "files" role -> conventional file name in an image directory.
 ROLES = ("kernel", "initramfs", "rootfs")
+# The recipe's ``warmup`` as a script in the guest: the snapshot template runs
+# it before saving, so its effect (files in the page cache) is in every clone.
+WARMUP_GUEST_PATH = "/etc/snapfleet/warmup"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class Image:
     ``cmdline`` is the base kernel command line; the VMM appends its own
     parameters (e.g. ``snapfleet.ip=``). ``rootfs`` is the pristine disk:
     boot a copy or a copy-on-write overlay, never the file itself.
+    ``warmup`` is the recipe's warm-up script (installed in the guest at
+    `WARMUP_GUEST_PATH`), or None.
     """
 
     name: str
@@ -33,6 +38,7 @@ class Image:
     rootfs: Path
     cmdline: str
     manifest: dict[str, Any]
+    warmup: str | None = None
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -64,6 +70,9 @@ def load_image_dir(path: Path, *, verify: bool = False) -> Image:
         name, digest, cmdline = manifest["name"], manifest["digest"], manifest["cmdline"]
     except (KeyError, TypeError) as exc:
         raise ImageError(f"{manifest_path} lacks {exc}") from exc
+    warmup = manifest.get("warmup")  # absent in manifests made before warm-ups
+    if warmup is not None and not isinstance(warmup, str):
+        raise ImageError(f"{manifest_path}: warmup must be a string")
     paths = {role: path / str(rec["file"]) for role, rec in files.items()}
     for role, file in paths.items():
         rec = files[role]
@@ -82,4 +91,5 @@ def load_image_dir(path: Path, *, verify: bool = False) -> Image:
         rootfs=paths["rootfs"],
         cmdline=str(cmdline),
         manifest=manifest,
+        warmup=warmup,
     )

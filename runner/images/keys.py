@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runner.errors import ConfigError
+from runner.images.archives import ResolvedArchive
 from runner.images.cache import digest, sha256_bytes
+from runner.images.image import WARMUP_GUEST_PATH
 from runner.images.recipe import LoadedRecipe, Recipe
 
 # Bump a layer's format when the code that builds it changes its output.
@@ -30,6 +33,8 @@ class BuildInputs:
     busybox_sha256: str
     # Guest path (relative to /) -> (permission bits, content).
     files: Mapping[str, tuple[int, bytes]]
+    # Unpacked in order before ``files``; only their dest and sha256 are keyed.
+    archives: tuple[ResolvedArchive, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,20 +77,22 @@ def layer_keys(inputs: BuildInputs) -> LayerKeys:
             "busybox": inputs.busybox_sha256,
         }
     )
-    image = digest(
-        {
-            "layer": "image",
-            "format": IMAGE_FORMAT,
-            "name": inputs.name,
-            "kernel": kernel,
-            "rootfs_base": base,
-            "initramfs": initramfs,
-            "rootfs_size_mib": r.rootfs_size_mib,
-            "cmdline": r.cmdline,
-            "files": {p: [m, sha256_bytes(d)] for p, (m, d) in sorted(inputs.files.items())},
-        }
-    )
-    return LayerKeys(kernel, base, initramfs, image)
+    image_inputs: dict[str, Any] = {
+        "layer": "image",
+        "format": IMAGE_FORMAT,
+        "name": inputs.name,
+        "kernel": kernel,
+        "rootfs_base": base,
+        "initramfs": initramfs,
+        "rootfs_size_mib": r.rootfs_size_mib,
+        "cmdline": r.cmdline,
+        "files": {p: [m, sha256_bytes(d)] for p, (m, d) in sorted(inputs.files.items())},
+    }
+    if inputs.archives:
+        # Content, not path: a new tarball rebuilds, the same one moved does not.
+        # (Absent when empty, so images without archives keep their keys.)
+        image_inputs["archives"] = [[a.dest, a.sha256] for a in inputs.archives]
+    return LayerKeys(kernel, base, initramfs, digest(image_inputs))
 
 
 def _tree_files(root: Path, pattern: str, dest: str) -> dict[str, tuple[int, bytes]]:
@@ -100,14 +107,23 @@ def _tree_files(root: Path, pattern: str, dest: str) -> dict[str, tuple[int, byt
     return files
 
 
-def gather_inputs(loaded: LoadedRecipe) -> BuildInputs:
-    """Read the init script, busybox, overlay and agent source (blocking I/O)."""
+def gather_inputs(loaded: LoadedRecipe, archives: Sequence[ResolvedArchive] = ()) -> BuildInputs:
+    """Read the init script, busybox, overlays and agent source (blocking I/O).
+
+    ``archives`` are the recipe's archives as `runner.images.archives`
+    located or fetched them.
+    """
     r = loaded.recipe
     try:
         busybox = r.busybox.read_bytes()
     except OSError as exc:
         raise ConfigError("busybox", f"cannot read {r.busybox}: {exc}") from exc
-    files = _tree_files(loaded.overlay_dir, "**/*", "")
+    files: dict[str, tuple[int, bytes]] = {}
+    for overlay in loaded.overlay_dirs:
+        files |= _tree_files(overlay, "**/*", "")
+    if r.warmup is not None:
+        # The template runs the guest's copy, so the script travels with the image.
+        files[WARMUP_GUEST_PATH.lstrip("/")] = (0o755, f"#!/bin/sh\n{r.warmup}\n".encode())
     # Only the stdlib-only guest side of the package goes in: runner/__init__.py
     # and runner/agent/, never the host-side modules.
     agent_root = loaded.agent_root
@@ -119,4 +135,5 @@ def gather_inputs(loaded: LoadedRecipe) -> BuildInputs:
         init_script=loaded.init_path.read_bytes(),
         busybox_sha256=sha256_bytes(busybox),
         files=files,
+        archives=tuple(archives),
     )

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 import runner
 from runner.errors import ConfigError
@@ -23,6 +30,47 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 PackageName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")]
 RelPath = Annotated[str, StringConstraints(pattern=r"^[^/].*$", min_length=1)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+ENV_PREFIX = "env:"
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+URL_SCHEMES = ("http://", "https://", "file://")
+
+
+class Archive(BaseModel):
+    """A tar archive (.tar, .tar.gz, .tgz) unpacked into the guest tree at ``dest``.
+
+    ``source`` is a local path (relative to the recipe dir, or absolute), an
+    http(s):// or file:// URL, or ``env:NAME``: the path or URL is read from
+    environment variable NAME at build time, so an operator can supply a
+    file the recipe cannot name (a vendor tarball of a given version).
+    ``hint`` tells the operator what to provide when it is missing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Annotated[str, StringConstraints(pattern=r"^\S", min_length=1)]
+    dest: Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
+    sha256: Sha256 | None = None
+    hint: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value.startswith(ENV_PREFIX):
+            if not _ENV_NAME_RE.match(value[len(ENV_PREFIX) :]):
+                raise ValueError("env: must be followed by an environment variable name")
+        elif "://" in value and not value.startswith(URL_SCHEMES):
+            raise ValueError(f"URL scheme must be one of {', '.join(URL_SCHEMES)}")
+        return value
+
+    @field_validator("dest")
+    @classmethod
+    def _plain_guest_path(cls, value: str) -> str:
+        parts = value.split("/")[1:]
+        if value == "/" or any(p in ("", ".", "..") for p in parts):
+            raise ValueError("must be an absolute guest path below / without '.', '..' or '//'")
+        return value
 
 
 class Recipe(BaseModel):
@@ -41,7 +89,14 @@ class Recipe(BaseModel):
     cmdline: Annotated[str, StringConstraints(pattern=r"^[^\n]+$")] = DEFAULT_CMDLINE
     busybox: Path = Path("/bin/busybox")
     initramfs_init: RelPath = "initramfs-init"
-    overlay: RelPath = "rootfs"
+    # One overlay dir or several, copied in order (a later one wins), e.g.
+    # ["../default/rootfs", "rootfs"] to build on the default guest's files.
+    overlay: RelPath | tuple[RelPath, ...] = "rootfs"
+    # Unpacked, in order, after the debootstrap tree and before the overlays.
+    archives: tuple[Archive, ...] = ()
+    # A shell script the snapshot template runs before it is saved (e.g. read
+    # a large program's files so every clone has them in its page cache).
+    warmup: Annotated[str, StringConstraints(pattern=r"\S")] | None = None
     # Directory holding the ``runner`` package whose agent goes into the
     # guest; default: the package this builder is part of.
     agent_source: Path | None = None
@@ -61,9 +116,11 @@ class LoadedRecipe:
         return self.directory / self.recipe.initramfs_init
 
     @property
-    def overlay_dir(self) -> Path:
-        """Files copied over the debootstrap tree, at the same guest paths."""
-        return self.directory / self.recipe.overlay
+    def overlay_dirs(self) -> tuple[Path, ...]:
+        """Trees copied over the debootstrap tree, at the same guest paths, in order."""
+        overlay = self.recipe.overlay
+        names = (overlay,) if isinstance(overlay, str) else overlay
+        return tuple(self.directory / name for name in names)
 
     @property
     def agent_root(self) -> Path:
@@ -115,8 +172,9 @@ def load_recipe(name: str, recipes_dir: Path | None = None) -> LoadedRecipe:
     loaded = LoadedRecipe(name, path.parent, parse_recipe(data, source=str(path)))
     if not loaded.init_path.is_file():
         raise ConfigError("initramfs_init", f"{loaded.init_path} does not exist")
-    if not loaded.overlay_dir.is_dir():
-        raise ConfigError("overlay", f"{loaded.overlay_dir} is not a directory")
+    for overlay in loaded.overlay_dirs:
+        if not overlay.is_dir():
+            raise ConfigError("overlay", f"{overlay} is not a directory")
     if not (loaded.agent_root / "runner" / "__init__.py").is_file():
         raise ConfigError("agent_source", f"{loaded.agent_root} holds no runner package")
     return loaded

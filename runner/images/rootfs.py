@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from runner.errors import ImageError
+from runner.images.archives import unpack
 from runner.images.proc import ProgressFn, run, tail
 
 BASE_TAR = "base.tar"
@@ -96,16 +97,21 @@ async def build_rootfs_image(
     *,
     base_layer: Path,
     files: Mapping[str, tuple[int, bytes]],
+    archives: Sequence[tuple[str, Path]] = (),
     size_mib: int,
     out: Path,
     work: Path,
     progress: ProgressFn,
 ) -> Path:
-    """Unpack the base, add ``files`` (guest path -> (mode, bytes)), mkfs.ext4 it."""
+    """Unpack the base, then ``archives`` ((guest dir, tarball) pairs), add
+    ``files`` (guest path -> (mode, bytes)), and mkfs.ext4 the tree."""
     stage = work / "stage"
     stage.mkdir()
     progress("unpacking base rootfs")
     await run("tar", *_TAR_FLAGS, "-C", stage, "-xpf", base_layer / BASE_TAR, what="untar base")
+    for dest, archive in archives:
+        progress(f"unpacking {archive.name} into {dest}")
+        await asyncio.to_thread(unpack, archive, stage, dest)
     await asyncio.to_thread(_write_files, stage, files)
 
     progress(f"making ext4 rootfs {size_mib} MiB")
