@@ -161,7 +161,7 @@ class Engine:
 
     async def _template(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float:
         # Local import: this method's edit stays self-contained (hoist it when convenient).
-        from runner.images.image import WARMUP_GUEST_PATH as warmup_path
+        from runner.images import WARMUP_GUEST_PATH as warmup_path
 
         started = time.monotonic()
         machine = await self.hypervisor.boot_template(spec, disk, memory)
