@@ -106,7 +106,10 @@ class Engine:
         if candidate.is_absolute() or candidate.is_dir():
             return load_image_dir(candidate)
         paths = self.settings.paths
-        found = find_image(profile.image, cache_dir=paths.cache_dir, recipes_dir=paths.recipes_dir)
+        # A recipe with archives hashes them to find its key: keep that off the loop.
+        found = await asyncio.to_thread(
+            find_image, profile.image, cache_dir=paths.cache_dir, recipes_dir=paths.recipes_dir
+        )
         if found is not None:
             return found
         if not build:

@@ -114,6 +114,13 @@ async def until(predicate: Any, timeout: float = 120, what: str = "condition") -
         await asyncio.sleep(0.1)
 
 
+async def report_taken(url: str, fake: FakeGitHub, job_id: int) -> None:
+    """Play GitHub: the runner we registered took the job."""
+    runner_id = next(iter(fake.jit_configs))
+    name = next(r["name"] for r in fake.runners[REPO].values() if r["id"] == runner_id)
+    await post(url, delivery("in_progress", job_id, LABELS, runner=name))
+
+
 async def github_jobs(d: DaemonProcess) -> list[dict[str, Any]]:
     async with ApiClient(d.api) as api:
         return [j for j in await api.jobs(limit=500) if j["source"] == "github"]
@@ -173,6 +180,7 @@ async def test_duplicate_delivery_starts_one_runner(gh_daemon: DaemonProcess,
     assert (await post(url, payload, delivery_id="dup-1"))[0] == 202
     assert (await post(url, payload, delivery_id="dup-1"))[0] == 200
     await until(lambda: fake.jit_configs, what="a JIT config request")
+    await report_taken(url, fake, 7003)
     await asyncio.sleep(3)
     assert len(fake.jit_configs) == 1
 
@@ -180,7 +188,7 @@ async def test_duplicate_delivery_starts_one_runner(gh_daemon: DaemonProcess,
 async def test_missed_webhook_is_caught_by_the_reconcile_loop(
     gh_daemon: DaemonProcess, fake: FakeGitHub
 ) -> None:
-    run_id, job_id = fake.add_job(REPO, LABELS)  # queued on GitHub; no delivery arrives
+    run_id, _job_id = fake.add_job(REPO, LABELS)  # queued on GitHub; no delivery arrives
     await until(lambda: fake.jit_configs, 30, "the reconcile loop to start a runner")
     for job in fake.jobs[run_id]:  # the runner took it, as GitHub would report
         job["status"] = "in_progress"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import socket
 import time
@@ -60,6 +61,7 @@ class Queued:
     profile: str
     repo: str
     seen_at: float
+    polled: bool = False  # learnt from the API (not a webhook)
 
 
 @dataclass
@@ -204,13 +206,14 @@ class GitHubSource:
             listed = {job.id: job for job in await self.client.queued_jobs(repo)}
             fresh = time.monotonic() - FRESH_S
             for job_id, entry in list(self.queued.items()):
-                if entry.repo == name and job_id not in listed and entry.seen_at < fresh:
+                stale = entry.polled or entry.seen_at < fresh
+                if entry.repo == name and job_id not in listed and stale:
                     del self.queued[job_id]
             for job_id, job in listed.items():
                 if job_id not in self.queued:
                     routed = self._route(job.repo, job.labels)
                     if routed is not None:
-                        self.queued[job_id] = routed
+                        self.queued[job_id] = dataclasses.replace(routed, polled=True)
 
     def _live_vm(self, runner: RunnerVM, now: float) -> reconcile.LiveVM:
         job = self.daemon.jobs.get(runner.job_id or "")
