@@ -12,14 +12,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench._stats import percentiles
 
-def percentiles(samples: list[float]) -> dict[str, float | int]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
+__all__ = ["percentiles", "running_daemon"]
 
 
 CONFIG = """
@@ -44,19 +39,26 @@ warm = 2
 
 
 @contextlib.contextmanager
-def running_daemon(cache_dir: Path, concurrency: int, log: Callable[[str], None]
-                   ) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+def running_daemon(
+    cache_dir: Path,
+    concurrency: int,
+    log: Callable[[str], None],
+    *,
+    extra_toml: Callable[[Path], str] = lambda _root: "",
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     """Yields (scratch dir with config.toml and api.sock, the daemon process)."""
     root = Path(tempfile.mkdtemp(prefix="sf-bd-", dir="/tmp"))
     (root / "config.toml").write_text(
-        CONFIG.format(root=root, cache_dir=cache_dir, concurrency=concurrency)
+        CONFIG.format(root=root, cache_dir=cache_dir, concurrency=concurrency) + extra_toml(root)
     )
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(root / "notify"))
     with open(root / "daemon.log", "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runner.cli", "--config", str(root / "config.toml"), "serve"],
-            env={"NOTIFY_SOCKET": str(root / "notify"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            env={"NOTIFY_SOCKET": str(root / "notify"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                 **(env or {})},
             stdout=out, stderr=subprocess.STDOUT,
         )
         try:

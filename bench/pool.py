@@ -8,7 +8,7 @@ interleaved, alternating which goes first, so machine noise hits both alike.
 Each measurement starts with the pool full and no refill under way; the refill
 a warm restore triggers runs alongside it, as it would in production.
 
-    .venv/bin/python bench/pool.py [--runs 20] [--json]
+    .venv/bin/python -m bench.pool [--runs 20] [--json]
 """
 
 from __future__ import annotations
@@ -25,30 +25,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench._stats import first_output_ms, percentiles
 from runner.config import Profile, load_settings
 from runner.engine import Engine
 from runner.snapshots import Snapshot
 from runner.vm.qemu import QemuMachine
 
 PHASES = ("setup", "spawn", "load", "agent", "total")
-
-
-def percentiles(samples: list[float]) -> dict[str, float | int]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
-
-
-async def first_output_ms(machine: QemuMachine, started: float) -> float:
-    session = await machine.exec(["echo", "ready"])
-    async for _chunk in session:
-        elapsed = (time.monotonic() - started) * 1000
-        break
-    await session.wait()
-    return elapsed
 
 
 async def pool_full(engine: Engine, snapshot: Snapshot, timeout: float = 60.0) -> None:

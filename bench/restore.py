@@ -4,7 +4,7 @@ For each run: time from "start" to the first output of a command in the guest,
 for a cold boot of the image and for a restore from its snapshot, interleaved
 so machine noise hits both alike. Then the host memory (PSS) of idle clones.
 
-    .venv/bin/python bench/restore.py [--runs 20] [--clones 4] [--json]
+    .venv/bin/python -m bench.restore [--runs 20] [--clones 4] [--json]
 """
 
 from __future__ import annotations
@@ -20,27 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._stats import first_output_ms, percentiles
 from runner.config import load_settings
 from runner.engine import Engine
-from runner.vm.qemu import QemuMachine
-
-
-def percentiles(samples: list[float]) -> dict[str, float | int]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
-
-
-async def first_output_ms(machine: QemuMachine, started: float) -> float:
-    session = await machine.exec(["echo", "ready"])
-    async for _chunk in session:
-        elapsed = (time.monotonic() - started) * 1000
-        break
-    await session.wait()
-    return elapsed
 
 
 def pss_mib(pid: int) -> float:

@@ -93,6 +93,7 @@ class GitHubSource:
         self.dedupe = DeliveryDedupe()
         self._unserved: set[tuple[str, ...]] = set()
         self._wake = asyncio.Event()
+        self._poll_next = False  # the next pass must ask GitHub what is still queued
         daemon.listeners.append(self._job_ended)
 
     # -- webhook --------------------------------------------------------------
@@ -166,10 +167,15 @@ class GitHubSource:
     # -- the loop -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Reconcile now, then on every webhook and every interval. Never raises."""
+        """Reconcile now, then on every webhook and every interval. Never raises.
+
+        A pass woken by a webhook skips polling GitHub for queued jobs (it just
+        heard of one): that keeps API round trips off the path to a new runner.
+        """
+        poll = True
         while True:
             try:
-                await self.reconcile_once()
+                await self.reconcile_once(poll=poll)
             except asyncio.CancelledError:
                 raise
             except SnapfleetError as exc:
@@ -177,11 +183,15 @@ class GitHubSource:
             except Exception:
                 log.exception("github reconcile crashed; will retry")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval_s)
+                poll, self._poll_next = self._poll_next, False
+            except TimeoutError:
+                poll = True
 
-    async def reconcile_once(self) -> None:
-        await self._poll_queued()
+    async def reconcile_once(self, *, poll: bool = True) -> None:
+        if poll:
+            await self._poll_queued()
         now = time.time()
         for scope in self.scopes:
             ours = [r for r in await self.client.list_runners(scope)
@@ -270,6 +280,8 @@ class GitHubSource:
             if runner.job_id == job.id:
                 del self.runners[name]
                 log.info("runner VM ended", runner=name, job_id=job.id, state=str(job.state))
+                # Did its job get taken? Only GitHub knows: poll before starting another.
+                self._poll_next = True
                 self._wake.set()
 
 

@@ -1,0 +1,141 @@
+"""GitHub Actions: webhook received → runner process started in the guest.
+
+A fake GitHub (tests/fake_github.py, schema-checked) and the real daemon;
+signed `queued` deliveries alternate between a profile with a warm pool and
+one without, ≥20 each. The clock stops at the first line the (stand-in)
+runner prints inside its VM.
+
+    .venv/bin/python -m bench.github [--runs 20] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench._daemon import percentiles, running_daemon
+from runner.api.client import ApiClient
+from runner.images import build_image
+from tests.fake_github import FakeGitHub
+from tests.test_github_webhook import job_payload, sign
+from tests.test_images import standin_runner_tarball
+
+REPO = "octo-org/hello"
+SECRET = b"bench-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def post(url: str, action: str, job_id: int, labels: list[str],
+               runner: str | None = None) -> None:
+    payload = job_payload(action)
+    payload["workflow_job"].update(id=job_id, labels=labels, runner_name=runner)
+    body = json.dumps(payload).encode()
+    headers = {"X-GitHub-Event": "workflow_job", "X-GitHub-Delivery": os.urandom(8).hex(),
+               "X-Hub-Signature-256": sign(body, SECRET), "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
+        assert r.status == 202, r.status
+
+
+async def one(api: ApiClient, url: str, fake: FakeGitHub, job_id: int, labels: list[str]
+              ) -> float:
+    known = {j["id"] for j in await api.jobs(limit=1000)}
+    issued = set(fake.jit_configs)
+    started = time.monotonic()
+    await post(url, "queued", job_id, labels)
+    while True:  # the daemon job of the new runner
+        fresh = [j for j in await api.jobs(limit=1000) if j["id"] not in known]
+        if fresh:
+            break
+        await asyncio.sleep(0.005)
+    new_runner = next(iter(set(fake.jit_configs) - issued))
+    name = next(r["name"] for r in fake.runners[REPO].values() if r["id"] == new_runner)
+    await post(url, "in_progress", job_id, labels, runner=name)  # as GitHub would
+    async for chunk in api.logs(fresh[0]["id"], follow=True):
+        if b"jit ok" in chunk:
+            return (time.monotonic() - started) * 1000
+    raise RuntimeError(f"runner job {fresh[0]['id']} never started its runner")
+
+
+async def bench(runs: int, cache_dir: Path, log: Any) -> dict[str, Any]:
+    tarball = standin_runner_tarball(cache_dir / "test-inputs")
+    os.environ["SNAPFLEET_RUNNER_TARBALL"] = str(tarball)
+    await build_image("github-runner", cache_dir=cache_dir, progress=log)
+    fake = FakeGitHub(prefix="/api/v3")
+    await fake.start()
+    fake.add_token("ghs_bench")
+    port = free_port()
+
+    def toml(_root: Path) -> str:
+        return f"""
+[github]
+api_url = "{fake.url}"
+scopes = ["{REPO}"]
+token = "ghs_bench"
+webhook_secret = "{SECRET.decode()}"
+webhook_listen = "127.0.0.1:{port}"
+reconcile_interval_s = 5
+host = "bench"
+[profiles.gh-warm]
+image = "github-runner"
+labels = ["self-hosted", "warm"]
+warm = 2
+[profiles.gh-cold]
+image = "github-runner"
+labels = ["self-hosted", "cold"]
+"""
+
+    url = f"http://127.0.0.1:{port}/webhooks/github"
+    times: dict[str, list[float]] = {"warm": [], "cold": []}
+    try:
+        with running_daemon(cache_dir, 4, log, extra_toml=toml,
+                            env={"SNAPFLEET_RUNNER_TARBALL": str(tarball)}) as (root, _proc):
+            async with ApiClient(root / "api.sock") as api:
+                await one(api, url, fake, 1, ["self-hosted", "cold"])  # snapshot on first use
+                await asyncio.sleep(8)  # warm pool fills (after its snapshot)
+                for i in range(runs):
+                    for kind in ("warm", "cold"):
+                        job_id = 100 + 2 * i + (kind == "warm")
+                        times[kind].append(await one(api, url, fake, job_id,
+                                                     ["self-hosted", kind]))
+                    await asyncio.sleep(1.0)  # refill
+                    log(f"run {i + 1}/{runs}: warm {times['warm'][-1]:.0f} ms, "
+                        f"cold {times['cold'][-1]:.0f} ms")
+    finally:
+        await fake.close()
+    assert not fake.violations, fake.violations
+    return {"webhook_to_runner_ms": {"warm_pool": percentiles(times["warm"]),
+                                     "no_pool": percentiles(times["cold"])}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/snapfleet"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(bench(args.runs, args.cache_dir,
+                               lambda m: print(m, file=sys.stderr, flush=True)))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'webhook → runner started':26}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
+    for name, r in result["webhook_to_runner_ms"].items():
+        print(f"{name.replace('_', ' '):26}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+
+
+if __name__ == "__main__":
+    main()
