@@ -152,6 +152,9 @@ async def test_queued_delivery_runs_a_jit_runner_in_a_fresh_vm(
     async with ApiClient(gh_daemon.api) as api:
         log = b"".join([c async for c in api.logs(jobs[0]["id"])]).decode()
         assert f"jit ok runner_id={runner_id}" in log
+        history = (await api.job(jobs[0]["id"]))["history"]
+        assert any("GitHub job 7001 of octo-org/hello in_progress" in (h["reason"] or "")
+                   for h in history)
         assert (await api.status())["vms"] == []
     # The registration of a runner whose VM is gone ends too.
     await until(lambda: runner_id not in fake.runners[REPO], 30, "the runner to be deleted")

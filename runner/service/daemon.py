@@ -267,6 +267,15 @@ class Daemon:
             lease.ready.set_exception(VMError(f"no VM for {lease.key}: {lease.ended}"))
             lease.ready.exception()  # retrieved here; waiters re-raise it
 
+    async def annotate(self, job_id: str, note: str) -> None:
+        """Record something a forge said about a job: in its log and its history."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if (live := self.logs.live.get(job_id)) is not None:
+            live.note(note)
+        await self.store.annotate(job, note)
+
     async def job(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id) or await self.store.get(job_id)
 

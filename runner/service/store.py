@@ -145,6 +145,13 @@ class Store:
 
         await self._call(update)
 
+    async def annotate(self, job: Job, note: str) -> None:
+        """Add a line to a job's history without changing its state."""
+        await self._call(
+            self._exec, "INSERT INTO transitions VALUES (?,?,?,?)",
+            (job.id, str(job.state), time.time(), note),
+        )
+
     async def set_log_bytes(self, job_id: str, count: int) -> None:
         await self._call(self._exec, "UPDATE jobs SET log_bytes=? WHERE id=?", (count, job_id))
 

@@ -122,6 +122,7 @@ class GitHubSource:
             return web.json_response({"pong": True})
         if isinstance(event, WorkflowJobEvent):
             self.on_event(event)
+            await self._record(event)
             return web.json_response({"accepted": True}, status=202)
         return web.json_response({"ignored": True})
 
@@ -140,6 +141,19 @@ class GitHubSource:
                 runner.took_job = True
             bound.info(f"job {event.action}", runner=event.runner_name,
                        conclusion=event.conclusion)
+
+    async def _record(self, event: WorkflowJobEvent) -> None:
+        """Note on our runner's job record which GitHub job it ran and how it ended."""
+        runner = self.runners.get(event.runner_name or "")
+        if runner is None or runner.job_id is None or event.action not in (
+            "in_progress", "completed"
+        ):
+            return
+        ending = f": {event.conclusion}" if event.conclusion else ""
+        await self.daemon.annotate(
+            runner.job_id,
+            f"GitHub job {event.job_id} of {event.repo} {event.action}{ending} ({event.html_url})",
+        )
 
     def _route(self, repo: str, labels: tuple[str, ...] | list[str]) -> Queued | None:
         scope = self._scope_for(repo)

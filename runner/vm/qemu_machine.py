@@ -1,0 +1,344 @@
+"""One QEMU process and everything it holds: directory, overlay, network, channels.
+
+QMP and the agent channel are socketpairs handed to QEMU as descriptors, so no
+socket file exists to leak. Teardown escalates: QMP quit, SIGTERM, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from runner.config import VMSettings
+from runner.errors import AgentError, SnapfleetError, VMDied, VMError
+from runner.vm.agent_client import AgentClient, ExecSession
+from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
+from runner.vm.qemu_args import QemuRuntime, qemu_argv
+from runner.vm.qmp import Qmp
+from runner.vm.transports import SocketTransport
+
+if TYPE_CHECKING:
+    from runner.net import CloneNetwork, NetworkManager
+
+
+def new_vm_id() -> str:
+    """A short random id; it names the VM's directory, namespace and veth."""
+    return secrets.token_hex(4)
+
+
+class QemuMachine(Machine):
+    """One QEMU process and everything it holds: directory, overlay, network."""
+
+    def __init__(self, vm_id: str, settings: VMSettings, directory: Path) -> None:
+        self.vm_id = vm_id
+        self.lifecycle = Lifecycle(vm_id)
+        self.network: CloneNetwork | None = None
+        self.directory = directory
+        self.agent: AgentClient | None = None
+        self.timings: dict[str, float] = {}
+        self.prepared_for: str | None = None  # snapshot key, for machines made by prepare()
+        self.on_gone: Callable[[], object] | None = None
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: Qmp | None = None
+        self._socks: list[socket.socket] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._teardown: asyncio.Task[TeardownReport] | None = None
+        self._net_manager: NetworkManager | None = None
+
+    # -- what callers use -------------------------------------------------
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    async def exec(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        script: str | None = None,
+        shell: str = "/bin/sh",
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecSession:
+        self.lifecycle.require("exec", VMState.READY)
+        assert self.agent is not None
+        try:
+            return await self.agent.exec(
+                argv, script=script, shell=shell, env=env, cwd=cwd, timeout=timeout
+            )
+        except AgentError as exc:
+            raise await self.died_error(exc) from exc
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.lifecycle.require("put_file", VMState.READY)
+        assert self.agent is not None
+        try:
+            await self.agent.put_file(path, data, mode)
+        except AgentError as exc:
+            raise await self.died_error(exc) from exc
+
+    async def died_error(self, exc: BaseException) -> SnapfleetError:
+        """Explain an agent failure: a dead VMM is the usual cause.
+
+        The agent channel usually reports EOF a moment before the VMM is reaped,
+        so give the process a little time to finish exiting before deciding.
+        """
+        if self._proc is not None and self._proc.returncode is None:
+            await _exited(self._proc, 1.0)
+        status = self.exit_status
+        if status is not None:
+            tail = _tail(self.directory / "qemu.log")
+            detail = f": {tail}" if tail else ""
+            return VMDied(
+                f"the VMM exited with status {status} while the job ran{detail}",
+                vm_id=self.vm_id,
+                returncode=status,
+            )
+        return VMError(f"guest agent failed: {exc}", vm_id=self.vm_id)
+
+    async def destroy(self) -> TeardownReport:
+        """Stop QEMU (quit → SIGTERM → SIGKILL) and reclaim every resource. Idempotent.
+
+        Teardown runs in a task of its own so that cancelling the caller cannot
+        leave a half-destroyed VM behind.
+        """
+        if self._teardown is None:
+            self._teardown = asyncio.create_task(self._do_teardown(), name=f"teardown-{self.vm_id}")
+        return await asyncio.shield(self._teardown)
+
+    # -- building ---------------------------------------------------------
+
+    async def setup(
+        self,
+        net_manager: NetworkManager | None,
+        make_disk: Callable[[Path], Coroutine[Any, Any, Path]],
+    ) -> Path:
+        """Make the VM's directory, then its network namespace and disk side by side.
+
+        Returns the disk path. If either fails the other is cancelled (and rolls back).
+        """
+        started = time.monotonic()
+        self.directory.mkdir(mode=0o700, parents=True)
+        try:
+            async with asyncio.TaskGroup() as group:
+                if net_manager is not None:
+                    self._net_manager = net_manager
+                    group.create_task(self._make_network(net_manager))
+                disk_task = group.create_task(make_disk(self.directory))
+        except ExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        self.timings["setup"] = time.monotonic() - started
+        return disk_task.result()
+
+    async def _make_network(self, net_manager: NetworkManager) -> None:
+        self.network = await net_manager.create(self.vm_id)
+
+    async def spawn(
+        self,
+        spec: MachineSpec,
+        *,
+        disk: Path,
+        disk_format: Literal["raw", "qcow2"],
+        disk_cache: Literal["unsafe", "writeback"] = "writeback",
+        mem_path: Path | None = None,
+        mem_shared: bool = False,
+        incoming: bool = False,
+    ) -> None:
+        """Start QEMU with QMP and agent channels as inherited socketpairs."""
+        qmp_ours, qmp_theirs = socket.socketpair()
+        agent_ours, agent_theirs = socket.socketpair()
+        self._socks = [qmp_ours, agent_ours]
+        rt = QemuRuntime(
+            console_log=self.console_log,
+            qmp_fd=qmp_theirs.fileno(),
+            agent_fd=agent_theirs.fileno(),
+            sandbox=self._settings.sandbox,
+            disk=disk,
+            disk_format=disk_format,
+            disk_cache=disk_cache,
+            mem_path=mem_path,
+            mem_shared=mem_shared,
+            incoming=incoming,
+        )
+        argv = qemu_argv(self._settings.qemu_binary, spec, rt)
+        if self.network is not None:
+            argv = self.network.exec_prefix() + argv
+        started = time.monotonic()
+        with open(self.directory / "qemu.log", "wb") as log:  # noqa: ASYNC230 (local, tiny)
+            os.chmod(log.fileno(), 0o600)
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(qmp_theirs.fileno(), agent_theirs.fileno()),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise VMError(f"cannot start {argv[0]}: {exc}", vm_id=self.vm_id) from exc
+            finally:
+                qmp_theirs.close()
+                agent_theirs.close()
+        self._watcher = asyncio.create_task(self._watch(), name=f"watch-{self.vm_id}")
+        self._qmp = Qmp(self.vm_id)
+        await self._qmp.connect(qmp_ours, timeout=self._settings.restore_timeout_s)
+        self.timings["spawn"] = time.monotonic() - started
+
+    async def load_snapshot(self, state_file: Path) -> None:
+        """Load device state from ``state_file`` (RAM comes from the shared file) and resume."""
+        qmp = self._require_qmp()
+        started = time.monotonic()
+        await qmp.command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await qmp.pass_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        await qmp.command("migrate-incoming", {"uri": "fd:snapshot"})
+        await qmp.wait_migration(self._settings.restore_timeout_s, incoming=True)
+        await qmp.command("cont")
+        self.timings["load"] = time.monotonic() - started
+
+    async def save_snapshot(self, state_file: Path) -> None:
+        """Pause the VM and write its device state; RAM stays in the shared memory file."""
+        qmp = self._require_qmp()
+        await qmp.command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        await qmp.command("stop")
+        fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.pass_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        await qmp.command("migrate", {"uri": "fd:snapshot"})
+        await qmp.wait_migration(120.0)
+
+    async def connect_agent(self, timeout: float) -> None:
+        """Wait until the guest agent answers a ping."""
+        started = time.monotonic()
+        sock = self._socks[1]
+        try:
+            self.agent = await AgentClient.connect(SocketTransport(sock), timeout=timeout)
+        except AgentError as exc:
+            if self.exit_status is not None:
+                raise await self.died_error(exc) from exc
+            tail = _tail(self.console_log)
+            raise VMError(
+                f"guest agent did not answer: {exc}; console: {tail}", vm_id=self.vm_id
+            ) from exc
+        self.timings["agent"] = time.monotonic() - started
+
+    def mark_ready(self) -> None:
+        self.lifecycle.move(VMState.READY)
+
+    # -- internals --------------------------------------------------------
+
+    def _require_qmp(self) -> Qmp:
+        if self._qmp is None:
+            raise VMError("QMP is not connected", vm_id=self.vm_id)
+        return self._qmp
+
+    async def _watch(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
+        if self.lifecycle.state in (VMState.STARTING, VMState.READY):
+            self.lifecycle.move(VMState.FAILED)
+
+    async def _do_teardown(self) -> TeardownReport:
+        if self.lifecycle.state is not VMState.STOPPING:
+            self.lifecycle.move(VMState.STOPPING)
+        report = TeardownReport(self.vm_id)
+        if self.agent is not None:
+            await _collect(report, "closing agent", self.agent.close())
+        report.escalation = await self._stop_vmm(report)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._qmp is not None:
+            await _collect(report, "closing QMP", self._qmp.close())
+        for sock in self._socks:
+            sock.close()
+        if self.network is not None and self._net_manager is not None:
+            await _collect(report, "removing network", self._net_manager.destroy(self.vm_id))
+        try:
+            shutil.rmtree(self.directory, ignore_errors=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            report.errors.append(f"removing {self.directory}: {exc}")
+        self.lifecycle.move(VMState.DESTROYED)
+        if self.on_gone is not None:
+            self.on_gone()
+        return report
+
+    async def _stop_vmm(
+        self, report: TeardownReport
+    ) -> Literal["quit", "sigterm", "sigkill", "already-exited", "none"]:
+        proc = self._proc
+        if proc is None:
+            return "none"
+        if proc.returncode is not None:
+            return "already-exited"
+        grace = self._settings.stop_timeout_s
+        if self._qmp is not None:
+            with contextlib.suppress(VMError):
+                await self._qmp.command("quit", timeout=grace)
+            if await _exited(proc, grace):
+                return "quit"
+        for sig, name in ((signal.SIGTERM, "sigterm"), (signal.SIGKILL, "sigkill")):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            if await _exited(proc, grace):
+                report.errors.append(f"QEMU ignored a polite stop; ended with {name.upper()}")
+                return name  # type: ignore[return-value]
+        report.errors.append(f"QEMU pid {proc.pid} survived SIGKILL")
+        return "sigkill"
+
+
+async def _collect(report: TeardownReport, what: str, step: Awaitable[None]) -> None:
+    try:
+        await step
+    except Exception as exc:
+        report.errors.append(f"{what}: {exc}")
+
+
+async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _tail(path: Path, limit: int = 400) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace").strip().replace("\n", " | ")
