@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from runner.api.client import ApiClient
@@ -37,7 +38,8 @@ class DaemonProcess:
         lines = [
             "[paths]", f'state_dir = "{self.state}"', f'cache_dir = "{settings.paths.cache_dir}"',
             "[net]", "egress = false",
-            "[daemon]", f'api_socket = "{self.api}"', 'metrics_listen = ""',
+            "[daemon]", f'api_socket = "{self.api}"',
+            f'metrics_listen = "unix:{root / "metrics.sock"}"',
             f"shutdown_grace_s = {extra.pop('grace', '5')}",
             "[capacity]", "vcpus = 4", f"max_concurrency = {extra.pop('concurrency', '4')}",
         ]
@@ -69,6 +71,21 @@ class DaemonProcess:
             if message in data.split("\n"):
                 return
         raise AssertionError(f"no {message} from the daemon; log: {self.log()[-2000:]}")
+
+    async def metrics(self) -> dict[str, float]:
+        """The daemon's Prometheus samples, by `name{labels}`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        connector = aiohttp.UnixConnector(path=str(self.root / "metrics.sock"))
+        async with aiohttp.ClientSession(connector=connector) as http, \
+                http.get("http://snapfleet/metrics") as resp:
+            text = await resp.text()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}"] = s.value
+        return samples
 
     def log(self) -> str:
         return (self.root / "daemon.log").read_text(errors="replace")

@@ -44,6 +44,12 @@ async def test_forty_jobs_four_at_a_time(daemon: DaemonProcess) -> None:
         assert peak == 4
         assert (await api.status())["vms"] == []
     assert daemon.vm_dirs() == []
+    metrics = await daemon.metrics()
+    assert metrics['snapfleet_jobs_total{outcome="succeeded"}'] == 14
+    assert metrics['snapfleet_jobs_total{outcome="failed"}'] == 26
+    assert metrics["snapfleet_restore_seconds_count{pool=\"cold\"}"] == 40
+    assert metrics['snapfleet_jobs_current{state="running"}'] == 0
+    assert metrics["snapfleet_vms_running{}"] == 0
 
 
 async def test_kill9_then_restart_reclaims_and_fails_lost_jobs(daemon_factory: Any) -> None:
