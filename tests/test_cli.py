@@ -47,10 +47,12 @@ def test_run_streams_both_streams_and_passes_the_exit_code(env: dict[str, str]) 
 
 @pytest.mark.vm
 def test_run_options_reach_the_guest(env: dict[str, str]) -> None:
-    done = snapfleet("run", "--env", "A=1", "--env", "B=two words", "--workdir", "/srv",
-                     "--", "sh", "-c", 'echo "$A|$B|$(pwd)"', env=env)
+    env = {**env, "DEPLOY_TOKEN": "from-my-env"}
+    done = snapfleet("run", "--env", "A=1", "--env", "B=two words", "--env", "DEPLOY_TOKEN",
+                     "--workdir", "/srv", "--", "sh", "-c", 'echo "$A|$B|$DEPLOY_TOKEN|$(pwd)"',
+                     env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "1|two words|/srv\n"
+    assert done.stdout == "1|two words|from-my-env|/srv\n"
 
 
 @pytest.mark.vm
@@ -75,7 +77,9 @@ def test_sigterm_cancels_the_job_and_cleans_up(env: dict[str, str], state_dir: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--env", "NOEQUALS", "--", "true"], "--env: expected K=V, got 'NOEQUALS'"),
+        (["run", "--env", "=x", "--", "true"], "--env: expected K=V or K, got '=x'"),
+        (["run", "--env", "SNAPFLEET_UNSET_VAR", "--", "true"],
+         "--env: SNAPFLEET_UNSET_VAR is not set in this environment"),
         (["run", "--vcpus", "0", "--", "true"], "--vcpus: Input should be greater than or equal"),
         (["run", "--profile", "gpu", "--", "true"], "unknown profile 'gpu'"),
         (["run"], "nothing to run"),

@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=int)
     run.add_argument("--memory", type=int, metavar="MIB")
     run.add_argument("--timeout", type=float, metavar="S", help="kill the job after S seconds")
-    run.add_argument("--env", action="append", default=[], metavar="K=V", help="job environment")
+    run.add_argument(
+        "--env", action="append", default=[], metavar="K=V",
+        help="job environment; K alone passes your own $K (keeps secrets out of ps)",
+    )
     run.add_argument("--workdir", metavar="DIR", help="working directory in the guest")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -47,11 +48,17 @@ def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
+    """`K=V`, or `K` alone to pass the caller's own value of K (a secret then stays
+    out of the process list)."""
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError("--env", f"expected K=V, got {pair!r}")
+        if not key or not key.replace("_", "").isalnum():
+            raise ConfigError("--env", f"expected K=V or K, got {pair!r}")
+        if not sep:
+            if key not in os.environ:
+                raise ConfigError("--env", f"{key} is not set in this environment")
+            value = os.environ[key]
         env[key] = value
     return env
 
