@@ -99,3 +99,29 @@ def test_doctor_reports_the_accelerator(env: dict[str, str]) -> None:
     assert "qemu" in done.stdout
     if Path("/sys/module/kvm_pvm").exists():
         assert "tcg (KVM is PVM" in done.stdout
+
+
+@pytest.mark.vm
+def test_profile_with_its_own_kernel_and_rootfs(env: dict[str, str], settings: Settings,
+                                                tmp_path: Path) -> None:
+    from runner.images import find_image
+
+    image = find_image("default", cache_dir=settings.paths.cache_dir)
+    assert image is not None
+    cfg = tmp_path / "own.toml"
+    cfg.write_text(
+        "[profiles.default]\n[profiles.own]\n"
+        f'kernel = "{image.kernel}"\ninitramfs = "{image.initramfs}"\nrootfs = "{image.rootfs}"\n'
+    )
+    done = snapfleet("--config", str(cfg), "run", "--profile", "own", "--", "uname", "-r",
+                     env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("cloud-amd64")
+    missing = tmp_path / "missing.toml"
+    missing.write_text(
+        "[profiles.default]\n[profiles.own]\n"
+        'kernel = "/nope/vmlinux"\ninitramfs = "/nope/initrd"\nrootfs = "/nope/root.ext4"\n'
+    )
+    bad = snapfleet("--config", str(missing), "run", "--profile", "own", "--", "true", env=env)
+    assert bad.returncode == 125
+    assert "/nope/vmlinux, which does not exist" in bad.stderr
