@@ -93,6 +93,13 @@ def test_bad_input_is_a_clear_error(env: dict[str, str], args: list[str], messag
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.vm
+def test_doctor_boot_proves_the_accelerator(env: dict[str, str]) -> None:
+    done = snapfleet("doctor", "--boot", env=env, timeout=300)
+    assert "[ok  ] boot" in done.stdout, done.stdout + done.stderr
+    assert "image booted to its agent in" in done.stdout
+
+
 def test_doctor_reports_the_accelerator(env: dict[str, str]) -> None:
     done = snapfleet("doctor", env=env)
     assert "accelerator" in done.stdout

@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     gitlab.add_argument("action", choices=["config", "prepare", "run", "cleanup"])
     gitlab.add_argument("args", nargs=argparse.REMAINDER, help="run: <script> <stage>")
 
-    sub.add_parser("doctor", help="check this host")
+    doctor = sub.add_parser("doctor", help="check this host")
+    doctor.add_argument("--boot", action="store_true",
+                        help="also cold-boot the default image to prove the accelerator works")
     config = commands(sub.add_parser("config", help="configuration"), "action")
     check = config.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)

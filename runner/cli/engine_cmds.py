@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from pydantic import ValidationError
 
 from runner.config import Profile, Settings, load_settings
 from runner.errors import ConfigError
+from runner.host import Check
 
 EXIT_TIMEOUT = 124
 EXIT_SYSTEM = 125
@@ -133,11 +135,32 @@ async def doctor(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     failed = 0
-    for check in await doctor(settings):
+    checks = await doctor(settings)
+    if args.boot and all(c.ok for c in checks if c.required):
+        checks.append(await _boot_check(settings))
+    for check in checks:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
         print(f"[{mark}] {check.name:12} {check.detail}")
         failed += int(check.required and not check.ok)
     return 1 if failed else 0
+
+
+async def _boot_check(settings: Settings) -> Check:
+    """Cold-boot the default profile's (cached) image with the chosen accelerator."""
+    from runner.engine import Engine
+    from runner.errors import SnapfleetError
+
+    profile = settings.profile()
+    try:
+        async with Engine(settings) as engine:
+            image = await engine.image(profile, progress, build=False)
+            started = time.monotonic()
+            machine = await engine.hypervisor.boot(engine.spec(profile, image), image.rootfs)
+            seconds = time.monotonic() - started
+            await machine.destroy()
+    except SnapfleetError as exc:
+        return Check("boot", False, f"cold boot failed: {exc}")
+    return Check("boot", True, f"{engine.accel.accel}: image booted to its agent in {seconds:.1f}s")
 
 
 async def config(args: argparse.Namespace) -> int:
