@@ -151,8 +151,10 @@ async def _boot_check(settings: Settings) -> Check:
     from runner.errors import SnapfleetError
 
     profile = settings.profile()
+    # A check must not change the host: boot without networking (no NAT, no ip_forward).
+    quiet = settings.model_copy(update={"net": settings.net.model_copy(update={"enabled": False})})
     try:
-        async with Engine(settings) as engine:
+        async with Engine(quiet) as engine:
             image = await engine.image(profile, progress, build=False)
             started = time.monotonic()
             machine = await engine.hypervisor.boot(engine.spec(profile, image), image.rootfs)
