@@ -218,7 +218,10 @@ class Daemon:
             await self._finish(job, Outcome(JobState.CANCELLED, reason="cancelled by user"))
         elif (task := self.tasks.get(job.id)) is not None:
             job.reason = "cancelled by user"
-            task.cancel()
+            # Not task.cancel() at once: a task cancelled before its first step never runs
+            # its body, so its finally (capacity, outcome) would never run either. Its
+            # first step is already queued, ahead of this call.
+            asyncio.get_running_loop().call_soon(task.cancel)
         return job
 
     async def acquire_lease(self, key: str, profile: str | None) -> Lease:
@@ -264,7 +267,8 @@ class Daemon:
         if not lease.released.is_set():
             lease.ended = outcome.reason or str(outcome.state)
         if not lease.ready.done():
-            lease.ready.set_exception(VMError(f"no VM for {lease.key}: {lease.ended}"))
+            why = lease.ended or outcome.reason or str(outcome.state)
+            lease.ready.set_exception(VMError(f"no VM for {lease.key}: {why}"))
             lease.ready.exception()  # retrieved here; waiters re-raise it
 
     async def annotate(self, job_id: str, note: str) -> None:
@@ -309,8 +313,8 @@ class Daemon:
     async def _launch(self, job: Job) -> None:
         need = demand(self.settings.profile(job.profile))
         self.used = self.used + need
-        await self.store.transition(job, JobState.STARTING)
-        self.metrics.observe_queue_wait(time.time() - job.created_at)
+        # The task is registered before anything awaits, so a cancel() from now on finds it
+        # and whatever fails from now on (even recording STARTING) returns the capacity.
         task = asyncio.create_task(self._supervise(job, need), name=f"job-{job.id}")
         self.tasks[job.id] = task
 
@@ -320,6 +324,8 @@ class Daemon:
         job_log = self.logs.open(job.id)
         outcome = Outcome(JobState.SYSTEM_FAILURE, reason="did not finish")
         try:
+            await self.store.transition(job, JobState.STARTING)
+            self.metrics.observe_queue_wait(time.time() - job.created_at)
             lease = self._lease_jobs.get(job.id)
             work = lease.work() if lease is not None else None
             outcome = await run_in_vm(job, profile, self.engine, self.store, job_log, work)
@@ -336,6 +342,8 @@ class Daemon:
             self._wake.set()
 
     async def _finish(self, job: Job, outcome: Outcome) -> None:
+        # A lease job cancelled while queued never ran: its waiters learn it here.
+        self._end_lease(job.id, outcome)
         if job.state not in TERMINAL:
             await self.store.transition(
                 job, outcome.state, reason=outcome.reason, exit_code=outcome.exit_code,
