@@ -103,6 +103,8 @@ class WarmPool:
         self._entries: dict[str, _Entry] = {}
         # slot (normally a profile name) -> (snapshot key, size); sizes for one key add up.
         self._slots: dict[str, tuple[str, int]] = {}
+        # Machines whose teardown the pool began and has not seen finish: close() awaits them.
+        self._destroying: set[QemuMachine] = set()
         self._state = PoolState.NEW
 
     @property
@@ -202,6 +204,8 @@ class WarmPool:
             machines += entry.dead
             entry.idle.clear()
             entry.dead.clear()
+        # A refiller cancelled while destroying left that teardown running in its own task.
+        machines += self._destroying
         # A machine's destroy() runs in a task of its own, so every teardown
         # finishes even if close() itself is cancelled while waiting.
         await asyncio.gather(*(self._destroy(m) for m in machines))
@@ -290,11 +294,16 @@ class WarmPool:
 
     async def _destroy(self, machine: QemuMachine) -> None:
         # Runs in the background or in close(): a failed teardown is reported, never raised.
+        self._destroying.add(machine)
         try:
             report = await machine.destroy()
+        except asyncio.CancelledError:
+            raise  # the teardown goes on in its own task; close() waits for it
         except Exception as exc:
+            self._destroying.discard(machine)
             log.warning("destroying pooled machine failed", vm_id=machine.vm_id, error=str(exc))
             return
+        self._destroying.discard(machine)
         for problem in report.errors:
             log.warning("pooled machine teardown", vm_id=machine.vm_id, problem=problem)
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from structlog.testing import capture_logs
@@ -21,8 +22,8 @@ from runner.config import Profile, Settings
 from runner.engine import Command, Engine
 from runner.pool import PoolStats, WarmPool
 from runner.snapshots import Snapshot
-from runner.vm.backend import MachineSpec
-from runner.vm.qemu import QemuHypervisor
+from runner.vm.backend import MachineSpec, TeardownReport, VMState
+from runner.vm.qemu import QemuHypervisor, QemuMachine, new_vm_id
 from tests.conftest import leftovers, qemu_processes
 
 SLOT = "pool-test"
@@ -246,3 +247,36 @@ async def test_refill_errors_are_logged_and_retried_without_crashing(
     assert [e["attempt"] for e in failures[:2]] == [1, 2]
     assert [e["retry_in_s"] for e in failures[:2]] == [0.5, 1.0]
     assert "incomplete" in failures[0]["error"]
+
+
+class _SlowTeardown(QemuMachine):
+    """A machine with no QEMU whose teardown takes a while (like a QMP quit that hangs)."""
+
+    async def _stop_vmm(self, report: TeardownReport) -> Literal["none"]:
+        await asyncio.sleep(0.5)
+        return "none"
+
+
+class _SlowHypervisor(QemuHypervisor):
+    async def prepare(self, snapshot: Snapshot) -> QemuMachine:
+        machine = _SlowTeardown(new_vm_id(), self.settings, self.vms_dir / "m")
+        machine.directory.mkdir(parents=True)
+        return machine
+
+
+async def test_close_waits_for_a_teardown_the_pool_had_begun(
+    settings: Settings, tmp_path: Path
+) -> None:
+    hypervisor = _SlowHypervisor(settings.vm, tmp_path / "vms", None)
+    spec = MachineSpec(vcpus=1, memory_mib=128, kernel=tmp_path / "k", initramfs=tmp_path / "i",
+                       cmdline="", accel="tcg", cpu="max", network=False)
+    snap = Snapshot(path=tmp_path / "s", key="slow", spec=spec, manifest={})
+    async with WarmPool(hypervisor) as pool:
+        pool.set_target(snap, 1)
+        await until(full(pool, snap, 1), "the pool to fill", 5)
+        machine = pool._entries["slow"].idle[0]
+        pool.set_target(snap, 0)  # the refiller starts destroying it...
+        await until(lambda: machine.state is VMState.STOPPING, "the trim to begin", 5)
+    # ... and close() must not return (and let the daemon exit) before it has finished.
+    assert machine.state is VMState.DESTROYED
+    assert not machine.directory.exists()
