@@ -204,30 +204,47 @@ class GitHubSource:
                 poll = True
 
     async def reconcile_once(self, *, poll: bool = True) -> None:
+        """One pass over every polled repository and every scope.
+
+        One that fails (a 403 on one organisation, a renamed repository) does not
+        hold up the others: the first error is raised once all have been tried.
+        """
+        errors: list[SnapfleetError] = []
         if poll:
-            await self._poll_queued()
+            await self._poll_queued(errors)
         now = time.time()
         for scope in self.scopes:
-            ours = [r for r in await self.client.list_runners(scope)
-                    if r.name.startswith(self.prefix)]
-            plan = reconcile.plan(
-                queued=[reconcile.RoutedJob(job_id, q.profile) for job_id, q
-                        in self.queued.items() if q.scope == scope],
-                runners=ours,
-                vms=[self._live_vm(r, now) for r in self.runners.values() if r.scope == scope],
-                now=now, idle_limit_s=self.config.idle_limit_s, prefix=self.prefix,
-            )
-            await self._apply(scope, plan, ours)
+            try:
+                ours = [r for r in await self.client.list_runners(scope)
+                        if r.name.startswith(self.prefix)]
+                plan = reconcile.plan(
+                    queued=[reconcile.RoutedJob(job_id, q.profile) for job_id, q
+                            in self.queued.items() if q.scope == scope],
+                    runners=ours,
+                    vms=[self._live_vm(r, now) for r in self.runners.values()
+                         if r.scope == scope],
+                    now=now, idle_limit_s=self.config.idle_limit_s, prefix=self.prefix,
+                )
+                await self._apply(scope, plan, ours)
+            except SnapfleetError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
-    async def _poll_queued(self) -> None:
+    async def _poll_queued(self, errors: list[SnapfleetError]) -> None:
         """Queued jobs the webhooks may have missed, and ones no longer queued.
 
         The poll is the truth for its repositories, except for jobs heard of in
-        the last ``FRESH_S`` seconds, which the API may not list yet.
+        the last ``FRESH_S`` seconds, which the API may not list yet. A repository
+        that fails is skipped (its error added to ``errors``).
         """
         for repo in self.config.repos_to_poll():
             name = f"{repo.owner}/{repo.repo}"
-            listed = {job.id: job for job in await self.client.queued_jobs(repo)}
+            try:
+                listed = {job.id: job for job in await self.client.queued_jobs(repo)}
+            except SnapfleetError as exc:
+                errors.append(exc)
+                continue
             fresh = time.monotonic() - FRESH_S
             for job_id, entry in list(self.queued.items()):
                 stale = entry.polled or entry.seen_at < fresh
