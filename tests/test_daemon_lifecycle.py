@@ -14,6 +14,7 @@ from runner.service.daemon import Daemon
 from runner.service.executor import Outcome
 from runner.service.jobs import JobSpec, JobState
 from runner.service.scheduler import Resources
+from runner.service.store import Store
 
 
 @pytest.fixture
@@ -83,3 +84,47 @@ async def test_cancel_while_launching_stops_the_job_and_returns_its_capacity(
     assert job.id not in idle_daemon.tasks, "the cancel was lost: the job still runs"
     assert job.state is JobState.CANCELLED
     assert idle_daemon.used == Resources()
+
+
+async def test_an_internal_failure_still_ends_running_jobs_and_records_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a background task of the daemon crashes, running jobs are cancelled (their VMs
+    torn down) and recorded before the store closes: nothing is left orphaned."""
+    settings = load_settings(
+        None,
+        paths={"state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache"},
+        net={"enabled": False},
+        daemon={"api_socket": tmp_path / "api.sock", "metrics_listen": ""},
+    )
+    daemon = Daemon(settings)
+    started = asyncio.Event()
+
+    async def job_that_runs_forever(*_args: object) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("unreachable")
+
+    async def crashing_reconcile_loop() -> None:
+        await started.wait()
+        raise RuntimeError("reconcile blew up")
+
+    monkeypatch.setattr("runner.service.daemon.run_in_vm", job_that_runs_forever)
+    monkeypatch.setattr(daemon, "_reconcile_loop", crashing_reconcile_loop)
+    serving = asyncio.create_task(daemon.serve())
+    while not daemon.accepting:
+        await asyncio.sleep(0.01)
+    job = await daemon.submit(JobSpec(script="sleep 1000"))
+    with pytest.raises(ExceptionGroup) as info:
+        await asyncio.wait_for(serving, 30)
+    assert info.group_contains(RuntimeError, match="reconcile blew up")
+    assert daemon.tasks == {}
+    store = Store(daemon.store.path)  # the daemon closed its own
+    await store.open()
+    try:
+        recorded = await store.get(job.id)
+    finally:
+        await store.close()
+    assert recorded is not None
+    assert recorded.state is JobState.CANCELLED
+    assert recorded.reason == "cancelled: the daemon hit an internal error"

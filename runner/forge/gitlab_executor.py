@@ -118,7 +118,10 @@ async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: st
     if code is None:
         code = 128 + int(final.get("signal") or signal.SIGKILL)
     if env.exit_code_file:
-        Path(env.exit_code_file).write_text(f"{code}\n")
+        try:
+            Path(env.exit_code_file).write_text(f"{code}\n")
+        except OSError as exc:
+            return _system_failure(env, f"cannot write BUILD_EXIT_CODE_FILE: {exc.strerror}")
     return env.build_failure
 
 

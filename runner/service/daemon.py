@@ -142,11 +142,27 @@ class Daemon:
                 ]
                 if github is not None:
                     background.append(group.create_task(github.run(), name="github"))
-                await self._schedule_loop()
-                await self._drain()
-                for task in background:
-                    task.cancel()
+                try:
+                    await self._schedule_loop()
+                    await self._drain()
+                finally:
+                    # Reached early only if something failed (a background task or the
+                    # scheduler): end the running jobs now, while store and engine are
+                    # still open, so their VMs are torn down and their outcomes recorded.
+                    await self._cancel_running("the daemon hit an internal error")
+                    for task in background:
+                        task.cancel()
         log.info("stopped")
+
+    async def _cancel_running(self, reason: str) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            job_id = task.get_name().removeprefix("job-")
+            if (job := self.jobs.get(job_id)) is not None and job.reason is None:
+                job.reason = f"cancelled: {reason}"
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _github(self, stack: contextlib.AsyncExitStack) -> GitHubSource | None:
         """The GitHub source (client, webhook listener) when configured."""
@@ -344,11 +360,15 @@ class Daemon:
     async def _finish(self, job: Job, outcome: Outcome) -> None:
         # A lease job cancelled while queued never ran: its waiters learn it here.
         self._end_lease(job.id, outcome)
-        if job.state not in TERMINAL:
-            await self.store.transition(
-                job, outcome.state, reason=outcome.reason, exit_code=outcome.exit_code,
-                log_bytes=job.log_bytes,
-            )
+        try:
+            if job.state not in TERMINAL:
+                await self.store.transition(
+                    job, outcome.state, reason=outcome.reason, exit_code=outcome.exit_code,
+                    log_bytes=job.log_bytes,
+                )
+        except Exception:
+            # The record stays behind (recovery fails it later); the job itself is over.
+            log.exception("could not record the job's outcome", job_id=job.id)
         self.jobs.pop(job.id, None)
         for listener in self.listeners:
             listener(job)
