@@ -128,3 +128,14 @@ async def test_an_internal_failure_still_ends_running_jobs_and_records_them(
     assert recorded is not None
     assert recorded.state is JobState.CANCELLED
     assert recorded.reason == "cancelled: the daemon hit an internal error"
+
+
+async def test_two_prepares_for_one_key_hold_one_vm(idle_daemon: Daemon) -> None:
+    first = asyncio.create_task(idle_daemon.acquire_lease("runner-1:job-9", None))
+    second = asyncio.create_task(idle_daemon.acquire_lease("runner-1:job-9", None))
+    await asyncio.sleep(0.2)
+    assert len(idle_daemon.queue) == 1  # one job, so at most one VM
+    assert await idle_daemon.release_lease("runner-1:job-9")
+    for waiter in (first, second):
+        with pytest.raises(VMError):
+            await asyncio.wait_for(waiter, 5)

@@ -75,6 +75,7 @@ class Daemon:
         self.leases: dict[str, Lease] = {}  # by key
         self.listeners: list[Callable[[Job], None]] = []  # told when a job ends
         self._lease_jobs: dict[str, Lease] = {}  # by job id
+        self._lease_lock = asyncio.Lock()
         self.accepting = False
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -246,22 +247,28 @@ class Daemon:
         Asking again for a key already held returns the same lease (a retried prepare).
         """
         check_key(key)
-        existing = self.leases.get(key)
-        if existing is None:
-            name = profile or self.settings.default_profile
-            allowed = self.settings.gitlab.allowed_profiles
-            if name not in allowed:
-                raise ConfigError(
-                    "SNAPFLEET_PROFILE",
-                    f"profile {name!r} is not allowed for GitLab jobs (allowed: {allowed})",
-                )
-            spec = JobSpec(command=["gitlab-executor"], name=key, profile=name)
-            job = await self.submit(spec, source="gitlab")
-            existing = Lease(key, job, asyncio.get_running_loop().create_future())
-            self.leases[key] = existing
-            self._lease_jobs[job.id] = existing
+        # Check and create under one lock: two prepares for one key must not make two VMs.
+        async with self._lease_lock:
+            existing = self.leases.get(key)
+            if existing is None:
+                existing = await self._new_lease(key, profile)
         await asyncio.shield(existing.ready)
         return existing
+
+    async def _new_lease(self, key: str, profile: str | None) -> Lease:
+        name = profile or self.settings.default_profile
+        allowed = self.settings.gitlab.allowed_profiles
+        if name not in allowed:
+            raise ConfigError(
+                "SNAPFLEET_PROFILE",
+                f"profile {name!r} is not allowed for GitLab jobs (allowed: {allowed})",
+            )
+        spec = JobSpec(command=["gitlab-executor"], name=key, profile=name)
+        job = await self.submit(spec, source="gitlab")
+        lease = Lease(key, job, asyncio.get_running_loop().create_future())
+        self.leases[key] = lease
+        self._lease_jobs[job.id] = lease
+        return lease
 
     async def release_lease(self, key: str) -> bool:
         """Destroy the VM held under ``key``; False if there was none. Idempotent."""
