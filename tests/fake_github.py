@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import secrets
 import time
@@ -26,7 +27,22 @@ import jsonschema  # type: ignore[import-untyped]  # no stubs in the dev extras
 import jwt
 from aiohttp import web
 
-SPECS = Path("/work/shared/specs")
+
+def _specs_dir() -> Path:
+    """GitHub's published schemas: in `shared/specs` beside the checkout (as CI lays it
+    out), or where SNAPFLEET_SPECS_DIR points."""
+    candidates = [
+        Path(os.environ.get("SNAPFLEET_SPECS_DIR", "/nonexistent")),
+        Path(__file__).resolve().parents[2] / "shared" / "specs",
+        Path("/work/shared/specs"),
+    ]
+    for candidate in candidates:
+        if (candidate / "github-actions-runners.openapi.json").exists():
+            return candidate
+    raise FileNotFoundError("GitHub's OpenAPI specs not found; set SNAPFLEET_SPECS_DIR")
+
+
+SPECS = _specs_dir()
 REST_SPEC = SPECS / "github-actions-runners.openapi.json"
 WEBHOOK_SPEC = SPECS / "github-workflow-job-webhooks.openapi.json"
 # GitHub answers these on any operation, documented or not (auth, gone, limits, outages).
