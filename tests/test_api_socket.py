@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -97,8 +96,3 @@ def _has_gid(gid: int) -> bool:
     except KeyError:
         return False
     return True
-
-
-def test_connecting_needs_a_listener(open_dir: Path) -> None:
-    with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
-        s.connect(str(open_dir / "nothing.sock"))
