@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import subprocess
 import sys
 import time
@@ -44,6 +45,10 @@ async def test_forty_jobs_four_at_a_time(daemon: DaemonProcess) -> None:
         assert peak == 4
         assert (await api.status())["vms"] == []
     assert daemon.vm_dirs() == []
+    # Job output and job env (secrets) are for root only.
+    private = [daemon.state / "snapfleet.db", *(daemon.state / "logs").glob("*.log")]
+    assert len(private) == 41
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in private} == {"0o600"}
     metrics = await daemon.metrics()
     assert metrics['snapfleet_jobs_total{outcome="succeeded"}'] == 14
     assert metrics['snapfleet_jobs_total{outcome="failed"}'] == 26
