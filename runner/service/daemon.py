@@ -20,11 +20,11 @@ import structlog
 
 from runner.config import Settings
 from runner.engine import Engine
-from runner.errors import ConfigError, SnapfleetError, VMError
+from runner.errors import ConfigError, SnapfleetError
 from runner.service import recovery
 from runner.service.executor import Outcome, run_in_vm
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
-from runner.service.leases import Lease, check_key
+from runner.service.leases import Lease, LeaseBook
 from runner.service.logs import LogStore
 from runner.service.metrics import Metrics
 from runner.service.notify import Notifier, watchdog_loop
@@ -72,10 +72,14 @@ class Daemon:
         self.jobs: dict[str, Job] = {}  # unfinished jobs, by id
         self.queue: list[str] = []  # FIFO of queued job ids
         self.tasks: dict[str, asyncio.Task[None]] = {}  # running jobs
-        self.leases: dict[str, Lease] = {}  # by key
+        self.lease_book = LeaseBook(
+            lambda spec: self.submit(spec, source="gitlab"),
+            allowed_profiles=settings.gitlab.allowed_profiles,
+            default_profile=settings.default_profile,
+        )
+        self.leases = self.lease_book.by_key
         self.listeners: list[Callable[[Job], None]] = []  # told when a job ends
-        self._lease_jobs: dict[str, Lease] = {}  # by job id
-        self._lease_lock = asyncio.Lock()
+        self._lease_jobs = self.lease_book.by_job
         self.accepting = False
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -246,29 +250,7 @@ class Daemon:
 
         Asking again for a key already held returns the same lease (a retried prepare).
         """
-        check_key(key)
-        # Check and create under one lock: two prepares for one key must not make two VMs.
-        async with self._lease_lock:
-            existing = self.leases.get(key)
-            if existing is None:
-                existing = await self._new_lease(key, profile)
-        await asyncio.shield(existing.ready)
-        return existing
-
-    async def _new_lease(self, key: str, profile: str | None) -> Lease:
-        name = profile or self.settings.default_profile
-        allowed = self.settings.gitlab.allowed_profiles
-        if name not in allowed:
-            raise ConfigError(
-                "SNAPFLEET_PROFILE",
-                f"profile {name!r} is not allowed for GitLab jobs (allowed: {allowed})",
-            )
-        spec = JobSpec(command=["gitlab-executor"], name=key, profile=name)
-        job = await self.submit(spec, source="gitlab")
-        lease = Lease(key, job, asyncio.get_running_loop().create_future())
-        self.leases[key] = lease
-        self._lease_jobs[job.id] = lease
-        return lease
+        return await self.lease_book.acquire(key, profile)
 
     async def release_lease(self, key: str) -> bool:
         """Destroy the VM held under ``key``; False if there was none. Idempotent."""
@@ -282,17 +264,6 @@ class Daemon:
         if task is not None:
             await asyncio.wait([task])  # returns once the VM is destroyed
         return True
-
-    def _end_lease(self, job_id: str, outcome: Outcome) -> None:
-        lease = self._lease_jobs.pop(job_id, None)
-        if lease is None:
-            return
-        if not lease.released.is_set():
-            lease.ended = outcome.reason or str(outcome.state)
-        if not lease.ready.done():
-            why = lease.ended or outcome.reason or str(outcome.state)
-            lease.ready.set_exception(VMError(f"no VM for {lease.key}: {why}"))
-            lease.ready.exception()  # retrieved here; waiters re-raise it
 
     async def annotate(self, job_id: str, note: str) -> None:
         """Record something a forge said about a job: in its log and its history."""
@@ -349,7 +320,7 @@ class Daemon:
         try:
             await self.store.transition(job, JobState.STARTING)
             self.metrics.observe_queue_wait(time.time() - job.created_at)
-            lease = self._lease_jobs.get(job.id)
+            lease = self.lease_book.by_job.get(job.id)
             work = lease.work() if lease is not None else None
             outcome = await run_in_vm(job, profile, self.engine, self.store, job_log, work)
         except asyncio.CancelledError:
@@ -358,7 +329,7 @@ class Daemon:
         finally:
             job.log_bytes = job_log.size
             self.logs.close(job.id)
-            self._end_lease(job.id, outcome)
+            self.lease_book.end(job.id, outcome)
             self.used = self.used - need
             self.tasks.pop(job.id, None)
             await asyncio.shield(self._finish(job, outcome))
@@ -366,7 +337,7 @@ class Daemon:
 
     async def _finish(self, job: Job, outcome: Outcome) -> None:
         # A lease job cancelled while queued never ran: its waiters learn it here.
-        self._end_lease(job.id, outcome)
+        self.lease_book.end(job.id, outcome)
         try:
             if job.state not in TERMINAL:
                 await self.store.transition(
