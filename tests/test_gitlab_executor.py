@@ -77,6 +77,11 @@ class Runner:
         )
 
 
+def ok(done: subprocess.CompletedProcess[str]) -> None:
+    """A step that must succeed; says what it printed when it does not."""
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+
+
 @pytest.fixture
 async def gl_daemon(daemon_factory: object) -> DaemonProcess:
     d: DaemonProcess = daemon_factory()  # type: ignore[operator]
@@ -126,7 +131,7 @@ async def test_passing_job_runs_every_stage_in_one_vm(gl_daemon: DaemonProcess,
         "build-start\nhello from python\ntoken=s3cret-from-gitlab\nleaked=0\n"
     )
     assert outputs["archive_cache"] == "cached\n"  # the files of get_sources were still there
-    assert runner.step("cleanup").returncode == 0
+    ok(runner.step("cleanup"))
     assert gl_daemon.vm_dirs() == []
 
 
@@ -134,7 +139,7 @@ async def test_failing_script_is_a_build_failure_with_the_real_code(
     gl_daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     runner = Runner(gl_daemon, 502, tmp_path)
-    assert runner.step("prepare").returncode == 0
+    ok(runner.step("prepare"))
     done = runner.step("run", str(runner.script("build_script", "echo failing; exit 3")),
                        "build_script")
     assert done.returncode == BUILD_FAILURE
@@ -144,13 +149,13 @@ async def test_failing_script_is_a_build_failure_with_the_real_code(
     after = runner.step("run", str(runner.script("after_script", "echo after-failure")),
                         "after_script")
     assert after.returncode == 0
-    assert runner.step("cleanup").returncode == 0
+    ok(runner.step("cleanup"))
 
 
 async def test_vm_killed_mid_stage_is_a_system_failure(gl_daemon: DaemonProcess,
                                                        tmp_path: Path) -> None:
     runner = Runner(gl_daemon, 503, tmp_path)
-    assert runner.step("prepare").returncode == 0
+    ok(runner.step("prepare"))
     proc = await runner.start_run("build_script", "echo started; sleep 120")
     assert proc.stdout is not None
     assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
@@ -161,7 +166,7 @@ async def test_vm_killed_mid_stage_is_a_system_failure(gl_daemon: DaemonProcess,
     assert proc.returncode == SYSTEM_FAILURE
     assert "system failure" in err.decode()
     assert "VMM exited" in err.decode()
-    assert runner.step("cleanup").returncode == 0
+    ok(runner.step("cleanup"))
     assert gl_daemon.vm_dirs() == []
 
 
@@ -169,7 +174,7 @@ async def test_sigterm_stops_a_long_stage_within_5s_and_cleanup_leaves_nothing(
     gl_daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     runner = Runner(gl_daemon, 504, tmp_path)
-    assert runner.step("prepare").returncode == 0
+    ok(runner.step("prepare"))
     proc = await runner.start_run("build_script", "echo started; sleep 300; echo never")
     assert proc.stdout is not None
     assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
@@ -179,7 +184,7 @@ async def test_sigterm_stops_a_long_stage_within_5s_and_cleanup_leaves_nothing(
     assert time.monotonic() - started < 5
     assert b"never" not in out
     assert proc.returncode != 0
-    assert runner.step("cleanup").returncode == 0
+    ok(runner.step("cleanup"))
     async with ApiClient(gl_daemon.api) as api:
         status = await api.status()
     assert status["vms"] == []
@@ -201,16 +206,16 @@ async def test_two_jobs_at_once_get_two_vms(gl_daemon: DaemonProcess, tmp_path: 
     assert look.returncode == 0, look.stdout
     assert write.stdout != look.stdout  # different hostnames: different VMs
     for r in (a, b):
-        assert r.step("cleanup").returncode == 0
+        ok(r.step("cleanup"))
 
 
 async def test_cleanup_without_prepare_and_twice_is_harmless(gl_daemon: DaemonProcess,
                                                              tmp_path: Path) -> None:
     runner = Runner(gl_daemon, 507, tmp_path)
-    assert runner.step("cleanup").returncode == 0
-    assert runner.step("prepare").returncode == 0
-    assert runner.step("cleanup").returncode == 0
-    assert runner.step("cleanup").returncode == 0
+    ok(runner.step("cleanup"))
+    ok(runner.step("prepare"))
+    ok(runner.step("cleanup"))
+    ok(runner.step("cleanup"))
     stage = runner.step("run", str(runner.script("build_script", "true")), "build_script")
     assert stage.returncode == SYSTEM_FAILURE
     assert "was prepare run?" in stage.stderr
