@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from runner.agent import messages
 from runner.agent import protocol as proto
 from runner.agent.protocol import (
     MAX_FRAME_SIZE,
@@ -85,7 +86,7 @@ def test_guest_messages_round_trip(
 
 def test_every_message_type_is_covered() -> None:
     sent = {type(m) for m in [*HOST_MESSAGES, *GUEST_MESSAGES]}
-    assert sent == {*proto._MESSAGE_TYPES.values(), proto.Output}
+    assert sent == {*messages._MESSAGE_TYPES.values(), proto.Output}
 
 
 def test_partial_frames_byte_by_byte(host: Connection, guest: Connection) -> None:
