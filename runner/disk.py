@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from runner.errors import VMError
+from runner.proc import run
 
 
 async def create_overlay(
@@ -29,28 +30,14 @@ async def create_overlay(
     if not base.exists():
         raise VMError(f"base disk {base} does not exist")
     size = base.stat().st_size
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-o",
-        "lazy_refcounts=on",
-        "-b",
-        str(backing_path or base.resolve()),
-        "-F",
-        "raw",
-        str(overlay),
-        str(size),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
+    backing = str(backing_path or base.resolve())
+    try:
+        await run(qemu_img, "create", "-q", "-f", "qcow2", "-u", "-o", "lazy_refcounts=on",
+                  "-b", backing, "-F", "raw", overlay, str(size),
+                  what="qemu-img create overlay", error=VMError)
+    except BaseException:
         remove(overlay)
-        raise VMError(f"qemu-img create overlay failed: {err.decode(errors='replace').strip()}")
+        raise
     os.chmod(overlay, 0o600)
     return overlay
 
@@ -71,17 +58,8 @@ async def clone_overlay(template: Path, overlay: Path) -> Path:
 
 async def copy_sparse(src: Path, dst: Path) -> None:
     """Copy a raw disk keeping holes (and sharing extents where the filesystem can)."""
-    proc = await asyncio.create_subprocess_exec(
-        "cp",
-        "--sparse=always",
-        "--reflink=auto",
-        str(src),
-        str(dst),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise VMError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
+    await run("cp", "--sparse=always", "--reflink=auto", src, dst, what=f"copying {src}",
+              error=VMError)
 
 
 def remove(path: Path) -> None:

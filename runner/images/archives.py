@@ -24,8 +24,8 @@ from pathlib import Path
 
 from runner.errors import ImageError
 from runner.images.cache import sha256_file
-from runner.images.proc import ProgressFn
 from runner.images.recipe import ENV_PREFIX, Archive, LoadedRecipe
+from runner.proc import ProgressFn
 
 DOWNLOADS = "downloads"
 DOWNLOAD_TIMEOUT_S = 60.0

@@ -15,8 +15,8 @@ from runner.images import archives, cache, kernel, keys, rootfs
 from runner.images.image import MANIFEST, MANIFEST_FORMAT, Image, file_record, load_image_dir
 from runner.images.image import write_manifest as _write_manifest
 from runner.images.initramfs import INITRAMFS_FILE, build_initramfs_layer
-from runner.images.proc import ProgressFn
 from runner.images.recipe import LoadedRecipe, load_recipe
+from runner.proc import ProgressFn
 
 VMLINUX = "vmlinux"
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from runner.errors import ConfigError, ImageError
 from runner.images.elf import is_static, module_depends
 from runner.images.kernel import KernelInfo
-from runner.images.proc import ProgressFn, run
+from runner.proc import ProgressFn, run
 
 INITRAMFS_FILE = "initramfs.cpio.gz"
 MODULES_ORDER = "etc/snapfleet-modules"

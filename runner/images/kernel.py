@@ -16,7 +16,7 @@ from pathlib import Path
 
 from runner.errors import ImageError
 from runner.images.elf import ELF_MAGIC
-from runner.images.proc import ProgressFn, run
+from runner.proc import ProgressFn, run
 
 _REAL_KERNEL_RE = re.compile(r"^linux-image-\d[\w.+-]*$")
 _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"

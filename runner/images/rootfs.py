@@ -14,7 +14,7 @@ from pathlib import Path
 
 from runner.errors import ImageError
 from runner.images.archives import unpack
-from runner.images.proc import ProgressFn, run, tail
+from runner.proc import ProgressFn, run, tail
 
 BASE_TAR = "base.tar"
 PACKAGES_FILE = "packages.txt"

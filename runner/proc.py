@@ -1,4 +1,4 @@
-"""Run the external tools an image build needs, without blocking the event loop."""
+"""Run external tools (debootstrap, qemu-img, cp, ...) without blocking the event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.errors import HostError, ImageError
+from runner.errors import HostError, ImageError, SnapfleetError
 
 # Where a missing tool comes from, so the error says what to install.
 _TOOL_PACKAGES = {
@@ -22,6 +22,8 @@ _TOOL_PACKAGES = {
     "debootstrap": "debootstrap",
     "mkfs.ext4": "e2fsprogs",
     "tar": "tar",
+    "qemu-img": "qemu-utils",
+    "cp": "coreutils",
 }
 
 TAIL_LINES = 20
@@ -45,11 +47,12 @@ async def run(
     stdin: Path | None = None,
     stdout: Path | None = None,
     env: dict[str, str] | None = None,
+    error: Callable[[str], SnapfleetError] = ImageError,
 ) -> bytes:
     """Run ``argv`` and return its stdout (empty if redirected to ``stdout``).
 
-    Raises ``ImageError`` naming ``what`` with the tail of stderr when the
-    command fails, and ``HostError`` when the tool is not installed. On
+    Raises ``error`` (default ``ImageError``) naming ``what`` with the tail of
+    stderr when the command fails, and ``HostError`` when the tool is not installed. On
     cancellation the whole process group is killed before re-raising, so a
     cancelled build leaves no debootstrap running behind it.
     """
@@ -83,5 +86,5 @@ async def run(
             raise
     if proc.returncode != 0:
         detail = tail(err) or tail(out or b"")
-        raise ImageError(f"{what} failed (exit {proc.returncode}): {detail or 'no output'}")
+        raise error(f"{what} failed (exit {proc.returncode}): {detail or 'no output'}")
     return out or b""
