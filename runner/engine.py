@@ -79,6 +79,9 @@ class Engine:
         self.pool = WarmPool(self.hypervisor, max_refills=1)
         self.qemu_version = ""
         self._snapshot_lock = asyncio.Lock()
+        self._resolved: dict[str, Snapshot] = {}  # by profile
+        # Read once: under TCG every guest is told the host's TSC frequency.
+        self._tsc_khz = host_tsc_khz() if self.accel.accel == "tcg" else None
 
     async def __aenter__(self) -> Engine:
         self.qemu_version = await qemu_version(self.settings.vm.qemu_binary)
@@ -124,8 +127,8 @@ class Engine:
 
     def spec(self, profile: Profile, image: Image) -> MachineSpec:
         cmdline = image.cmdline
-        if self.accel.accel == "tcg" and (khz := host_tsc_khz()) is not None:
-            cmdline += f" tsc_early_khz={khz}"
+        if self.accel.accel == "tcg" and self._tsc_khz is not None:
+            cmdline += f" tsc_early_khz={self._tsc_khz}"
         if self.net is not None:
             cmdline += " " + self.net.config.guest_kernel_args()
             if self.settings.net.dns:
@@ -145,7 +148,22 @@ class Engine:
     async def snapshot(
         self, profile: Profile, progress: Progress, *, create: bool = True, force: bool = False
     ) -> Snapshot:
-        """The profile's snapshot, created (image first, if needed) when missing."""
+        """The profile's snapshot, created (image first, if needed) when missing.
+
+        Resolved once per profile and remembered: every job asks, and finding it
+        means hashing the recipe's inputs.
+        """
+        key = profile.model_dump_json()
+        known = self._resolved.get(key)
+        if known is not None and not force and (known.path / "manifest.json").exists():
+            return known
+        found = await self._find_or_create(profile, progress, create=create, force=force)
+        self._resolved[key] = found
+        return found
+
+    async def _find_or_create(
+        self, profile: Profile, progress: Progress, *, create: bool, force: bool
+    ) -> Snapshot:
         image = await self.image(profile, progress, build=create)
         spec = self.spec(profile, image)
         async with self._snapshot_lock:
