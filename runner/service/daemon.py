@@ -160,14 +160,14 @@ class Daemon:
         log.info("stopped")
 
     async def _cancel_running(self, reason: str) -> None:
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            job_id = task.get_name().removeprefix("job-")
+        """Cancel every running job (keeping a reason already given) and wait for them."""
+        tasks = dict(self.tasks)
+        for job_id, task in tasks.items():
             if (job := self.jobs.get(job_id)) is not None and job.reason is None:
                 job.reason = f"cancelled: {reason}"
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            await asyncio.wait(tasks.values())
 
     async def _github(self, stack: contextlib.AsyncExitStack) -> GitHubSource | None:
         """The GitHub source (client, webhook listener) when configured."""
@@ -361,14 +361,8 @@ class Daemon:
             return
         grace = self.settings.daemon.shutdown_grace_s
         log.info("waiting for running jobs", count=len(self.tasks), grace_s=grace)
-        _done, pending = await asyncio.wait(list(self.tasks.values()), timeout=grace)
-        for task in pending:
-            job_id = task.get_name().removeprefix("job-")
-            if (job := self.jobs.get(job_id)) is not None:
-                job.reason = "cancelled: the daemon shut down"
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        await asyncio.wait(list(self.tasks.values()), timeout=grace)
+        await self._cancel_running("the daemon shut down")  # those still running
 
     # -- reconcile ------------------------------------------------------------
 
