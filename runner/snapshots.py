@@ -11,11 +11,9 @@ device layout and QEMU version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -25,10 +23,12 @@ from typing import Any, Protocol
 
 from runner import disk
 from runner.errors import SnapshotError, SnapshotMismatch
+from runner.images.cache import building, layer_path, remove_stale_temps
 from runner.vm.backend import MachineSpec
 from runner.vm.qemu_args import device_layout
 
 MANIFEST_VERSION = 2
+LAYER = "snapshot"  # directories are snapshot-<key>, like the image cache's layers
 FILES = ("memory", "state", "disk.raw", "overlay.qcow2", "vmlinux", "initramfs")
 
 
@@ -95,7 +95,7 @@ class SnapshotStore:
 
     def find(self, image_digest: str, spec: MachineSpec) -> Snapshot | None:
         """The snapshot for this image and shape, or None if it was never made."""
-        path = self.root / snapshot_key(image_digest, spec, self.qemu_version)
+        path = self._path(snapshot_key(image_digest, spec, self.qemu_version))
         return self.load(path) if (path / "manifest.json").exists() else None
 
     def load(self, path: Path) -> Snapshot:
@@ -134,67 +134,69 @@ class SnapshotStore:
     ) -> Snapshot:
         """Boot a template, let it settle, snapshot it, and store it atomically."""
         key = snapshot_key(image_digest, spec, self.qemu_version)
-        final = self.root / key
+        final = self._path(key)
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{secrets.token_hex(3)}"
-        tmp.mkdir(mode=0o700)
+        await asyncio.to_thread(remove_stale_temps, self.root)
         try:
-            started = time.monotonic()
-            tmp_spec = await _stage_files(tmp, spec, rootfs, progress)
-            progress("booting template VM (cold boot; slow under TCG)")
-            boot_s = await template(tmp_spec, tmp / "disk.raw", tmp / "memory", tmp / "state")
-            await disk.create_overlay(
-                tmp / "disk.raw",
-                tmp / "overlay.qcow2",
-                qemu_img=self.qemu_img,
-                backing_path=final / "disk.raw",
-            )
-            progress("hashing snapshot files")
-            sums = await asyncio.to_thread(_checksums, tmp)
-            manifest = {
-                "manifest_version": MANIFEST_VERSION,
-                "key": key,
-                "image_digest": image_digest,
-                "qemu_version": self.qemu_version,
-                "layout": device_layout(spec),
-                "spec": {
-                    "vcpus": spec.vcpus,
-                    "memory_mib": spec.memory_mib,
-                    "cmdline": spec.cmdline,
-                    "accel": spec.accel,
-                    "cpu": spec.cpu,
-                    "network": spec.network,
-                    "tcg_tb_size_mib": spec.tcg_tb_size_mib,
-                },
-                "sha256": sums,
-                "sizes": {name: (tmp / name).stat().st_size for name in FILES},
-                "template_boot_s": round(boot_s, 3),
-                "created_s": round(time.monotonic() - started, 3),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            for name in (*FILES, "manifest.json"):
-                os.chmod(tmp / name, 0o444)
-            os.chmod(tmp, 0o755)  # noqa: S103 (holds no secrets; readable like the image cache)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                # Someone else stored the same snapshot first; theirs is as good as ours.
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, asyncio.CancelledError | SnapshotError):
-                raise
-            if isinstance(exc, Exception):
-                raise SnapshotError(f"snapshot creation failed: {exc}") from exc
+            # Built in a temp dir, renamed into place when complete (a forced
+            # re-creation replaces the old one); removed on any failure.
+            async with building(self.root, LAYER, key) as tmp:
+                await self._build(tmp, final, key, template, image_digest, spec, rootfs, progress)
+        except (asyncio.CancelledError, SnapshotError):
             raise
+        except Exception as exc:
+            raise SnapshotError(f"snapshot creation failed: {exc}") from exc
         progress(f"snapshot {key} stored in {final}")
         return self.load(final)
 
-    def remove(self, key: str) -> None:
-        path = self.root / key
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(path)
+    async def _build(
+        self,
+        tmp: Path,
+        final: Path,
+        key: str,
+        template: TemplateBooter,
+        image_digest: str,
+        spec: MachineSpec,
+        rootfs: Path,
+        progress: Callable[[str], None],
+    ) -> None:
+        started = time.monotonic()
+        tmp_spec = await _stage_files(tmp, spec, rootfs, progress)
+        progress("booting template VM (cold boot; slow under TCG)")
+        boot_s = await template(tmp_spec, tmp / "disk.raw", tmp / "memory", tmp / "state")
+        await disk.create_overlay(
+            tmp / "disk.raw", tmp / "overlay.qcow2", qemu_img=self.qemu_img,
+            backing_path=final / "disk.raw",
+        )
+        progress("hashing snapshot files")
+        sums = await asyncio.to_thread(_checksums, tmp)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "key": key,
+            "image_digest": image_digest,
+            "qemu_version": self.qemu_version,
+            "layout": device_layout(spec),
+            "spec": {
+                "vcpus": spec.vcpus,
+                "memory_mib": spec.memory_mib,
+                "cmdline": spec.cmdline,
+                "accel": spec.accel,
+                "cpu": spec.cpu,
+                "network": spec.network,
+                "tcg_tb_size_mib": spec.tcg_tb_size_mib,
+            },
+            "sha256": sums,
+            "sizes": {name: (tmp / name).stat().st_size for name in FILES},
+            "template_boot_s": round(boot_s, 3),
+            "created_s": round(time.monotonic() - started, 3),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name in (*FILES, "manifest.json"):
+            os.chmod(tmp / name, 0o444)
+
+    def _path(self, key: str) -> Path:
+        return layer_path(self.root, LAYER, key)
 
 
 class TemplateBooter(Protocol):

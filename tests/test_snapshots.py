@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from runner.config import Settings
+from runner.engine import Engine
 from runner.errors import SnapshotError, SnapshotMismatch
 from runner.snapshots import FILES, MANIFEST_VERSION, SnapshotStore, snapshot_key
 from runner.vm.backend import MachineSpec
@@ -77,3 +80,19 @@ def test_key_covers_what_a_restore_depends_on() -> None:
     assert base != snapshot_key("img", SPEC, "8.0.0")
     assert base != snapshot_key("img", replace(SPEC, vcpus=2), "7.2.22")
     assert base != snapshot_key("img", replace(SPEC, cmdline="console=ttyS0 quiet"), "7.2.22")
+
+
+@pytest.mark.vm
+async def test_forced_creation_replaces_the_snapshot(engine: Engine, settings: Settings) -> None:
+    # Its own shape, so the session's snapshot (used by other tests) is left alone.
+    profile = settings.profile().model_copy(update={"memory_mib": 384})
+    first = await engine.snapshot(profile, lambda _m: None)
+    again = await engine.snapshot(profile, lambda _m: None)
+    assert again.path == first.path
+    assert again.manifest["created_at"] == first.manifest["created_at"]  # found, not remade
+    time.sleep(1.1)  # created_at has one-second resolution
+    forced = await engine.snapshot(profile, lambda _m: None, force=True)
+    assert forced.path == first.path
+    assert forced.manifest["created_at"] != first.manifest["created_at"]
+    await forced.verify()
+    assert not [p for p in forced.path.parent.iterdir() if p.name.startswith(".tmp-")]
