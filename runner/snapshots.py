@@ -115,7 +115,8 @@ class SnapshotStore:
         if recorded != current:
             field = next(k for k in current if recorded.get(k) != current[k])
             raise SnapshotMismatch(f"layout.{field}", recorded.get(field), current[field])
-        snapshot = Snapshot(path=path, key=path.name, spec=spec, manifest=manifest)
+        key = manifest.get("key", path.name)  # the hash; the directory adds a prefix
+        snapshot = Snapshot(path=path, key=key, spec=spec, manifest=manifest)
         snapshot.check_compatible()
         return snapshot
 
