@@ -37,7 +37,7 @@ class DaemonProcess:
         self.config = root / "config.toml"
         lines = [
             "[paths]", f'state_dir = "{self.state}"', f'cache_dir = "{settings.paths.cache_dir}"',
-            "[net]", "egress = false",
+            "[net]", "egress = false", "dns = []",
             "[daemon]", f'api_socket = "{self.api}"',
             f'metrics_listen = "unix:{root / "metrics.sock"}"',
             f"shutdown_grace_s = {extra.pop('grace', '5')}",

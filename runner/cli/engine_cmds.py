@@ -77,7 +77,11 @@ async def run(args: argparse.Namespace) -> int:
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, progress)
         result = await engine.run(
-            snapshot, command, _write_output, profile_timeout=profile.timeout_s
+            snapshot,
+            command,
+            _write_output,
+            profile_timeout=profile.timeout_s,
+            policy=engine.policy(profile),
         )
     if result.timed_out:
         timeout = command.timeout_s or profile.timeout_s

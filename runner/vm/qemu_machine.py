@@ -22,6 +22,7 @@ from runner.config import VMSettings
 from runner.errors import AgentError, SnapfleetError, VMDied, VMError
 from runner.vm.agent_client import AgentClient, ExecSession
 from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
+from runner.vm.ownership import VMLock
 from runner.vm.qemu_args import QemuRuntime, qemu_argv
 from runner.vm.qmp import Qmp
 from runner.vm.transports import SocketTransport
@@ -54,6 +55,7 @@ class QemuMachine(Machine):
         self._watcher: asyncio.Task[None] | None = None
         self._teardown: asyncio.Task[TeardownReport] | None = None
         self._net_manager: NetworkManager | None = None
+        self._owner = VMLock(directory.parent, vm_id)
 
     # -- what callers use -------------------------------------------------
 
@@ -137,7 +139,11 @@ class QemuMachine(Machine):
         Returns the disk path. If either fails the other is cancelled (and rolls back).
         """
         started = time.monotonic()
-        self.directory.mkdir(mode=0o700, parents=True)
+        # Ours before anything exists: recovery in another process sharing the
+        # state dir leaves a VM alone while its lock is held.
+        self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._owner.acquire()
+        self.directory.mkdir(mode=0o700)
         try:
             async with asyncio.TaskGroup() as group:
                 if net_manager is not None:
@@ -292,6 +298,8 @@ class QemuMachine(Machine):
             pass
         except OSError as exc:
             report.errors.append(f"removing {self.directory}: {exc}")
+        # Whatever a failed step left is unowned now: the next reconcile reclaims it.
+        self._owner.release()
         self.lifecycle.move(VMState.DESTROYED)
         if self.on_gone is not None:
             self.on_gone()
