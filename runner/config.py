@@ -79,8 +79,8 @@ class NetSettings(_Section):
     """Reachable whatever `egress` says: `[{cidr = "192.168.1.10/32", ports = [5000]}]`."""
     allow_host_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
     """Host ports (TCP and UDP) guests may reach, for a service you offer them on purpose
-    (a cache, a registry mirror) at the host end of their veth; all else on the host is
-    refused."""
+    (a cache, a registry mirror); a guest connects to its gateway (172.16.0.1) on that
+    port and reaches the host. Everything else on the host is refused."""
     dns: list[IPv4Address] | None = None
     """Guest resolvers, set at every restore; unset = the host's upstream resolvers
     (through systemd-resolved's stub when the host uses it); `[]` = none."""

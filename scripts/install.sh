@@ -76,6 +76,8 @@ CONF
 
 packages=(qemu-system-x86 qemu-utils nftables iproute2 util-linux debootstrap lz4 cpio
           busybox-static e2fsprogs python3-venv ca-certificates systemd)
+# The isolation tests serve DNS to guests from a fake "outside" namespace.
+$dev && packages+=(dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

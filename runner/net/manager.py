@@ -221,7 +221,7 @@ class NetworkManager:
             ns = await self._make_namespace(vm_id, made)
             try:
                 # nft takes ~3 ms as a process; let it run while netlink plumbs.
-                rules = asyncio.create_task(self._nft(nft.ns_ruleset(c), vm_id))
+                rules = asyncio.create_task(self._nft(nft.ns_ruleset(c, host_if.ip), vm_id))
                 try:
                     await self._plumb_host(host, vm_id, ns, host_if, made)
                     await self._plumb_ns(vm_id, ns, host_if, ns_if)

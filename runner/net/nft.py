@@ -90,13 +90,25 @@ def host_teardown(config: NetConfig) -> str:
     return f"add table inet {table}\ndelete table inet {table}\n"
 
 
-def ns_ruleset(config: NetConfig) -> str:
+def ns_ruleset(config: NetConfig, host_address: IPv4Address) -> str:
     """A new namespace's table: NAT out of its veth, and nothing forwarded yet.
 
     ``ns_policy`` fills the egress chain once the clone's profile is known;
     until then the forward chain's policy drops everything the guest sends.
+    The host ports a guest may use are reached at its gateway address (the
+    same in every clone), passed on to the host end of the clone's veth.
     """
-    body = (
+    body = ""
+    if config.allow_host_ports:
+        body += (
+            "  chain prerouting {\n"
+            "    type nat hook prerouting priority dstnat; policy accept;\n"
+            f'    iifname "{config.tap}" ip daddr {config.tap_address.ip} '
+            f"meta l4proto {{ tcp, udp }} th dport {_set(config.allow_host_ports)} "
+            f"dnat to {host_address}\n"
+            "  }\n"
+        )
+    body += (
         "  chain forward {\n"
         "    type filter hook forward priority filter; policy drop;\n"
         "    ct state established,related accept\n"
