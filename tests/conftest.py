@@ -56,10 +56,13 @@ def leftovers(state_dir: Path, live: Mapping[str, Any] | None = None) -> dict[st
         "veth": [n for n in link_names if net.vm_id_from(n, net.own_veth_prefix)],
         "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
     }
+    found["locks"] = [d.removesuffix(".lock") for d in found["vm_dirs"] if d.endswith(".lock")]
+    found["vm_dirs"] = [d for d in found["vm_dirs"] if not d.endswith(".lock")]
     found["qemu"] = [p for p in found["qemu"] if p not in keep_pids]
     found["netns"] = [n for n in found["netns"] if n[len(net.own_netns_prefix) :] not in keep]
     found["veth"] = [n for n in found["veth"] if n[len(net.own_veth_prefix) :] not in keep]
-    found["vm_dirs"] = [d for d in found["vm_dirs"] if d.removesuffix(".lock") not in keep]
+    found["vm_dirs"] = [d for d in found["vm_dirs"] if d not in keep]
+    found["locks"] = [d for d in found["locks"] if d not in keep]
     return found
 
 
