@@ -60,7 +60,6 @@ def host_ruleset(config: NetConfig) -> str:
         f"    iifname {ours} jump guest_to_host\n"
         "  }\n"
         "  chain guest_to_host {\n"
-        "    meta nfproto ipv4 ct state established,related accept\n"
         f"{host_ports}"
         "    counter drop\n"
         "  }\n"
