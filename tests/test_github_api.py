@@ -17,7 +17,8 @@ from runner.forge.github._http import RetryPolicy, Transport
 from runner.forge.github.api import GitHubClient
 from runner.forge.github.auth import REFRESH_MARGIN_S, AppCredentials, TokenCredentials
 from runner.forge.github.config import GitHubConfig
-from runner.forge.github.types import JitConfig, Scope, Secret
+from runner.forge.github.types import JitConfig, Scope
+from runner.secret import Secret
 from tests.fake_github import FakeGitHub
 
 TOKEN = "ghp_statictoken0123456789"

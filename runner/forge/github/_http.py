@@ -21,7 +21,8 @@ import aiohttp
 
 from runner import __version__
 from runner.errors import ForgeAuthError, ForgeError, ForgeUnavailable
-from runner.forge.github.types import FORGE, Secret
+from runner.forge.github.types import FORGE
+from runner.secret import Secret
 
 API_VERSION = "2022-11-28"
 _NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="next"')

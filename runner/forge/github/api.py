@@ -14,7 +14,8 @@ from runner.errors import ConfigError, ForgeAuthError, ForgeError
 from runner.forge.github._http import Clock, Response, RetryPolicy, Transport
 from runner.forge.github.auth import AppCredentials, Credentials, TokenCredentials
 from runner.forge.github.config import GitHubConfig
-from runner.forge.github.types import FORGE, JitConfig, QueuedJob, Runner, Scope, Secret
+from runner.forge.github.types import FORGE, JitConfig, QueuedJob, Runner, Scope
+from runner.secret import Secret
 
 PER_PAGE = 100
 T = TypeVar("T")

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from runner.errors import ConfigError, ForgeAuthError, ForgeError
 from runner.forge.github._http import Clock, Transport
-from runner.forge.github.types import FORGE, Secret
+from runner.forge.github.types import FORGE
+from runner.secret import Secret
 
 JWT_BACKDATE_S = 60
 """GitHub's advice: ``iat`` 60 s in the past, to absorb clock drift."""
