@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +21,7 @@ import structlog
 from runner.config import Settings
 from runner.engine import Engine
 from runner.errors import ConfigError, SnapfleetError
+from runner.secret import Secret
 from runner.service import recovery
 from runner.service.executor import Outcome, run_in_vm
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
@@ -124,6 +125,9 @@ class Daemon:
                 await self.store.transition(job, JobState.SYSTEM_FAILURE,
                                             reason=RESTART_REASON)
                 continue
+            if (lost := recovery.secrets_lost(job)) is not None:
+                await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=lost)
+                continue
             self.jobs[job.id] = job
             self.queue.append(job.id)
         self.accepting = True
@@ -204,9 +208,13 @@ class Daemon:
     # -- jobs -----------------------------------------------------------------
 
     async def submit(
-        self, spec: JobSpec, *, source: str = "local", secret_env: dict[str, str] | None = None
+        self, spec: JobSpec, *, source: str = "local",
+        secret_env: Mapping[str, Secret] | None = None,
     ) -> Job:
-        """Queue a job; ConfigError (with the reason) if no profile can run it."""
+        """Queue a job; ConfigError (with the reason) if no profile can run it.
+
+        ``secret_env`` stays in this process's memory: the store keeps only its names.
+        """
         if not self.accepting:
             raise Draining("the daemon is shutting down and takes no new jobs")
         try:
@@ -348,6 +356,7 @@ class Daemon:
             # The record stays behind (recovery fails it later); the job itself is over.
             log.exception("could not record the job's outcome", job_id=job.id)
         self.jobs.pop(job.id, None)
+        job.secret_env.clear()  # the job is over: nothing needs its secrets any more
         for listener in self.listeners:
             listener(job)
         self.metrics.job_finished(outcome.metric)

@@ -68,8 +68,8 @@ def script_work(job: Job, job_log: JobLog, engine: Engine, timeout: float) -> Wo
 
     async def work(machine: QemuMachine, remaining: float) -> Outcome:
         spec = job.spec
-        env = {**spec.env, **job.secret_env}
-        command = Command(argv=spec.command, script=spec.script, env=env, cwd=spec.workdir)
+        command = Command(argv=spec.command, script=spec.script, env=job.environment(),
+                          cwd=spec.workdir)
         result = RunResult(vm_id=machine.vm_id, exit_code=None)
         await engine.execute(machine, command, _sink(job_log), remaining, result)
         return outcome_of(result, timeout)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner.errors import ConfigError, InvalidStateError
+from runner.secret import Secret
 
 
 class JobState(enum.StrEnum):
@@ -59,6 +60,8 @@ class JobSpec(BaseModel):
     command: list[str] | None = None
     """Or an argv to run directly."""
     env: dict[str, str] = Field(default_factory=dict)
+    """Plain environment: stored with the job until it ends (secrets go in ``secret_env``
+    of the submission, never here)."""
     workdir: str | None = None
     profile: str | None = None
     """VM profile; unset = chosen by labels, else the default profile."""
@@ -86,6 +89,50 @@ class JobSpec(BaseModel):
             raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
 
 
+def parse_submission(data: Any) -> tuple[JobSpec, dict[str, Secret]]:
+    """A submitted job (POST /v1/jobs): the spec, and its ``secret_env`` split off.
+
+    ``secret_env`` values are kept in memory only; the spec is what the store keeps.
+    ConfigError names every bad field, never a secret value.
+    """
+    raw: Any = {}
+    if isinstance(data, dict) and "secret_env" in data:
+        data = dict(data)
+        raw = data.pop("secret_env")
+    problems: list[tuple[str, str]] = []
+    spec: JobSpec | None = None
+    try:
+        spec = JobSpec.parse(data)
+    except ConfigError as exc:
+        problems += exc.problems
+    secret_env = _secret_env(raw, problems)
+    for key in sorted(secret_env.keys() & (spec.env.keys() if spec else set())):
+        problems.append((f"secret_env.{key}", "also given in `env`; give it in one of them"))
+    if problems or spec is None:
+        raise ConfigError(problems[0][0], problems[0][1], problems=problems)
+    return spec, secret_env
+
+
+def _secret_env(raw: Any, problems: list[tuple[str, str]]) -> dict[str, Secret]:
+    # By hand, not pydantic: its errors carry the input, and the input here is secret.
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(("secret_env", "must be a table of names to strings"))
+        return {}
+    secret_env = {}
+    for key, value in raw.items():
+        if not key or "=" in key or "\0" in key:
+            problems.append(("secret_env", f"bad name {key!r}: empty, or holds '=' or NUL"))
+        elif not isinstance(value, str):
+            problems.append((f"secret_env.{key}", "must be a string"))
+        elif "\0" in value:
+            problems.append((f"secret_env.{key}", "must not hold a NUL byte"))
+        else:
+            secret_env[key] = Secret(value)
+    return secret_env
+
+
 def new_job_id() -> str:
     return secrets.token_hex(5)
 
@@ -106,9 +153,26 @@ class Job:
     reason: str | None = None
     vm_id: str | None = None
     log_bytes: int = 0
-    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    secret_env: dict[str, Secret] = field(default_factory=dict, repr=False)
     """Environment that exists only in this process's memory (e.g. a runner's JIT
     config): never stored, shown or logged, handed to the guest over the agent."""
+    secret_keys: tuple[str, ...] = ()
+    """Names of the secret environment: stored, so a restarted daemon knows what it lost."""
+    env_keys: tuple[str, ...] = ()
+    """Names of the plain environment: stored, kept after the job ends (the values are not)."""
+
+    def __post_init__(self) -> None:
+        self.secret_keys = self.secret_keys or tuple(sorted(self.secret_env))
+        self.env_keys = self.env_keys or tuple(sorted(self.spec.env))
+
+    @property
+    def secrets_lost(self) -> tuple[str, ...]:
+        """Secret names whose values this process does not hold (a restart took them)."""
+        return tuple(k for k in self.secret_keys if k not in self.secret_env)
+
+    def environment(self) -> dict[str, str]:
+        """The job's full environment, secrets revealed: only for handing to the guest."""
+        return {**self.spec.env, **{k: v.reveal() for k, v in self.secret_env.items()}}
 
     def public(self) -> dict[str, Any]:
         """What the API shows: everything but the environment's values."""
@@ -125,5 +189,6 @@ class Job:
             "reason": self.reason,
             "vm_id": self.vm_id,
             "log_bytes": self.log_bytes,
-            "env_keys": sorted(self.spec.env),
+            "env_keys": list(self.env_keys),
+            "secret_env_keys": list(self.secret_keys),
         }

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.net import NetworkManager
-from runner.service.jobs import JobState
+from runner.service.jobs import Job, JobState
 from runner.vm.ownership import is_lock_file, lock_path, owned_elsewhere
 
 LOST_JOB_REASON = "the daemon stopped while the job ran; its VM was reclaimed"
+SECRETS_LOST_REASON = (
+    "the daemon restarted before this job started, and its secret env lived only in the old"
+    " daemon's memory; submit it again"
+)
 
 
 @dataclass(frozen=True)
@@ -159,3 +163,15 @@ async def apply(the_plan: Plan, vms_dir: Path, net: NetworkManager | None) -> li
         with contextlib.suppress(FileNotFoundError):
             lock_path(vms_dir, vm_id).unlink()
     return problems
+
+
+def secrets_lost(job: Job) -> str | None:
+    """Why a queued job found at startup cannot run as submitted, or None if it can.
+
+    Secret env is never stored, so a job queued before a restart has the names of
+    its secrets but not their values: run without them it would fail in some
+    confusing way (or worse, run unauthenticated), so it ends here with the reason.
+    """
+    if not job.secrets_lost:
+        return None
+    return f"{SECRETS_LOST_REASON} (secret env: {', '.join(job.secrets_lost)})"

@@ -1,8 +1,12 @@
 """The daemon's state in SQLite: jobs, their transitions, VM leases, log offsets.
 
 One connection used from one worker thread, so SQLite never blocks the event
-loop and never sees two threads. The file is 0600: job environments (which
-may hold secrets) live in it.
+loop and never sees two threads. The file is 0600.
+
+Secret env is never written here (only its names). Plain env is, while the job
+may still run (a queued job survives a restart); when the job ends its values
+are overwritten in place (``secure_delete``) and the WAL is checkpointed and
+truncated, so no copy stays in the database, its WAL or its free pages.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, check_transition
 
 T = TypeVar("T")
+log = structlog.get_logger("snapfleet.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,7 +41,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     reason TEXT,
     vm_id TEXT,
-    log_bytes INTEGER NOT NULL DEFAULT 0
+    log_bytes INTEGER NOT NULL DEFAULT 0,
+    env_keys TEXT NOT NULL DEFAULT '[]',
+    secret_keys TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -54,8 +63,13 @@ CREATE TABLE IF NOT EXISTS leases (
 
 _COLUMNS = (
     "id, source, profile, spec, state, created_at, started_at, finished_at, exit_code, reason,"
-    " vm_id, log_bytes"
+    " vm_id, log_bytes, env_keys, secret_keys"
 )
+_ADDED_COLUMNS = {  # columns newer than the first schema, added to older databases
+    "env_keys": "TEXT NOT NULL DEFAULT '[]'",
+    "secret_keys": "TEXT NOT NULL DEFAULT '[]'",
+}
+_TERMINAL_SQL = ",".join(f"'{s}'" for s in sorted(TERMINAL))
 
 
 class Store:
@@ -81,10 +95,32 @@ class Store:
         os.close(fd)
         os.chmod(self.path, 0o600)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Deleted and overwritten content is zeroed, not left in free space or free pages.
+        db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, decl in _ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
         self._db = db
+        # Records of finished jobs written before env was scrubbed at the end.
+        with db:
+            db.execute("BEGIN")
+            scrubbed = db.execute(
+                f"UPDATE jobs SET spec=json_set(spec, '$.env', json('{{}}'))"
+                f" WHERE state IN ({_TERMINAL_SQL}) AND json_extract(spec, '$.env') != '{{}}'"
+            ).rowcount
+        if scrubbed:
+            self._truncate_wal()
+
+    def _truncate_wal(self) -> None:
+        """Copy the WAL into the database and cut it to zero bytes: the WAL keeps old
+        page images (and with them values since overwritten) until then."""
+        busy, _, _ = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # another connection reads: the next finished job's checkpoint retries
+            log.warning("state WAL not truncated: another connection holds it", db=str(self.path))
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -103,7 +139,7 @@ class Store:
             with db:
                 db.execute("BEGIN")
                 db.execute(
-                    f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _row(job),
                 )
                 db.execute(
@@ -129,6 +165,9 @@ class Store:
         if new in TERMINAL:
             job.finished_at = now
 
+        # A finished job's plain env is no longer needed: its values leave the database.
+        scrub = new in TERMINAL and bool(job.spec.env)
+
         def update() -> None:
             db = self._conn()
             with db:
@@ -139,9 +178,14 @@ class Store:
                     (str(job.state), job.started_at, job.finished_at, job.exit_code, job.reason,
                      job.vm_id, job.log_bytes, job.id),
                 )
+                if scrub:
+                    db.execute("UPDATE jobs SET spec=? WHERE id=?", (_spec_json(job, env=False),
+                                                                      job.id))
                 db.execute(
                     "INSERT INTO transitions VALUES (?,?,?,?)", (job.id, str(new), now, reason)
                 )
+            if scrub:
+                self._truncate_wal()
 
         await self._call(update)
 
@@ -226,11 +270,19 @@ class Store:
         return list(self._conn().execute(sql, params))
 
 
+def _spec_json(job: Job, *, env: bool) -> str:
+    """The spec as stored: never secret env (it is not in the spec), plain env only if
+    ``env`` (while the job may still run)."""
+    spec = job.spec if env or not job.spec.env else job.spec.model_copy(update={"env": {}})
+    return spec.model_dump_json()
+
+
 def _row(job: Job) -> tuple[Any, ...]:
     return (
-        job.id, job.source, job.profile, job.spec.model_dump_json(), str(job.state),
-        job.created_at, job.started_at, job.finished_at, job.exit_code, job.reason, job.vm_id,
-        job.log_bytes,
+        job.id, job.source, job.profile, _spec_json(job, env=job.state not in TERMINAL),
+        str(job.state), job.created_at, job.started_at, job.finished_at, job.exit_code,
+        job.reason, job.vm_id, job.log_bytes, json.dumps(list(job.env_keys)),
+        json.dumps(list(job.secret_keys)),
     )
 
 
@@ -239,4 +291,5 @@ def _job(row: tuple[Any, ...]) -> Job:
         id=row[0], source=row[1], profile=row[2], spec=JobSpec.model_validate(json.loads(row[3])),
         state=JobState(row[4]), created_at=row[5], started_at=row[6], finished_at=row[7],
         exit_code=row[8], reason=row[9], vm_id=row[10], log_bytes=row[11],
+        env_keys=tuple(json.loads(row[12])), secret_keys=tuple(json.loads(row[13])),
     )

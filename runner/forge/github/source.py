@@ -296,7 +296,7 @@ class GitHubSource:
             runner.runner_id = jit.runner_id
             spec = JobSpec(script=RUNNER_SCRIPT, profile=profile, name=f"github runner {name}")
             job = await self.daemon.submit(
-                spec, source="github", secret_env={JIT_ENV: jit.encoded_jit_config.reveal()}
+                spec, source="github", secret_env={JIT_ENV: jit.encoded_jit_config}
             )
         except BaseException:
             self.runners.pop(name, None)
