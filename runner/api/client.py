@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -49,8 +49,15 @@ class ApiClient:
         if self._session is not None:
             await self._session.close()
 
-    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return await self._json("POST", "/v1/jobs", json=spec)
+    async def submit(
+        self, spec: dict[str, Any], *, secret_env: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Queue ``spec``; ``secret_env`` reaches the job's environment but the daemon
+        keeps it in memory only (a restart before the job starts ends the job)."""
+        body = dict(spec)
+        if secret_env:
+            body["secret_env"] = {**body.get("secret_env", {}), **secret_env}
+        return await self._json("POST", "/v1/jobs", json=body)
 
     async def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         body = await self._json("GET", "/v1/jobs", params={"limit": str(limit)})

@@ -1,6 +1,7 @@
 """The daemon's local control API: aiohttp on a unix socket only root (or one group) can use.
 
     POST /v1/jobs                 submit a job spec (JSON)      201 | 400 | 422 | 503
+                                  (``secret_env``: env kept in memory only, never stored)
     GET  /v1/jobs[?limit=N]       recent jobs
     GET  /v1/jobs/{id}            one job and its transitions   200 | 404
     GET  /v1/jobs/{id}/logs       log bytes (?offset=N&follow=1 streams until the job ends)
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from runner.api import leases
 from runner.errors import ConfigError, HostError
-from runner.service.jobs import JobSpec
+from runner.service.jobs import parse_submission
 
 if TYPE_CHECKING:
     from runner.service.daemon import Daemon
@@ -62,8 +63,8 @@ async def submit(request: web.Request) -> web.Response:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(400, "request body is not valid JSON")
     try:
-        spec = JobSpec.parse(data)
-        job = await request.app[DAEMON].submit(spec)
+        spec, secret_env = parse_submission(data)
+        job = await request.app[DAEMON].submit(spec, secret_env=secret_env)
     except ConfigError as exc:
         return _error(422, str(exc), exc.problems)
     except Draining as exc:

@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("file", nargs="?", default="-", help="job spec (TOML or JSON); - = stdin")
     submit.add_argument("-f", "--follow", action="store_true",
                         help="stream the job's log and exit with its exit code")
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="K=V",
+        help="job environment; K alone passes your own $K as a secret: kept out of ps, the"
+             " daemon's database and logs (a daemon restart before the job starts ends it)",
+    )
     jobs = sub.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=50)
     logs = sub.add_parser("logs", help="print a job's log")

@@ -12,7 +12,7 @@ import tomllib
 from typing import Any
 
 from runner.api.client import ApiClient
-from runner.cli.engine_cmds import EXIT_SYSTEM, EXIT_TIMEOUT, settings_of
+from runner.cli.engine_cmds import EXIT_SYSTEM, EXIT_TIMEOUT, parse_env, settings_of
 from runner.errors import ConfigError
 from runner.log import configure_logging
 
@@ -53,8 +53,11 @@ def read_spec(source: str) -> dict[str, Any]:
 
 async def submit(args: argparse.Namespace) -> int:
     spec = read_spec(args.file)
+    plain, secret = parse_env(args.env)
+    if plain:
+        spec["env"] = {**spec.get("env", {}), **plain}
     async with _client(args) as api:
-        job = await api.submit(spec)
+        job = await api.submit(spec, secret_env=secret)
         if not args.follow:
             print(job["id"])
             return 0

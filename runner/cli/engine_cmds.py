@@ -49,20 +49,25 @@ def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
         ) from None
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    """`K=V`, or `K` alone to pass the caller's own value of K (a secret then stays
-    out of the process list)."""
-    env = {}
+def parse_env(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`--env` options as (plain, secret): `K=V` is plain; `K` alone passes the caller's
+    own value of K, which is secret (it stays out of the process list, and the daemon
+    keeps it in memory only)."""
+    plain: dict[str, str] = {}
+    secret: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not key or not key.replace("_", "").isalnum():
             raise ConfigError("--env", f"expected K=V or K, got {pair!r}")
-        if not sep:
-            if key not in os.environ:
-                raise ConfigError("--env", f"{key} is not set in this environment")
-            value = os.environ[key]
-        env[key] = value
-    return env
+        if sep:
+            plain[key] = value
+            secret.pop(key, None)
+        elif key not in os.environ:
+            raise ConfigError("--env", f"{key} is not set in this environment")
+        else:
+            secret[key] = os.environ[key]
+            plain.pop(key, None)
+    return plain, secret
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -73,7 +78,9 @@ async def run(args: argparse.Namespace) -> int:
         raise ConfigError("command", "nothing to run: give a command after --")
     settings = settings_of(args)
     profile = _profile(settings, args)
-    command = Command(argv=argv, env=_parse_env(args.env), cwd=args.workdir, timeout_s=args.timeout)
+    plain, secret = parse_env(args.env)
+    command = Command(argv=argv, env={**plain, **secret}, cwd=args.workdir,
+                      timeout_s=args.timeout)
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, progress)
         result = await engine.run(
