@@ -52,7 +52,8 @@ async def test_secret_env_is_never_stored_and_plain_env_leaves_when_the_job_ends
     try:
         # Enough jobs with big values that rows overflow and pages split and get freed:
         # a value must not survive in free space, free pages or old WAL frames either.
-        ended, live = [], []
+        ended: list[tuple[Job, str, str]] = []
+        live: list[tuple[Job, str, str]] = []
         for i in range(60):
             # (grepped for once: a long value is split across overflow pages)
             plain, secret = canary("plain"), canary("secret")
