@@ -26,10 +26,14 @@ def canary(kind: str) -> str:
 
 def files_holding(root: Path, needle: str) -> list[str]:
     """Every file under ``root`` whose raw bytes contain ``needle``."""
-    return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
-        if p.is_file() and needle.encode() in p.read_bytes()
-    )
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and needle.encode() in path.read_bytes():
+                found.append(str(path.relative_to(root)))
+        except FileNotFoundError:  # a VM's file, removed with its VM meanwhile
+            continue
+    return sorted(found)
 
 
 def job_with(env: dict[str, str], secret: dict[str, str] | None = None) -> Job:
