@@ -41,7 +41,7 @@ class Command:
 
     argv: Sequence[str] | None = None
     script: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
     cwd: str | None = None
     timeout_s: float | None = None
 
