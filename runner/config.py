@@ -62,6 +62,14 @@ class VMSettings(_Section):
     """How long each teardown step (QMP quit, SIGTERM) may take before escalating."""
     sandbox: bool = True
     """Run QEMU under its seccomp sandbox (`-sandbox on,spawn=deny,...`)."""
+    run_as: str | None = "snapfleet-vmm"
+    """Unprivileged user QEMU becomes once it has opened its files (`-runas`); it must
+    exist (scripts/install.sh creates it). Unset = QEMU stays root (not recommended)."""
+    cgroup: bool = True
+    """Put each QEMU in a cgroup of its own with memory and pids limits."""
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    vmm_overhead_mib: Annotated[int, Field(ge=32)] = 256
+    """QEMU's own memory on top of the guest's (the TCG translation cache comes on top)."""
 
 
 class NetSettings(_Section):
