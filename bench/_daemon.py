@@ -23,6 +23,7 @@ state_dir = "{root}/state"
 cache_dir = "{cache_dir}"
 [net]
 egress = false
+dns = []
 [daemon]
 api_socket = "{root}/api.sock"
 metrics_listen = ""

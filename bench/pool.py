@@ -71,7 +71,9 @@ class Series:
 async def bench(runs: int, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     state_dir = Path(tempfile.mkdtemp(prefix="sf-bench-", dir="/tmp"))
     settings = load_settings(
-        None, paths={"cache_dir": cache_dir, "state_dir": state_dir}, net={"egress": False}
+        None,
+        paths={"cache_dir": cache_dir, "state_dir": state_dir},
+        net={"egress": False, "dns": []},
     )
     warm, cold = Series(), Series()
     hits = 0

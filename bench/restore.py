@@ -35,7 +35,9 @@ def pss_mib(pid: int) -> float:
 async def bench(runs: int, clones: int, cache_dir: Path, log: Any) -> dict[str, Any]:
     state_dir = Path(tempfile.mkdtemp(prefix="sf-bench-", dir="/tmp"))
     settings = load_settings(
-        None, paths={"cache_dir": cache_dir, "state_dir": state_dir}, net={"egress": False}
+        None,
+        paths={"cache_dir": cache_dir, "state_dir": state_dir},
+        net={"egress": False, "dns": []},
     )
     async with Engine(settings) as engine:
         profile = settings.profile()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +25,7 @@ from pydantic_settings import (
 from runner.errors import ConfigError
 from runner.forge.github.config import GitHubConfig
 from runner.limits import Timeout
+from runner.net.policy import Allow, Egress, EgressPolicy
 
 Accel = Literal["auto", "kvm", "tcg"]
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
@@ -62,6 +63,14 @@ class VMSettings(_Section):
     """How long each teardown step (QMP quit, SIGTERM) may take before escalating."""
     sandbox: bool = True
     """Run QEMU under its seccomp sandbox (`-sandbox on,spawn=deny,...`)."""
+    run_as: str | None = "snapfleet-vmm"
+    """Unprivileged user QEMU becomes once it has opened its files (`-runas`); it must
+    exist (scripts/install.sh creates it). Unset = QEMU stays root (not recommended)."""
+    cgroup: bool = True
+    """Put each QEMU in a cgroup of its own with memory and pids limits."""
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    vmm_overhead_mib: Annotated[int, Field(ge=32)] = 256
+    """QEMU's own memory on top of the guest's (the TCG translation cache comes on top)."""
 
 
 class NetSettings(_Section):
@@ -70,10 +79,29 @@ class NetSettings(_Section):
     enabled: bool = True
     host_pool: IPv4Network = IPv4Network("10.241.0.0/16")
     """Host-side addresses: each clone takes one /30 of this pool for its veth pair."""
-    egress: bool = True
-    """Let guests reach beyond the host (host-level masquerade and ip_forward)."""
-    dns: list[str] = Field(default_factory=list)
-    """Nameservers written into the guest's resolv.conf at snapshot time."""
+    egress: Egress = "internet"
+    """What guests may reach beyond the host: `none`, `internet` (public addresses, not
+    the host's private networks) or `all` (private networks too). The host itself and
+    link-local addresses (cloud metadata) are never reachable. A profile may override it.
+    `true`/`false` mean `internet`/`none`."""
+    allow: list[Allow] = Field(default_factory=list)
+    """Reachable whatever `egress` says: `[{cidr = "192.168.1.10/32", ports = [5000]}]`."""
+    allow_host_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    """Host ports (TCP and UDP) guests may reach, for a service you offer them on purpose
+    (a cache, a registry mirror); a guest connects to its gateway (172.16.0.1) on that
+    port and reaches the host. Everything else on the host is refused."""
+    dns: list[IPv4Address] | None = None
+    """Guest resolvers, set at every restore; unset = the host's upstream resolvers
+    (through systemd-resolved's stub when the host uses it); `[]` = none."""
+
+    @field_validator("egress", mode="before")
+    @classmethod
+    def _egress_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "internet" if value else "none"
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return "internet" if value.lower() == "true" else "none"
+        return value
 
 
 class CapacitySettings(_Section):
@@ -138,6 +166,17 @@ class Profile(_Section):
     warm: Annotated[int, Field(ge=0, le=64)] = 0
     """VMM processes kept started and waiting for a restore (the warm pool)."""
     gpus: Annotated[int, Field(ge=0, le=8)] = 0
+    egress: Egress | None = None
+    """This profile's egress (`none`, `internet`, `all`); unset = `net.egress`."""
+    allow: list[Allow] | None = None
+    """This profile's allow-list; unset = `net.allow`."""
+
+    def policy(self, net: NetSettings) -> EgressPolicy:
+        """The network policy of this profile's clones."""
+        return EgressPolicy(
+            egress=self.egress or net.egress,
+            allow=tuple(net.allow if self.allow is None else self.allow),
+        )
 
     @model_validator(mode="after")
     def _own_parts_together(self) -> Profile:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import pwd
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +17,13 @@ from pathlib import Path
 import structlog
 
 from runner.config import Profile, Settings
-from runner.errors import AgentError, ImageError, RestoreError, SnapshotError, VMError
+from runner.errors import AgentError, ConfigError, ImageError, RestoreError, SnapshotError, VMError
 from runner.host import AccelChoice, host_tsc_khz, qemu_version, resolve_accel
 from runner.images import Image, build_image, find_image, load_image_dir
 from runner.net import NetConfig, NetworkManager
+from runner.net.config import instance_id
+from runner.net.dns import Resolvers, host_resolvers
+from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
 from runner.snapshots import Snapshot, SnapshotStore
 from runner.vm.backend import MachineSpec, TeardownReport
@@ -67,14 +71,24 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.accel: AccelChoice = resolve_accel(settings.vm.accel)
+        self.instance = instance_id(settings.paths.state_dir)
         self.net: NetworkManager | None = None
+        self.resolvers = Resolvers(tuple(settings.net.dns or ()), "config")
         if settings.net.enabled:
+            if settings.net.dns is None:
+                self.resolvers = host_resolvers()
             self.net = NetworkManager(
-                NetConfig.model_validate(
-                    {"pool": settings.net.host_pool, "egress": settings.net.egress}
+                NetConfig(
+                    instance=self.instance,
+                    pool=settings.net.host_pool,
+                    nameservers=self.resolvers.nameservers,
+                    allow_host_ports=tuple(sorted(set(settings.net.allow_host_ports))),
                 )
             )
-        self.hypervisor = QemuHypervisor(settings.vm, settings.paths.state_dir / "vms", self.net)
+        _check_run_as(settings.vm.run_as)
+        self.hypervisor = QemuHypervisor(
+            settings.vm, settings.paths.state_dir / "vms", self.net, instance=self.instance
+        )
         # One refill at a time: on a small host, spawning QEMU competes with running jobs.
         self.pool = WarmPool(self.hypervisor, max_refills=1)
         self.qemu_version = ""
@@ -86,12 +100,27 @@ class Engine:
     async def __aenter__(self) -> Engine:
         self.qemu_version = await qemu_version(self.settings.vm.qemu_binary)
         if self.net is not None:
+            for why in self.resolvers.skipped:
+                log.warning("guest_resolver_skipped", source=self.resolvers.source, reason=why)
+            if not self.resolvers.nameservers:
+                log.warning(
+                    "guests_have_no_dns",
+                    hint="set net.dns to resolvers the guests can reach",
+                    source=self.resolvers.source,
+                )
             await self.net.setup_host()
         await self.pool.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # The host table stays: other processes of this instance (a daemon beside
+        # `snapfleet run` on one state dir) use it, and it matches only our veths.
+        # ip_forward went back when the last clone was destroyed.
         await self.pool.close()
+
+    def policy(self, profile: Profile) -> EgressPolicy:
+        """The network policy for clones of ``profile``."""
+        return profile.policy(self.settings.net)
 
     @property
     def snapshots(self) -> SnapshotStore:
@@ -131,8 +160,6 @@ class Engine:
             cmdline += f" tsc_early_khz={self._tsc_khz}"
         if self.net is not None:
             cmdline += " " + self.net.config.guest_kernel_args()
-            if self.settings.net.dns:
-                cmdline += " snapfleet.dns=" + ",".join(self.settings.net.dns)
         return MachineSpec(
             vcpus=profile.vcpus,
             memory_mib=profile.memory_mib,
@@ -221,7 +248,12 @@ class Engine:
         return boot_s
 
     async def restore(
-        self, snapshot: Snapshot, *, env: Mapping[str, str] | None = None, use_pool: bool = True
+        self,
+        snapshot: Snapshot,
+        *,
+        env: Mapping[str, str] | None = None,
+        use_pool: bool = True,
+        policy: EgressPolicy | None = None,
     ) -> QemuMachine:
         """A READY clone of ``snapshot``: from the warm pool when it has one, else fresh.
 
@@ -234,7 +266,7 @@ class Engine:
             machine.timings.pop("setup", None)
             machine.timings.pop("spawn", None)
             try:
-                await self.hypervisor.resume(machine, snapshot, env=env)
+                await self.hypervisor.resume(machine, snapshot, env=env, policy=policy)
             except RestoreError as exc:
                 # Its QEMU may have died while idle, after acquire() looked. resume()
                 # has destroyed it already (destroy is idempotent); try once afresh.
@@ -243,7 +275,7 @@ class Engine:
                 machine = None
         if machine is None:
             machine = await self.hypervisor.prepare(snapshot)
-            await self.hypervisor.resume(machine, snapshot, env=env)
+            await self.hypervisor.resume(machine, snapshot, env=env, policy=policy)
             machine.timings["pool"] = 0.0
         else:
             machine.timings["pool"] = 1.0
@@ -258,11 +290,17 @@ class Engine:
         self.pool.set_target(snapshot, profile.warm, slot=name)
 
     async def run(
-        self, snapshot: Snapshot, command: Command, sink: OutputSink, *, profile_timeout: float
+        self,
+        snapshot: Snapshot,
+        command: Command,
+        sink: OutputSink,
+        *,
+        profile_timeout: float,
+        policy: EgressPolicy | None = None,
     ) -> RunResult:
         """Restore a clone, run ``command`` streaming its output to ``sink``, destroy the clone."""
         started = time.monotonic()
-        machine = await self.restore(snapshot)
+        machine = await self.restore(snapshot, policy=policy)
         bound = log.bind(vm_id=machine.vm_id)
         result = RunResult(
             vm_id=machine.vm_id, exit_code=None, restore_s=time.monotonic() - started
@@ -323,6 +361,19 @@ class Engine:
         result.signal = status.signal
         result.timed_out = status.timed_out
         result.cancelled = status.cancelled
+
+
+def _check_run_as(user: str | None) -> None:
+    if user is None:
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            "vm.run_as",
+            f"user {user!r} does not exist: create it (scripts/install.sh does: "
+            f"useradd --system {user}) or set vm.run_as",
+        ) from None
 
 
 def _own_image(profile: Profile) -> Image:

@@ -123,8 +123,26 @@ async def doctor(settings: Settings) -> list[Check]:
     nft = shutil.which("nft")
     checks.append(Check("nftables", nft is not None, nft or "install the nftables package"))
     checks.append(_disk_check(settings.paths.cache_dir))
+    checks.append(_dns_check(settings))
     checks.append(_iommu_check())
     return checks
+
+
+def _dns_check(settings: Settings) -> Check:
+    from runner.net.dns import host_resolvers
+
+    if not settings.net.enabled:
+        return Check("dns", True, "networking off", required=False)
+    if settings.net.dns is not None:
+        servers = ", ".join(map(str, settings.net.dns))
+        return Check("dns", bool(servers), servers or "net.dns = [] (no resolver)", required=False)
+    found = host_resolvers()
+    if found.nameservers:
+        servers = ", ".join(map(str, found.nameservers))
+        return Check("dns", True, f"guests use {servers} (from {found.source})", required=False)
+    why = "; ".join(found.skipped) or f"no nameserver in {found.source}"
+    detail = f"guests would have no resolver ({why}); set net.dns"
+    return Check("dns", False, detail, required=False)
 
 
 def _disk_check(path: Path, need_gib: float = 5.0) -> Check:

@@ -76,6 +76,8 @@ CONF
 
 packages=(qemu-system-x86 qemu-utils nftables iproute2 util-linux debootstrap lz4 cpio
           busybox-static e2fsprogs python3-venv ca-certificates systemd)
+# The isolation tests serve DNS to guests from a fake "outside" namespace.
+$dev && packages+=(dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -84,6 +86,13 @@ if ((${#missing[@]})); then
     echo "install.sh: installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# QEMU drops to this user once it has opened its files (vm.run_as).
+if ! id snapfleet-vmm >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --user-group snapfleet-vmm
+    echo "install.sh: created system user snapfleet-vmm (QEMU runs as it)"
 fi
 
 python=${PYTHON:-python3}

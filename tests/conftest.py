@@ -16,6 +16,8 @@ import pytest
 
 from runner.config import Settings, load_settings
 from runner.engine import Engine
+from runner.net import NetConfig
+from runner.net.config import instance_id
 from runner.snapshots import Snapshot
 
 CACHE_DIR = Path(os.environ.get("SNAPFLEET_CACHE_DIR", "/var/cache/snapfleet"))
@@ -41,23 +43,26 @@ def leftovers(state_dir: Path, live: Mapping[str, Any] | None = None) -> dict[st
     (an engine's ``hypervisor.live``: e.g. a warm pool's machines)."""
     keep = set(live or {})
     keep_pids = {str(getattr(m, "pid", "")) for m in (live or {}).values()}
+    # Only this instance's names: other Snapfleet instances may run on this host.
+    net = NetConfig(instance=instance_id(state_dir))
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     vms = state_dir / "vms"
+    ns_names = [line.split()[0] for line in netns.splitlines()]
+    link_names = [ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines()]
     found = {
         "qemu": [str(p) for p in qemu_processes(str(state_dir))],
-        "netns": [line.split()[0] for line in netns.splitlines() if line.startswith("sf-")],
-        "veth": [
-            ln.split(":")[1].strip().split("@")[0]
-            for ln in links.splitlines()
-            if ln.split(":")[1].strip().startswith("sfh-")
-        ],
+        "netns": [n for n in ns_names if net.vm_id_from(n, net.own_netns_prefix)],
+        "veth": [n for n in link_names if net.vm_id_from(n, net.own_veth_prefix)],
         "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
     }
+    found["locks"] = [d.removesuffix(".lock") for d in found["vm_dirs"] if d.endswith(".lock")]
+    found["vm_dirs"] = [d for d in found["vm_dirs"] if not d.endswith(".lock")]
     found["qemu"] = [p for p in found["qemu"] if p not in keep_pids]
-    for kind in ("netns", "veth"):
-        found[kind] = [n for n in found[kind] if n.split("-", 1)[1] not in keep]
+    found["netns"] = [n for n in found["netns"] if n[len(net.own_netns_prefix) :] not in keep]
+    found["veth"] = [n for n in found["veth"] if n[len(net.own_veth_prefix) :] not in keep]
     found["vm_dirs"] = [d for d in found["vm_dirs"] if d not in keep]
+    found["locks"] = [d for d in found["locks"] if d not in keep]
     return found
 
 
@@ -73,11 +78,12 @@ def state_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def settings(state_dir: Path) -> Settings:
-    # Tests never turn on host-wide forwarding; NAT inside each namespace is enough.
+    # Tests never turn on host-wide forwarding (egress "none", no resolvers); the
+    # isolation tests run instances in namespaces of their own to test egress.
     return load_settings(
         None,
         paths={"cache_dir": CACHE_DIR, "state_dir": state_dir},
-        net={"egress": False},
+        net={"egress": "none", "dns": []},
     )
 
 

@@ -37,10 +37,11 @@ class DaemonProcess:
         self.config = root / "config.toml"
         lines = [
             "[paths]", f'state_dir = "{self.state}"', f'cache_dir = "{settings.paths.cache_dir}"',
-            "[net]", "egress = false",
+            "[net]", "egress = false", "dns = []",
             "[daemon]", f'api_socket = "{self.api}"',
             f'metrics_listen = "unix:{root / "metrics.sock"}"',
             f"shutdown_grace_s = {extra.pop('grace', '5')}",
+            f"reconcile_interval_s = {extra.pop('reconcile', '60')}",
             "[capacity]", "vcpus = 4", f"max_concurrency = {extra.pop('concurrency', '4')}",
         ]
         self.config.write_text("\n".join(lines) + "\n" + toml)

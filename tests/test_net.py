@@ -22,14 +22,17 @@ import pytest
 
 from runner.errors import ConfigError, NetworkError
 from runner.net import CloneNetwork, NetConfig, NetworkManager, orphaned
-from runner.net.nft import host_ruleset
+from runner.net.forwarding import ForwardingLease
+from runner.net.nft import host_ruleset, ns_policy
+from runner.net.policy import Allow, EgressPolicy
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 # Names of our own, so a daemon (or another test run) on this host keeps its
 # namespaces, veths and rules, and the leak check sees only ours.
-HOST_TABLE = "snapfleet_test"
-NS_PREFIX = "sft-"
-VETH_PREFIX = "sfth-"
+INSTANCE = "tst0"
+HOST_TABLE = f"sft_{INSTANCE}"
+NS_PREFIX = f"sft-{INSTANCE}-"
+VETH_PREFIX = f"sft{INSTANCE}"
 POOL = IPv4Network("10.242.0.0/24")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -162,10 +165,10 @@ async def no_leftovers() -> AsyncIterator[None]:
 @pytest.fixture
 def config() -> NetConfig:
     return NetConfig(
-        egress=False,
-        host_table=HOST_TABLE,
-        netns_prefix=NS_PREFIX,
-        host_veth_prefix=VETH_PREFIX,
+        instance=INSTANCE,
+        host_table="sft",
+        netns_prefix="sft-",
+        host_veth_prefix="sft",
         pool=POOL,
     )
 
@@ -210,13 +213,14 @@ def test_orphaned(
 
 
 def test_config_defaults_and_names() -> None:
-    c = NetConfig()
+    c = NetConfig(instance="k2x7")
     assert c.guest_kernel_args() == "snapfleet.ip=172.16.0.2/30 snapfleet.gw=172.16.0.1"
     assert c.slots == 16384
-    assert c.netns_name("ab12") == "sf-ab12"
-    assert c.host_veth("0123456789") == "sfh-0123456789"  # 14 of 15 bytes
+    assert c.netns_name("ab12") == "sf-k2x7-ab12"
+    assert c.host_veth("01234567") == "sfhk2x701234567"  # all 15 bytes
+    assert c.own_host_table == "snapfleet_k2x7"
     assert [str(a) for a in c.slot_addresses(1)] == ["10.241.0.5/30", "10.241.0.6/30"]
-    for bad in ("", "ABC", "a-b", "01234567890", "a b", "x;y"):
+    for bad in ("", "ABC", "a-b", "012345678", "a b", "x;y"):
         with pytest.raises(ConfigError):
             c.netns_name(bad)
     with pytest.raises(ConfigError):
@@ -229,7 +233,10 @@ def test_config_defaults_and_names() -> None:
         {"guest_address": "172.16.0.6/30"},
         {"guest_address": "172.16.0.1/30"},
         {"pool": "10.241.0.0/31"},
-        {"host_veth_prefix": "toolong-"},
+        {"host_veth_prefix": "sfhx"},
+        {"instance": "AB!1"},
+        {"instance": "abcde"},
+        {"allow_host_ports": [0]},
         {"tap": "tap0;rm"},
         {"host_table": "bad table"},
         {"pool": "172.16.0.0/16"},
@@ -299,11 +306,15 @@ async def test_masquerade_rewrites_the_guest_side_source(manager: NetworkManager
     net = await manager.create(vm_id())
     try:
         tables = await nft_json("ruleset", netns=net.netns)
-        kinds = [next(iter(i)) for i in tables]
-        assert kinds == ["table", "chain", "rule"], tables
-        chain = tables[1]["chain"]
-        assert (chain["type"], chain["hook"]) == ("nat", "postrouting")
-        expr = tables[2]["rule"]["expr"]
+        chains = {i["chain"]["name"]: i["chain"] for i in tables if "chain" in i}
+        assert (chains["postrouting"]["type"], chains["postrouting"]["hook"]) == (
+            "nat",
+            "postrouting",
+        )
+        # Until the clone's policy is applied, the namespace forwards nothing.
+        assert (chains["forward"]["hook"], chains["forward"]["policy"]) == ("forward", "drop")
+        (rule,) = [i["rule"] for i in tables if "rule" in i and i["rule"]["chain"] == "postrouting"]
+        expr = rule["expr"]
         assert expr[0]["match"]["left"] == {"meta": {"key": "oifname"}}
         assert expr[0]["match"]["right"] == "veth0"
         assert "masquerade" in expr[1]
@@ -324,23 +335,22 @@ async def test_masquerade_rewrites_the_guest_side_source(manager: NetworkManager
         await manager.destroy(net.vm_id)
 
 
+async def rule_hits(chain: str) -> int:
+    """Packets counted by the counters of one chain of the test host table."""
+    table = await nft_json("table", "inet", HOST_TABLE)
+    return sum(
+        e["counter"]["packets"]
+        for i in table
+        if "rule" in i and i["rule"]["chain"] == chain
+        for e in i["rule"]["expr"]
+        if "counter" in e
+    )
+
+
 @pytest.mark.netns
 @NEEDS_ROOT
 async def test_clones_are_isolated_by_the_host_rule(host_rules: NetworkManager) -> None:
     manager = host_rules
-    table = await nft_json("table", "inet", HOST_TABLE)
-    chains = [i["chain"] for i in table if "chain" in i]
-    rules = [i["rule"] for i in table if "rule" in i]
-    assert [(c["name"], c["hook"], c["policy"]) for c in chains] == [
-        ("forward", "forward", "accept")
-    ]  # egress=False: no nat chain
-    assert len(rules) == 1
-    assert [e for e in rules[0]["expr"] if "match" in e] == [
-        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": f"{VETH_PREFIX}*"}},
-        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": f"{VETH_PREFIX}*"}},
-    ]
-    assert {"drop": None} in rules[0]["expr"]
-
     a, b = await manager.create(vm_id()), await manager.create(vm_id())
     listener: asyncio.subprocess.Process | None = None
     try:
@@ -367,11 +377,7 @@ async def test_clones_are_isolated_by_the_host_rule(host_rules: NetworkManager) 
         port = int(await asyncio.wait_for(listener.stdout.readline(), 10))
 
         assert await connect_from(a, b.ns_address, port) == "failed TimeoutError"
-        after = await nft_json("table", "inet", HOST_TABLE)
-        counter = next(
-            e["counter"] for i in after if "rule" in i for e in i["rule"]["expr"] if "counter" in e
-        )
-        assert counter["packets"] > 0, "the drop rule did not see the attempt"
+        assert await rule_hits("guest_out") > 0, "the drop rule did not see the attempt"
 
         # Control: without the host table the same attempt gets through, so the
         # rule (not routing or something else) is what isolates the clones.
@@ -381,6 +387,35 @@ async def test_clones_are_isolated_by_the_host_rule(host_rules: NetworkManager) 
         if listener is not None:
             listener.kill()
             await listener.wait()
+        await manager.destroy(a.vm_id)
+        await manager.destroy(b.vm_id)
+
+
+@pytest.mark.netns
+@NEEDS_ROOT
+async def test_host_services_are_refused_except_allowed_ports(
+    config: NetConfig, no_leftovers: None
+) -> None:
+    manager = NetworkManager(config.model_copy(update={"allow_host_ports": (0,)}))
+    refused, allowed = Server(), Server()
+    # Listeners on every host address, as sshd or a webhook listener would be.
+    refused_port = await refused.start("0.0.0.0")
+    allowed_port = await allowed.start("0.0.0.0")
+    manager = NetworkManager(config.model_copy(update={"allow_host_ports": (allowed_port,)}))
+    a = await manager.create(vm_id())
+    b = await manager.create(vm_id())
+    try:
+        # Control: with no host table the guest side reaches the host's services.
+        assert await connect_from(a, a.host_address, refused_port) == "connected hi"
+        await manager.setup_host()
+        for target in (a.host_address, b.host_address):
+            assert await connect_from(a, target, refused_port) == "failed TimeoutError"
+        assert await rule_hits("guest_to_host") > 0
+        assert await connect_from(a, a.host_address, allowed_port) == "connected hi"
+    finally:
+        await manager.teardown_host()
+        await refused.close()
+        await allowed.close()
         await manager.destroy(a.vm_id)
         await manager.destroy(b.vm_id)
 
@@ -522,14 +557,83 @@ async def test_invalid_vm_id_makes_nothing(manager: NetworkManager) -> None:
         await manager.destroy("../etc")
 
 
+@pytest.mark.parametrize(
+    ("policy", "present", "absent"),
+    [
+        (EgressPolicy(egress="none"), ["th dport 53 accept"], ["egress accept\n", "drop"]),
+        (
+            EgressPolicy(egress="internet"),
+            ["10.0.0.0/8", "169.254.0.0/16", "192.168.0.0/16", "snapfleet egress accept\n"],
+            [],
+        ),
+        (EgressPolicy(egress="all"), ["169.254.0.0/16", "127.0.0.0/8"], ["192.168.0.0/16"]),
+        (
+            EgressPolicy(
+                egress="none", allow=(Allow(cidr=IPv4Network("192.168.7.0/24"), ports=(443,)),)
+            ),
+            ["ip daddr 192.168.7.0/24 meta l4proto { tcp, udp } th dport { 443 } accept"],
+            ["drop"],
+        ),
+    ],
+)
+def test_ns_policy_rules(
+    config: NetConfig, policy: EgressPolicy, present: list[str], absent: list[str]
+) -> None:
+    from ipaddress import IPv4Address
+
+    with_dns = config.model_copy(update={"nameservers": (IPv4Address("192.0.2.53"),)})
+    script = ns_policy(with_dns, policy, IPv4Address("10.242.0.1"))
+    assert script.startswith("flush chain ip snapfleet egress\n")
+    for text in present:
+        assert text in script
+    for text in absent:
+        assert text not in script
+
+
 @pytest.mark.netns
 @NEEDS_ROOT
-async def test_egress_ruleset_is_valid_nft(config: NetConfig) -> None:
-    # Tests never apply egress (it turns on host ip_forward); `nft --check`
-    # parses and validates it against the kernel without committing anything.
-    egress = config.model_copy(update={"egress": True})
-    script = host_ruleset(egress)
-    assert f"ip saddr {POOL} oifname != " in script
-    assert "masquerade" in script
-    await run("nft", "--check", "-f", "-", stdin=script)
-    await run("nft", "--check", "-f", "-", stdin=host_ruleset(config))
+async def test_every_policy_is_valid_nft(
+    config: NetConfig, no_leftovers: None, tmp_path: Path
+) -> None:
+    sysctl = tmp_path / "ip_forward"
+    sysctl.write_text("0\n")
+    lease = ForwardingLease("t", root=tmp_path / "reg", sysctl=str(sysctl))
+    manager = NetworkManager(config, forwarding=lease)
+    net = await manager.create(vm_id())
+    try:
+        for egress in ("none", "internet", "all"):
+            policy = EgressPolicy(
+                egress=egress, allow=(Allow(cidr=IPv4Network("10.9.0.0/16"), ports=(80, 443)),)
+            )
+            await manager.apply_policy(net, policy)
+            chain = await nft_json("chain", "ip", "snapfleet", "egress", netns=net.netns)
+            assert [i for i in chain if "rule" in i], f"no rules for egress {egress}"
+            assert sysctl.read_text() == "1", "a forwarding policy must turn ip_forward on"
+    finally:
+        await manager.destroy(net.vm_id)
+    assert sysctl.read_text() == "0", "the last clone's destroy must restore ip_forward"
+    await run("nft", "--check", "-f", "-", stdin=host_ruleset(manager.config))
+
+
+def test_forwarding_lease_restores_after_the_last_holder(tmp_path: Path) -> None:
+    sysctl = tmp_path / "ip_forward"
+    sysctl.write_text("0\n")
+    root = tmp_path / "reg"
+    a = ForwardingLease("a", root=root, sysctl=str(sysctl))
+    b = ForwardingLease("b", root=root, sysctl=str(sysctl))
+    a.acquire()
+    b.acquire()
+    assert sysctl.read_text() == "1"
+    assert a.release() is False, "b still needs forwarding"
+    assert sysctl.read_text() == "1"
+    # A holder that died without releasing leaves an unlocked marker: ignored.
+    registry = next(root.iterdir())
+    (registry / "holder.dead.1").write_text("")
+    assert b.release() is True
+    assert sysctl.read_text() == "0"
+    assert not (registry / "holder.dead.1").exists()
+    # A host that had forwarding on keeps it on.
+    sysctl.write_text("1\n")
+    a.acquire()
+    assert a.release() is True
+    assert sysctl.read_text() == "1"

@@ -148,7 +148,7 @@ class Agent:
 
     def _configure(self, req: Configure) -> None:
         if self.system:
-            system.configure(req.clock_ns, req.entropy, req.hostname)
+            system.configure(req.clock_ns, req.entropy, req.hostname, req.nameservers)
         self._job_env = dict(req.env)
 
     def _exec(self, req: Exec) -> None:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import ipaddress
 import json
 import math
 import types
@@ -91,10 +92,18 @@ class Configure:
     entropy: bytes
     hostname: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    nameservers: list[str] = field(default_factory=list)
+    """Resolvers for /etc/resolv.conf; empty leaves the file alone."""
 
     def _check(self) -> None:
         if self.clock_ns < 0:
             raise _field_error(self, "clock_ns", "must not be negative")
+        for server in self.nameservers:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                reason = f"{server[:40]!r} is not an address"
+                raise _field_error(self, "nameservers", reason) from None
 
 
 @dataclass(frozen=True)

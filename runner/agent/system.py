@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import random
 import socket
 import struct
 import tempfile
@@ -22,13 +23,33 @@ RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 RB_POWER_OFF = 0x4321FEDC
 
 
-def configure(clock_ns: int, entropy: bytes, hostname: str | None) -> None:
-    """Set the wall clock, reseed the RNG (if given entropy) and the hostname."""
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def configure(
+    clock_ns: int, entropy: bytes, hostname: str | None, nameservers: list[str] | None = None
+) -> None:
+    """Set the wall clock, reseed the RNGs (if given entropy), hostname and resolvers."""
     time.clock_settime_ns(time.CLOCK_REALTIME, clock_ns)
     if entropy:
         add_entropy(entropy)
+        reseed_userspace(entropy)
     if hostname is not None:
         socket.sethostname(hostname)
+    if nameservers:
+        lines = "".join(f"nameserver {server}\n" for server in nameservers)
+        put_file(RESOLV_CONF, f"# written by snapfleet for this job\n{lines}".encode(), 0o644)
+
+
+def reseed_userspace(entropy: bytes) -> None:
+    """Reseed this process's PRNGs: every clone resumes with the template's state.
+
+    ``random`` is reseeded from the fresh entropy, and tempfile's name
+    generator (a ``random.Random`` it made once, in the template) is dropped so
+    the next temporary name comes from a generator seeded after the restore.
+    """
+    random.seed(entropy)
+    tempfile._name_sequence = None  # type: ignore[attr-defined]  # no public way to reset it
 
 
 def add_entropy(entropy: bytes) -> None:

@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this host")
     doctor.add_argument("--boot", action="store_true",
                         help="also cold-boot the default image to prove the accelerator works")
+    doctor.add_argument("--net", action="store_true",
+                        help="show each profile's network policy and this instance's nft rules")
     config = commands(sub.add_parser("config", help="configuration"), "action")
     check = config.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)

@@ -82,7 +82,11 @@ async def run(args: argparse.Namespace) -> int:
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, progress)
         result = await engine.run(
-            snapshot, command, _write_output, profile_timeout=profile.timeout_s
+            snapshot,
+            command,
+            _write_output,
+            profile_timeout=profile.timeout_s,
+            policy=engine.policy(profile),
         )
     if result.timed_out:
         timeout = command.timeout_s or profile.timeout_s
@@ -147,7 +151,45 @@ async def doctor(args: argparse.Namespace) -> int:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
         print(f"[{mark}] {check.name:12} {check.detail}")
         failed += int(check.required and not check.ok)
+    if args.net:
+        await _show_net(settings)
     return 1 if failed else 0
+
+
+async def _show_net(settings: Settings) -> None:
+    """Each profile's policy, and the nft rules this instance installs (or has installed)."""
+    from ipaddress import IPv4Address
+
+    from runner.engine import Engine
+    from runner.errors import NetworkError
+    from runner.net import nft
+
+    engine = Engine(settings)  # not entered: nothing is built or changed
+    if engine.net is None:
+        print("\nnetworking is off (net.enabled = false): guests have no network")
+        return
+    config = engine.net.config
+    resolvers = ", ".join(map(str, engine.resolvers.nameservers)) or "none"
+    print(f"\ninstance {config.instance} (state dir {settings.paths.state_dir})")
+    print(f"guest resolvers: {resolvers} (from {engine.resolvers.source})")
+    for why in engine.resolvers.skipped:
+        print(f"  skipped {why}")
+    ports = ", ".join(map(str, config.allow_host_ports)) or "none"
+    print(f"host ports offered to guests (at their gateway {config.tap_address.ip}): {ports}")
+    for name, profile in settings.profiles.items():
+        policy = engine.policy(profile)
+        allow = ", ".join(
+            f"{a.cidr}" + (f" ports {','.join(map(str, a.ports))}" if a.ports else "")
+            for a in policy.allow
+        ) or "nothing extra"
+        print(f"profile {name}: egress {policy.egress}; allow {allow}")
+        example = nft.ns_policy(config, policy, IPv4Address(config.slot_addresses(0)[0].ip))
+        print("  " + example.strip().replace("\n", "\n  "))
+    try:
+        print(f"\nhost table (installed):\n{await engine.net.host_rules()}")
+    except NetworkError:
+        print(f"\nhost table (not installed yet; what `serve`/`run` install):\n"
+              f"{nft.host_ruleset(config)}")
 
 
 async def _boot_check(settings: Settings) -> Check:

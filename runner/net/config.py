@@ -6,20 +6,37 @@ configuration at start and compute names and addresses without root.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runner.errors import ConfigError
 
 IFNAMSIZ = 15  # Linux interface names hold at most 15 bytes
-VM_ID_MAX = 10
+VM_ID_MAX = 8
+INSTANCE_LEN = 4
+_INSTANCE = re.compile(rf"^[a-z0-9]{{{INSTANCE_LEN}}}$")
 _VM_ID = re.compile(rf"^[a-z0-9]{{1,{VM_ID_MAX}}}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _NFT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+
+
+def instance_id(state_dir: Path) -> str:
+    """A short id naming everything one Snapfleet instance makes on the host.
+
+    Derived from the instance's state directory: two instances (daemons, CLI
+    runs, test sessions) with different state directories never share a name,
+    and an instance restarted on the same directory recognises what it made.
+    """
+    digest = hashlib.sha256(os.path.realpath(state_dir).encode()).digest()
+    return base64.b32encode(digest).decode().lower()[:INSTANCE_LEN]
 
 
 def validate_vm_id(vm_id: str) -> str:
@@ -38,9 +55,12 @@ class NetConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    instance: str = Field("0000", pattern=_INSTANCE.pattern)
+    """Whose clones these are (``instance_id`` of the state directory)."""
     netns_prefix: str = "sf-"
     netns_dir: str = "/run/netns"
-    host_veth_prefix: str = "sfh-"
+    host_veth_prefix: str = "sfh"
+    """Every Snapfleet instance's host veths start with this; the instance id follows."""
     ns_veth: str = "veth0"
     tap: str = "tap0"
     # The template guest's view: it was snapshotted with these, so every clone keeps them.
@@ -48,9 +68,12 @@ class NetConfig(BaseModel):
     guest_address: IPv4Interface = IPv4Interface("172.16.0.2/30")
     # Each clone takes one /30 of this pool for its veth pair.
     pool: IPv4Network = IPv4Network("10.241.0.0/16")
-    # Masquerade clone traffic out of the host and turn on host ip_forward.
-    egress: bool = True
+    nameservers: tuple[IPv4Address, ...] = ()
+    """The guests' resolvers: reachable on port 53 whatever a profile's egress."""
+    allow_host_ports: tuple[int, ...] = ()
+    """Host ports (TCP and UDP) guests may reach; everything else on the host is refused."""
     host_table: str = "snapfleet"
+    """The instance's host table is this plus ``_<instance>``."""
     ns_table: str = "snapfleet"
     nft: str = "nft"
     nsenter: str = "nsenter"
@@ -60,12 +83,13 @@ class NetConfig(BaseModel):
         for key in ("ns_veth", "tap"):
             if not _IFNAME.fullmatch(getattr(self, key)):
                 raise ValueError(f"{key}: not a valid interface name")
-        for key, prefix in (
-            ("host_veth_prefix", self.host_veth_prefix),
-            ("netns_prefix", self.netns_prefix),
-        ):
-            if not _IFNAME.fullmatch(prefix) or len(prefix) + VM_ID_MAX > IFNAMSIZ:
-                raise ValueError(f"{key}: must be a name prefix of at most {IFNAMSIZ - VM_ID_MAX}")
+        longest = IFNAMSIZ - VM_ID_MAX - INSTANCE_LEN
+        if not _IFNAME.fullmatch(self.host_veth_prefix) or len(self.host_veth_prefix) > longest:
+            raise ValueError(f"host_veth_prefix: must be a name prefix of at most {longest}")
+        if not _IFNAME.fullmatch(self.netns_prefix):
+            raise ValueError("netns_prefix: not a valid name prefix")
+        if any(not 0 < port < 65536 for port in self.allow_host_ports):
+            raise ValueError("allow_host_ports: ports are 1-65535")
         for key in ("host_table", "ns_table"):
             if not _NFT_NAME.fullmatch(getattr(self, key)):
                 raise ValueError(f"{key}: not a valid nftables table name")
@@ -90,9 +114,24 @@ class NetConfig(BaseModel):
             f"snapfleet.ip={self.guest_address.with_prefixlen} snapfleet.gw={self.tap_address.ip}"
         )
 
+    @property
+    def own_netns_prefix(self) -> str:
+        """What this instance's namespace names start with."""
+        return f"{self.netns_prefix}{self.instance}-"
+
+    @property
+    def own_veth_prefix(self) -> str:
+        """What this instance's host veth names start with."""
+        return self.host_veth_prefix + self.instance
+
+    @property
+    def own_host_table(self) -> str:
+        """This instance's nftables table on the host."""
+        return f"{self.host_table}_{self.instance}"
+
     def netns_name(self, vm_id: str) -> str:
         """Namespace name of one clone."""
-        return self.netns_prefix + validate_vm_id(vm_id)
+        return self.own_netns_prefix + validate_vm_id(vm_id)
 
     def netns_path(self, vm_id: str) -> str:
         """Bind-mount path of one clone's namespace (what ``ip netns`` uses)."""
@@ -100,7 +139,7 @@ class NetConfig(BaseModel):
 
     def host_veth(self, vm_id: str) -> str:
         """Host-side veth name of one clone."""
-        return self.host_veth_prefix + validate_vm_id(vm_id)
+        return self.own_veth_prefix + validate_vm_id(vm_id)
 
     def slot_addresses(self, slot: int) -> tuple[IPv4Interface, IPv4Interface]:
         """(host end, namespace end) addresses of the /30 at ``slot``."""

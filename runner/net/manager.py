@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import threading
@@ -28,6 +29,8 @@ from runner.net._netns import (
     write_sysctl,
 )
 from runner.net.config import CloneNetwork, NetConfig, validate_vm_id
+from runner.net.forwarding import ForwardingLease
+from runner.net.policy import EgressPolicy
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -92,33 +95,66 @@ class _Made:
 class NetworkManager:
     """Creates and destroys one network namespace per clone, and the host's rules.
 
-    One per daemon. Slots (the /30 of the pool each clone's veth pair uses)
-    are tracked in-process under a lock, and every ``create`` also skips
-    slots whose addresses already sit on a host interface, so a restarted
-    daemon does not collide with clones it has not reconciled yet.
+    One per instance. Slots (the /30 of the pool each clone's veth pair uses)
+    are held with a lock file per slot for the clone's lifetime, so several
+    instances on one host never take the same one; ``create`` also skips slots
+    whose addresses already sit on a host interface (a crashed instance's
+    clones, not reconciled yet). Everything it names carries the instance id.
     """
 
-    def __init__(self, config: NetConfig) -> None:
+    def __init__(
+        self,
+        config: NetConfig,
+        *,
+        lock_dir: str = "/run/snapfleet-net",
+        forwarding: ForwardingLease | None = None,
+    ) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._slots: dict[str, int] = {}
+        self._slot_fds: dict[str, int] = {}
+        self._lock_dir = lock_dir
+        self._forwarding: set[str] = set()  # clones whose policy needs ip_forward
+        self._forward_lease = forwarding or ForwardingLease(config.instance)
+        self._forward_lock = asyncio.Lock()
 
     # -- host level ---------------------------------------------------------
 
     async def setup_host(self) -> None:
-        """Install (or replace) the host nftables table. Idempotent; once per daemon.
+        """Install (or replace) this instance's host nftables table. Idempotent.
 
-        With ``egress`` this also turns on the host's ip_forward, which
-        teardown_host leaves on: other services may rely on it by then.
+        ip_forward is left alone here: ``apply_policy`` turns it on for the
+        first clone that needs it, and the last one's ``destroy`` puts back
+        the value it had.
         """
-        if self.config.egress:
-            with _step(None, "enable host ip_forward"):
-                await asyncio.to_thread(write_sysctl, "/proc/sys/net/ipv4/ip_forward", "1")
         await self._nft(nft.host_ruleset(self.config), None)
 
     async def teardown_host(self) -> None:
-        """Remove the host nftables table; harmless if it is gone."""
+        """Remove the instance's host table; harmless if it is gone."""
         await self._nft(nft.host_teardown(self.config), None)
+        async with self._forward_lock:
+            self._forwarding.clear()
+            await asyncio.to_thread(self._forward_lease.release)
+
+    async def host_rules(self) -> str:
+        """The instance's host table as nft lists it (for ``doctor --net``)."""
+        return await self._nft_out(["list", "table", "inet", self.config.own_host_table])
+
+    # -- per clone policy ------------------------------------------------------
+
+    async def apply_policy(self, network: CloneNetwork, policy: EgressPolicy) -> None:
+        """Open what ``policy`` allows in the clone's namespace (it forwards nothing before).
+
+        The first clone whose policy forwards anything turns on host ip_forward.
+        """
+        if policy.forwards(self.config.nameservers):
+            async with self._forward_lock:
+                if not self._forwarding:
+                    with _step(network.vm_id, "enable host ip_forward"):
+                        await asyncio.to_thread(self._forward_lease.acquire)
+                self._forwarding.add(network.vm_id)
+        script = nft.ns_policy(self.config, policy, IPv4Address(network.host_address))
+        await self._nft(script, network.vm_id)
 
     # -- per clone ------------------------------------------------------------
 
@@ -153,20 +189,26 @@ class NetworkManager:
         with _step(vm_id, "remove namespace"):
             await asyncio.to_thread(remove_netns, self.config.netns_path(vm_id))
         self._release(vm_id)
+        async with self._forward_lock:
+            if vm_id in self._forwarding:
+                self._forwarding.discard(vm_id)
+                if not self._forwarding:
+                    with _step(vm_id, "restore host ip_forward"):
+                        await asyncio.to_thread(self._forward_lease.release)
 
     async def list_namespaces(self) -> list[str]:
-        """vm_ids of the clone namespaces that exist on the host."""
+        """vm_ids of this instance's clone namespaces on the host."""
         c = self.config
         names = await asyncio.to_thread(list_netns, c.netns_dir)
-        return sorted(v for n in names if (v := c.vm_id_from(n, c.netns_prefix)))
+        return sorted(v for n in names if (v := c.vm_id_from(n, c.own_netns_prefix)))
 
     async def list_host_veths(self) -> list[str]:
-        """vm_ids of the clone host veth ends that exist on the host."""
+        """vm_ids of this instance's clone host veth ends on the host."""
         c = self.config
         with _step(None, "list links"):
             async with AsyncIPRoute() as host:
                 names = [link.get("ifname") async for link in await host.link("dump")]
-        return sorted(v for n in names if n and (v := c.vm_id_from(n, c.host_veth_prefix)))
+        return sorted(v for n in names if n and (v := c.vm_id_from(n, c.own_veth_prefix)))
 
     # -- internals ---------------------------------------------------------------
 
@@ -179,7 +221,7 @@ class NetworkManager:
             ns = await self._make_namespace(vm_id, made)
             try:
                 # nft takes ~3 ms as a process; let it run while netlink plumbs.
-                rules = asyncio.create_task(self._nft(nft.ns_ruleset(c), vm_id))
+                rules = asyncio.create_task(self._nft(nft.ns_ruleset(c, host_if.ip), vm_id))
                 try:
                     await self._plumb_host(host, vm_id, ns, host_if, made)
                     await self._plumb_ns(vm_id, ns, host_if, ns_if)
@@ -312,14 +354,36 @@ class NetworkManager:
                     f"vm {vm_id}: already has a network in slot {self._slots[vm_id]}"
                 )
             taken = on_host | set(self._slots.values())
+            candidates = range(self.config.slots) if slot is None else [slot]
+            for candidate in candidates:
+                if candidate in taken:
+                    continue
+                fd = self._lock_slot(candidate)
+                if fd is None:  # another instance on this host holds it
+                    continue
+                self._slots[vm_id] = candidate
+                self._slot_fds[vm_id] = fd
+                return candidate
             if slot is None:
-                slot = next((s for s in range(self.config.slots) if s not in taken), None)
-                if slot is None:
-                    raise NetworkError(f"vm {vm_id}: all {self.config.slots} slots are in use")
-            elif slot in taken:
-                raise NetworkError(f"vm {vm_id}: slot {slot} is in use")
-            self._slots[vm_id] = slot
-            return slot
+                raise NetworkError(f"vm {vm_id}: all {self.config.slots} slots are in use")
+            raise NetworkError(f"vm {vm_id}: slot {slot} is in use")
+
+    def _lock_slot(self, slot: int) -> int | None:
+        """Lock the slot's file (host-wide, per network namespace); None if held elsewhere.
+
+        Tiny local file operations: done on the caller's thread.
+        """
+        netns = os.stat("/proc/thread-self/ns/net").st_ino
+        directory = f"{self._lock_dir}/{netns}"
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        base = self.config.slot_addresses(slot)[0].network.network_address
+        fd = os.open(f"{directory}/{base}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     async def _slots_on_host(self, host: AsyncIPRoute) -> set[int]:
         # Any pool address on any host interface: a previous daemon's clones keep
@@ -334,6 +398,21 @@ class NetworkManager:
     def _release(self, vm_id: str) -> None:
         with self._lock:
             self._slots.pop(vm_id, None)
+            fd = self._slot_fds.pop(vm_id, None)
+        if fd is not None:
+            os.close(fd)  # drops the flock; the file stays for the next clone
+
+    async def _nft_out(self, args: list[str]) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            self.config.nft,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise NetworkError(f"nft {' '.join(args)}: {err.decode(errors='replace').strip()}")
+        return out.decode()
 
     async def _nft(self, script: str, vm_id: str | None) -> None:
         """Apply one nft script on the host, or inside ``vm_id``'s namespace."""

@@ -100,7 +100,9 @@ async def run_in_vm(
             snapshot = await engine.snapshot(profile, job_log.note)
             restore_started = time.monotonic()
             # A profile without a pool of its own leaves other profiles' warm VMs alone.
-            machine = await engine.restore(snapshot, use_pool=profile.warm > 0)
+            machine = await engine.restore(
+                snapshot, use_pool=profile.warm > 0, policy=engine.policy(profile)
+            )
             outcome.restore_s = time.monotonic() - restore_started
             outcome.warm = machine.timings.get("pool") == 1.0
             outcome.snapshot = snapshot.key

@@ -233,8 +233,9 @@ class AgentClient:
         env: Mapping[str, str] | None = None,
         clock_ns: int | None = None,
         entropy: bytes | None = None,
+        nameservers: Sequence[str] = (),
     ) -> None:
-        """Set the guest's clock and hostname, reseed its RNG and set the job env.
+        """Set the guest's clock, hostname and resolvers, reseed its RNGs, set the job env.
 
         ``clock_ns`` defaults to the host's ``time.time_ns()``, ``entropy`` to
         64 bytes of ``os.urandom``. ``env`` replaces the env of any earlier
@@ -246,6 +247,7 @@ class AgentClient:
             entropy=os.urandom(64) if entropy is None else entropy,
             hostname=hostname,
             env=dict(env or {}),
+            nameservers=list(nameservers),
         )
         await self._request(msg, proto.Ok)
 

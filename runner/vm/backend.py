@@ -19,6 +19,7 @@ from runner.errors import InvalidStateError
 
 if TYPE_CHECKING:
     from runner.net import CloneNetwork
+    from runner.net.policy import EgressPolicy
     from runner.snapshots import Snapshot
     from runner.vm.agent_client import ExecSession
 
@@ -137,11 +138,18 @@ class Hypervisor(ABC):
         *,
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
+        policy: EgressPolicy | None = None,
     ) -> Machine:
-        """Clone a VM from a snapshot, configured (clock, RNG, hostname, env) and READY."""
+        """Clone a VM from a snapshot, configured (clock, RNG, hostname, env, resolvers)
+        and READY, its network open as far as ``policy`` allows (default: egress none)."""
 
     @abstractmethod
     async def boot(
-        self, spec: MachineSpec, rootfs: Path, *, hostname: str | None = None
+        self,
+        spec: MachineSpec,
+        rootfs: Path,
+        *,
+        hostname: str | None = None,
+        policy: EgressPolicy | None = None,
     ) -> Machine:
         """Cold-boot a VM on a private overlay of ``rootfs`` and wait for its agent."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from runner import disk
 from runner.config import VMSettings
 from runner.errors import RestoreError, VMError
+from runner.net.policy import EgressPolicy
 from runner.vm.backend import Hypervisor, MachineSpec
 from runner.vm.qemu_machine import QemuMachine, new_vm_id
 
@@ -32,11 +33,17 @@ class QemuHypervisor(Hypervisor):
     """Makes QEMU machines: clones of snapshots, cold boots and templates."""
 
     def __init__(
-        self, settings: VMSettings, vms_dir: Path, net_manager: NetworkManager | None
+        self,
+        settings: VMSettings,
+        vms_dir: Path,
+        net_manager: NetworkManager | None,
+        *,
+        instance: str = "0000",
     ) -> None:
         self.settings = settings
         self.vms_dir = vms_dir
         self.net_manager = net_manager
+        self.instance = instance  # names this instance's cgroups
         # Every machine from creation until its teardown finished: what the
         # daemon's reconcile must not mistake for an orphan.
         self.live: dict[str, QemuMachine] = {}
@@ -47,10 +54,11 @@ class QemuHypervisor(Hypervisor):
         *,
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
+        policy: EgressPolicy | None = None,
     ) -> QemuMachine:
         started = time.monotonic()
         machine = await self.prepare(snapshot)
-        await self.resume(machine, snapshot, hostname=hostname, env=env)
+        await self.resume(machine, snapshot, hostname=hostname, env=env, policy=policy)
         machine.timings["total"] = time.monotonic() - started
         return machine
 
@@ -88,8 +96,13 @@ class QemuHypervisor(Hypervisor):
         *,
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
+        policy: EgressPolicy | None = None,
     ) -> QemuMachine:
-        """Load the snapshot into a prepared machine, wait for its agent, configure it."""
+        """Load the snapshot into a prepared machine, wait for its agent, configure it.
+
+        The clone's network forwards nothing until ``policy`` (default: egress
+        "none") is in place, which happens while the snapshot loads.
+        """
         if machine.prepared_for != snapshot.key:
             raise RestoreError(
                 f"machine was prepared for snapshot {machine.prepared_for}, not {snapshot.key}",
@@ -97,11 +110,13 @@ class QemuHypervisor(Hypervisor):
             )
 
         async def build() -> None:
-            await machine.load_snapshot(snapshot.state)
+            await _together(machine.load_snapshot(snapshot.state), self._open(machine, policy))
             await machine.connect_agent(self.settings.restore_timeout_s)
             assert machine.agent is not None
             await machine.agent.configure(
-                hostname=hostname or f"snapfleet-{machine.vm_id}", env=env
+                hostname=hostname or f"snapfleet-{machine.vm_id}",
+                env=env,
+                nameservers=self._nameservers(machine),
             )
 
         await _build_or_destroy(machine, build(), RestoreError, "restore failed")
@@ -109,7 +124,12 @@ class QemuHypervisor(Hypervisor):
         return machine
 
     async def boot(
-        self, spec: MachineSpec, rootfs: Path, *, hostname: str | None = None
+        self,
+        spec: MachineSpec,
+        rootfs: Path,
+        *,
+        hostname: str | None = None,
+        policy: EgressPolicy | None = None,
     ) -> QemuMachine:
         """Cold boot on an overlay of ``rootfs`` (no snapshot involved)."""
         machine = self._new_machine()
@@ -122,9 +142,14 @@ class QemuHypervisor(Hypervisor):
                 ),
             )
             await machine.spawn(spec, disk=overlay, disk_format="qcow2", disk_cache="unsafe")
-            await machine.connect_agent(self.settings.boot_timeout_s)
+            await _together(
+                machine.connect_agent(self.settings.boot_timeout_s), self._open(machine, policy)
+            )
             assert machine.agent is not None
-            await machine.agent.configure(hostname=hostname or f"snapfleet-{machine.vm_id}")
+            await machine.agent.configure(
+                hostname=hostname or f"snapfleet-{machine.vm_id}",
+                nameservers=self._nameservers(machine),
+            )
 
         await _build_or_destroy(machine, build(), VMError, "cold boot failed")
         machine.mark_ready()
@@ -145,12 +170,22 @@ class QemuHypervisor(Hypervisor):
         machine.mark_ready()
         return machine
 
+    async def _open(self, machine: QemuMachine, policy: EgressPolicy | None) -> None:
+        if machine.network is not None and self.net_manager is not None:
+            chosen = policy or EgressPolicy(egress="none")
+            await self.net_manager.apply_policy(machine.network, chosen)
+
+    def _nameservers(self, machine: QemuMachine) -> list[str]:
+        if machine.network is None or self.net_manager is None:
+            return []
+        return [str(n) for n in self.net_manager.config.nameservers]
+
     def _new_machine(self) -> QemuMachine:
         self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         vm_id = new_vm_id()
         while (self.vms_dir / vm_id).exists() or vm_id in self.live:
             vm_id = new_vm_id()
-        machine = QemuMachine(vm_id, self.settings, self.vms_dir / vm_id)
+        machine = QemuMachine(vm_id, self.settings, self.vms_dir / vm_id, instance=self.instance)
         self.live[vm_id] = machine
         machine.on_gone = lambda: self.live.pop(vm_id, None)
         return machine
@@ -173,6 +208,16 @@ async def _build_or_destroy(
         if isinstance(exc, error):
             raise
         raise error(f"{what}: {exc}", vm_id=machine.vm_id) from exc
+
+
+async def _together(*steps: Coroutine[Any, Any, None]) -> None:
+    """Run ``steps`` concurrently; the first failure cancels the rest and is raised as is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in steps:
+                group.create_task(step)
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
 
 
 def _given(path: Path) -> Callable[[Path], Coroutine[Any, Any, Path]]:
