@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from runner.errors import ConfigError
 from runner.forge.github.config import GitHubConfig
+from runner.limits import Timeout
 from runner.net.policy import Allow, Egress, EgressPolicy
 
 Accel = Literal["auto", "kvm", "tcg"]
@@ -153,7 +154,7 @@ class Profile(_Section):
     """Image recipe name (under recipes_dir), or a directory holding a built image."""
     vcpus: Annotated[int, Field(ge=1, le=64)] = 1
     memory_mib: Annotated[int, Field(ge=128, le=262144)] = 512
-    timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    timeout_s: Timeout = 3600.0
     """Wall-clock limit for one job."""
     kernel: Path | None = None
     """Use this kernel (vmlinux with a PVH note) instead of the image's."""
