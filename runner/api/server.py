@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from runner.api import leases
 from runner.errors import ConfigError, HostError
+from runner.limits import load_json
 from runner.service.jobs import parse_submission
 
 if TYPE_CHECKING:
@@ -59,9 +59,9 @@ async def submit(request: web.Request) -> web.Response:
     from runner.service.daemon import Draining
 
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "request body is not valid JSON")
+        data = load_json(await request.read())
+    except ValueError as exc:
+        return _error(400, f"request body is not valid JSON: {exc}")
     try:
         spec, secret_env = parse_submission(data)
         job = await request.app[DAEMON].submit(spec, secret_env=secret_env)

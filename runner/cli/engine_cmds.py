@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from runner.config import Profile, Settings, load_settings
 from runner.errors import ConfigError
 from runner.host import Check
+from runner.service.jobs import parse_submission
 
 EXIT_TIMEOUT = 124
 EXIT_SYSTEM = 125
@@ -79,8 +80,12 @@ async def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     profile = _profile(settings, args)
     plain, secret = parse_env(args.env)
-    command = Command(argv=argv, env={**plain, **secret}, cwd=args.workdir,
-                      timeout_s=args.timeout)
+    spec, secret_env = parse_submission(
+        {"command": argv, "env": plain, "secret_env": secret, "workdir": args.workdir,
+         "timeout_s": args.timeout}
+    )
+    env = {**spec.env, **{k: v.reveal() for k, v in secret_env.items()}}
+    command = Command(argv=spec.command, env=env, cwd=spec.workdir, timeout_s=spec.timeout_s)
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, progress)
         result = await engine.run(

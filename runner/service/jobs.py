@@ -6,11 +6,12 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner.errors import ConfigError, InvalidStateError
+from runner.limits import Env, Text, Timeout, check_fits_agent
 from runner.secret import Secret
 
 
@@ -49,24 +50,44 @@ def check_transition(job_id: str, old: JobState, new: JobState) -> None:
         raise InvalidStateError(f"move job {job_id} to {new}", str(old))
 
 
-class JobSpec(BaseModel):
-    """A job as submitted: `snapfleet submit job.toml` or the API's POST /v1/jobs."""
-
+class _Checked(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(max_length=200)] | None = None
-    script: str | None = None
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """Validate what was submitted; ConfigError naming every bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [(_where(err["loc"]), err["msg"]) for err in exc.errors()]
+            raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    # A bad env key is part of the location: keep a NUL in it out of messages.
+    return ".".join(str(p) for p in loc).replace("\x00", "\\0") or "job"
+
+
+class JobSpec(_Checked):
+    """A job as submitted: `snapfleet submit job.toml` or the API's POST /v1/jobs.
+
+    Every field is checked here (see `runner.limits`), so a job the guest agent
+    could not carry or start is refused before a VM is restored.
+    """
+
+    name: Annotated[Text, Field(max_length=200)] | None = None
+    script: Text | None = None
     """Shell script run by /bin/sh in the guest."""
-    command: list[str] | None = None
+    command: list[Text] | None = None
     """Or an argv to run directly."""
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     """Plain environment: stored with the job until it ends (secrets go in ``secret_env``
     of the submission, never here)."""
-    workdir: str | None = None
-    profile: str | None = None
+    workdir: Text | None = None
+    profile: Text | None = None
     """VM profile; unset = chosen by labels, else the default profile."""
-    labels: list[str] = Field(default_factory=list)
-    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    labels: list[Text] = Field(default_factory=list)
+    timeout_s: Timeout | None = None
     """Wall-clock limit; unset = the profile's."""
 
     @model_validator(mode="after")
@@ -75,18 +96,26 @@ class JobSpec(BaseModel):
             raise ValueError("give exactly one of `script` or `command`")
         if self.command is not None and not self.command:
             raise ValueError("`command` must not be empty")
+        check_fits_agent(argv=self.command, script=self.script, env=self.env, cwd=self.workdir)
         return self
 
-    @classmethod
-    def parse(cls, data: Any) -> JobSpec:
-        """Validate a submitted job; ConfigError naming every bad field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = [
-                (".".join(str(p) for p in err["loc"]) or "job", err["msg"]) for err in exc.errors()
-            ]
-            raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
+
+class ExecRequest(_Checked):
+    """A script to run in a leased VM (a GitLab custom-executor stage)."""
+
+    script: Text
+    env: Env | None = None
+    cwd: Text | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> ExecRequest:
+        check_fits_agent(script=self.script, env=self.env, cwd=self.cwd)
+        return self
+
+
+class _SecretEnv(_Checked):
+    # Checked like `JobSpec.env`; pydantic's messages name the key, never the value.
+    secret_env: Env = Field(default_factory=dict)
 
 
 def parse_submission(data: Any) -> tuple[JobSpec, dict[str, Secret]]:
@@ -95,42 +124,33 @@ def parse_submission(data: Any) -> tuple[JobSpec, dict[str, Secret]]:
     ``secret_env`` values are kept in memory only; the spec is what the store keeps.
     ConfigError names every bad field, never a secret value.
     """
-    raw: Any = {}
+    raw: Any = None
     if isinstance(data, dict) and "secret_env" in data:
         data = dict(data)
         raw = data.pop("secret_env")
     problems: list[tuple[str, str]] = []
     spec: JobSpec | None = None
+    secret_env: dict[str, str] = {}
     try:
         spec = JobSpec.parse(data)
     except ConfigError as exc:
         problems += exc.problems
-    secret_env = _secret_env(raw, problems)
-    for key in sorted(secret_env.keys() & (spec.env.keys() if spec else set())):
-        problems.append((f"secret_env.{key}", "also given in `env`; give it in one of them"))
+    if raw is not None:
+        try:
+            secret_env = _SecretEnv.parse({"secret_env": raw}).secret_env
+        except ConfigError as exc:
+            problems += exc.problems
+    if spec is not None:
+        for key in sorted(secret_env.keys() & spec.env.keys()):
+            problems.append((f"secret_env.{key}", "also given in `env`; give it in one of them"))
+        try:
+            check_fits_agent(argv=spec.command, script=spec.script,
+                             env={**spec.env, **secret_env}, cwd=spec.workdir)
+        except ValueError as exc:
+            problems.append(("secret_env", str(exc)))
     if problems or spec is None:
         raise ConfigError(problems[0][0], problems[0][1], problems=problems)
-    return spec, secret_env
-
-
-def _secret_env(raw: Any, problems: list[tuple[str, str]]) -> dict[str, Secret]:
-    # By hand, not pydantic: its errors carry the input, and the input here is secret.
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        problems.append(("secret_env", "must be a table of names to strings"))
-        return {}
-    secret_env = {}
-    for key, value in raw.items():
-        if not key or "=" in key or "\0" in key:
-            problems.append(("secret_env", f"bad name {key!r}: empty, or holds '=' or NUL"))
-        elif not isinstance(value, str):
-            problems.append((f"secret_env.{key}", "must be a string"))
-        elif "\0" in value:
-            problems.append((f"secret_env.{key}", "must not hold a NUL byte"))
-        else:
-            secret_env[key] = Secret(value)
-    return secret_env
+    return spec, {key: Secret(value) for key, value in secret_env.items()}
 
 
 def new_job_id() -> str:

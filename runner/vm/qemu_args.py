@@ -36,6 +36,10 @@ class QemuRuntime:
     incoming: bool = False  # wait for `migrate-incoming`
     sandbox: bool = True
     disk_cache: Literal["unsafe", "writeback"] = "writeback"
+    run_as: str | None = None  # drop to this user once everything is open
+    # Descriptors of the disk (read-write, read-only) handed to QEMU as an fd set:
+    # an incoming migration reopens its disk after QEMU dropped to run_as.
+    disk_fds: tuple[int, ...] = ()
 
 
 def device_layout(spec: MachineSpec) -> dict[str, object]:
@@ -72,9 +76,14 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     args += _accel_args(spec)
     args += ["-kernel", str(spec.kernel), "-initrd", str(spec.initramfs), "-append", spec.cmdline]
     args += ["-chardev", f"file,id=console,path={rt.console_log}", "-serial", "chardev:console"]
+    disk = str(rt.disk)
+    if rt.disk_fds:
+        for fd in rt.disk_fds:
+            args += ["-add-fd", f"fd={fd},set=1"]
+        disk = "/dev/fdset/1"
     args += [
         "-drive",
-        f"id=root,if=none,file={rt.disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
+        f"id=root,if=none,file={disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
         "-device",
         "virtio-blk-device,drive=root",
     ]
@@ -103,10 +112,16 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     ]
     if rt.incoming:
         args += ["-incoming", "defer"]
+    if rt.run_as is not None:
+        args += ["-runas", rt.run_as]
     if rt.sandbox:
+        # QEMU installs the filter before -runas switches user, so a filter that
+        # denies set*id kills it then (seen with 7.2). Once switched to a user
+        # other than root it holds no capabilities and cannot elevate anyway.
+        elevate = "allow" if rt.run_as is not None else "deny"
         args += [
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny",
         ]
     return args
 
