@@ -62,6 +62,8 @@ class VMSettings(_Section):
     """How long each teardown step (QMP quit, SIGTERM) may take before escalating."""
     sandbox: bool = True
     """Run QEMU under its seccomp sandbox (`-sandbox on,spawn=deny,...`)."""
+    console_max_bytes: Annotated[int, Field(ge=65536)] = 2**20
+    """Cap on each VM's console.log (the guest's serial console); older output is dropped."""
 
 
 class NetSettings(_Section):

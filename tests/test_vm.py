@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from runner.engine import Command, Engine, RunResult
-from runner.errors import VMDied
+from runner.errors import GuestEnded, VMDied
 from runner.snapshots import Snapshot
 from runner.vm.backend import VMState
 from tests.conftest import leftovers
@@ -199,3 +199,62 @@ async def test_eight_clones_at_once(engine: Engine, snapshot: Snapshot, state_di
     assert len({o.split()[0] for o in outputs}) == 8  # eight different VMs
     assert len({o.split()[1] for o in outputs}) == 8  # eight different entropy pools
     assert not any(leftovers(state_dir, engine.hypervisor.live).values())
+
+
+def _reboot_call(how: int) -> str:
+    # The image has no reboot(8); a job calling reboot(2) is what `reboot -f` does.
+    return (
+        "python3 -c 'import ctypes, os; os.sync(); print(\"ending\", flush=True); "
+        f"ctypes.CDLL(None).reboot({how:#x})'; sleep 600"
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "how", "reason", "console"),
+    [
+        ("echo ending; echo c > /proc/sysrq-trigger; sleep 600",
+         "panicked", "guest kernel panicked", "Kernel panic"),
+        (_reboot_call(0x01234567), "rebooted", "guest rebooted", "reboot: Restarting system"),
+        (_reboot_call(0x4321FEDC), "powered off", "guest powered off", "reboot: Power down"),
+        # No word on the console: QEMU's own SHUTDOWN reason says what happened.
+        ("echo ending; echo b > /proc/sysrq-trigger; sleep 600",
+         "rebooted", "guest rebooted", "sysrq: Resetting"),
+    ],
+    ids=["panic", "reboot", "poweroff", "sysrq-reset"],
+)
+async def test_guest_ending_itself_ends_the_job_at_once(
+    engine: Engine, snapshot: Snapshot, state_dir: Path,
+    script: str, how: str, reason: str, console: str,
+) -> None:
+    out = Collector()
+    with pytest.raises(GuestEnded) as info:
+        await engine.run(snapshot, Command(script=script), out, profile_timeout=3600)
+    ended = time.monotonic()
+    assert out.text() == "ending\n"
+    took = ended - out.chunks[0][2]
+    print(f"{how}: job ended {took:.2f}s after the guest began to end")
+    assert took < 10, took  # not the 3600 s timeout; ~1 s measured under TCG
+    assert info.value.how == how
+    assert str(info.value).endswith(reason)
+    assert console in info.value.console
+    assert not any(leftovers(state_dir, engine.hypervisor.live).values())
+
+
+async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snapshot) -> None:
+    cap = engine.hypervisor.settings.console_max_bytes
+    machine = await engine.restore(snapshot)
+    try:
+        started = time.monotonic()
+        spew = await machine.exec(script=f"yes | head -c {3 * cap} > /dev/ttyS0; echo done")
+        assert b"".join([c.data async for c in spew]) == b"done\n"
+        took = time.monotonic() - started
+        size = machine.console_log.stat().st_size
+        print(f"{3 * cap} console bytes in {took:.1f}s; console.log holds {size}")
+        assert 0 < size <= cap
+        assert machine.console_log.read_bytes().endswith(b"y\r\n")
+        # The guest still answers: a busy console does not wedge it.
+        still = await machine.exec(["echo", "alive"])
+        assert b"".join([c.data async for c in still]) == b"alive\n"
+    finally:
+        await machine.destroy()
+    assert not machine.console_log.exists()

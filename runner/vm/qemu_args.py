@@ -28,7 +28,7 @@ class QemuRuntime:
 
     disk: Path
     disk_format: Literal["raw", "qcow2"]
-    console_log: Path
+    console_fd: int
     qmp_fd: int
     agent_fd: int
     mem_path: Path | None = None  # file-backed RAM (templates and clones)
@@ -71,7 +71,10 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     args += ["-M", machine, "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
     args += _accel_args(spec)
     args += ["-kernel", str(spec.kernel), "-initrd", str(spec.initramfs), "-append", spec.cmdline]
-    args += ["-chardev", f"file,id=console,path={rt.console_log}", "-serial", "chardev:console"]
+    args += ["-chardev", f"socket,id=console,fd={rt.console_fd}", "-serial", "chardev:console"]
+    # A guest reset (a panic under `panic=-1`, a `reboot`) ends QEMU instead of booting
+    # a fresh guest the job knows nothing of.
+    args += ["-no-reboot"]
     args += [
         "-drive",
         f"id=root,if=none,file={rt.disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
