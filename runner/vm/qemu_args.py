@@ -18,6 +18,7 @@ AGENT_PORT_NAME = "org.snapfleet.agent"
 GUEST_MAC = "52:54:00:5f:00:02"
 TAP_NAME = "tap0"
 LAYOUT_VERSION = 2
+CONSOLE_FDSET = 1
 # No vmgenid: QEMU 7.2's microvm does not describe it in ACPI, so the guest never
 # sees it; the agent reseeds the kernel RNG after every restore instead.
 
@@ -71,7 +72,16 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     args += ["-M", machine, "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
     args += _accel_args(spec)
     args += ["-kernel", str(spec.kernel), "-initrd", str(spec.initramfs), "-append", spec.cmdline]
-    args += ["-chardev", f"socket,id=console,fd={rt.console_fd}", "-serial", "chardev:console"]
+    # The console is a pipe the daemon reads (and caps); a file chardev takes it as an
+    # fd set, `append` because a pipe cannot be truncated.
+    args += [
+        "-add-fd",
+        f"fd={rt.console_fd},set={CONSOLE_FDSET}",
+        "-chardev",
+        f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
+        "-serial",
+        "chardev:console",
+    ]
     # A guest reset (a panic under `panic=-1`, a `reboot`) ends QEMU instead of booting
     # a fresh guest the job knows nothing of.
     args += ["-no-reboot"]

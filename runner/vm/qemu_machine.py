@@ -1,7 +1,7 @@
 """One QEMU process and everything it holds: directory, overlay, network, channels.
 
-QMP, the agent channel and the serial console are socketpairs handed to QEMU
-as descriptors, so no socket file exists to leak. Teardown escalates: QMP
+QMP and the agent channel are socketpairs, the serial console a pipe, all
+handed to QEMU as descriptors, so no socket file exists to leak. Teardown escalates: QMP
 quit, SIGTERM, SIGKILL.
 """
 
@@ -23,7 +23,7 @@ from runner.config import VMSettings
 from runner.errors import AgentError, GuestEnded, SnapfleetError, VMDied, VMError
 from runner.vm.agent_client import AgentClient, ExecSession
 from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
-from runner.vm.console import ConsoleLog, describe, end_from_shutdown
+from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
 from runner.vm.ownership import VMLock
 from runner.vm.qemu_args import QemuRuntime, qemu_argv
 from runner.vm.qmp import Qmp
@@ -188,12 +188,11 @@ class QemuMachine(Machine):
         """Start QEMU with QMP and agent channels as inherited socketpairs."""
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair()
-        console_ours, console_theirs = socket.socketpair()
-        self._socks = [qmp_ours, agent_ours, console_ours]
-        theirs = (qmp_theirs, agent_theirs, console_theirs)
+        self._socks = [qmp_ours, agent_ours]
+        console_ours, console_theirs = console_pipe()
         self._console = ConsoleLog(console_ours, self.console_log, self._settings.console_max_bytes)
         rt = QemuRuntime(
-            console_fd=console_theirs.fileno(),
+            console_fd=console_theirs,
             qmp_fd=qmp_theirs.fileno(),
             agent_fd=agent_theirs.fileno(),
             sandbox=self._settings.sandbox,
@@ -216,14 +215,15 @@ class QemuMachine(Machine):
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    pass_fds=tuple(sock.fileno() for sock in theirs),
+                    pass_fds=(qmp_theirs.fileno(), agent_theirs.fileno(), console_theirs),
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise VMError(f"cannot start {argv[0]}: {exc}", vm_id=self.vm_id) from exc
             finally:
-                for sock in theirs:
-                    sock.close()
+                qmp_theirs.close()
+                agent_theirs.close()
+                os.close(console_theirs)
         self._console_reader = asyncio.create_task(
             self._console.run(), name=f"console-{self.vm_id}"
         )
@@ -346,16 +346,18 @@ class QemuMachine(Machine):
 
     async def _stop_console(self, report: TeardownReport) -> None:
         """Read the console to its end (QEMU is gone), then stop the reader."""
-        reader = self._console_reader
-        if reader is None or self._console is None:
+        reader, console = self._console_reader, self._console
+        if console is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), 1.0)
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        if self._console.error is not None:
-            report.errors.append(self._console.error)
+        if reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), 1.0)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        console.close()
+        if console.error is not None:
+            report.errors.append(console.error)
 
     async def _stop_vmm(
         self, report: TeardownReport
