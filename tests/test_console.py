@@ -49,6 +49,15 @@ def test_watch_keeps_a_bounded_tail_of_whole_lines() -> None:
     assert watch.tail(2) == "line 998\nline 999"
 
 
+def test_tail_starts_just_before_the_panic_message() -> None:
+    watch = ConsoleWatch(keep=65536)
+    watch.feed(b"".join(f"job line {i}\r\n".encode() for i in range(100)))
+    watch.feed(PANIC + b"".join(f" trace {i}\r\n".encode() for i in range(100)))
+    tail = watch.tail(10).split("\n")
+    assert tail[:4] == ["job line 97", "job line 98", "job line 99", PANIC.decode().strip()]
+    assert len(tail) == 10
+
+
 @pytest.mark.parametrize(
     ("reason", "end"),
     [("guest-reset", "rebooted"), ("guest-shutdown", "powered off"),

@@ -90,10 +90,16 @@ class ConsoleWatch:
         del self._tail[: max(0, len(self._tail) - self.keep)]
         return found
 
-    def tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines, printable, for a job log or an error."""
+    def tail(self, lines: int = 60) -> str:
+        """At most ``lines`` lines, printable, for a job log or an error: from just
+        before the guest's end (a panic's message leads its backtrace) or the last ones."""
         text = self._tail.decode(errors="replace").replace("\r", "")
-        return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+        all_lines = text.rstrip("\n").split("\n")
+        marker = next((m.decode() for m, end in _MARKERS if end == self.end), None)
+        at = next((i for i, line in enumerate(all_lines) if marker and marker in line), None)
+        if at is None:
+            return "\n".join(all_lines[-lines:])
+        return "\n".join(all_lines[max(0, at - 3) :][:lines])
 
 
 class ConsoleLog:
