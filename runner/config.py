@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from runner.errors import ConfigError
 from runner.forge.github.config import GitHubConfig
+from runner.limits import Timeout
 from runner.net.policy import Allow, Egress, EgressPolicy
 
 Accel = Literal["auto", "kvm", "tcg"]
@@ -62,6 +63,14 @@ class VMSettings(_Section):
     """How long each teardown step (QMP quit, SIGTERM) may take before escalating."""
     sandbox: bool = True
     """Run QEMU under its seccomp sandbox (`-sandbox on,spawn=deny,...`)."""
+    run_as: str | None = "snapfleet-vmm"
+    """Unprivileged user QEMU becomes once it has opened its files (`-runas`); it must
+    exist (scripts/install.sh creates it). Unset = QEMU stays root (not recommended)."""
+    cgroup: bool = True
+    """Put each QEMU in a cgroup of its own with memory and pids limits."""
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    vmm_overhead_mib: Annotated[int, Field(ge=32)] = 256
+    """QEMU's own memory on top of the guest's (the TCG translation cache comes on top)."""
     console_max_bytes: Annotated[int, Field(ge=65536)] = 2**20
     """Cap on each VM's console.log (the guest's serial console); older output is dropped."""
 
@@ -147,7 +156,7 @@ class Profile(_Section):
     """Image recipe name (under recipes_dir), or a directory holding a built image."""
     vcpus: Annotated[int, Field(ge=1, le=64)] = 1
     memory_mib: Annotated[int, Field(ge=128, le=262144)] = 512
-    timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    timeout_s: Timeout = 3600.0
     """Wall-clock limit for one job."""
     kernel: Path | None = None
     """Use this kernel (vmlinux with a PVH note) instead of the image's."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import pwd
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from runner.config import Profile, Settings
-from runner.errors import AgentError, ImageError, RestoreError, SnapshotError, VMError
+from runner.errors import AgentError, ConfigError, ImageError, RestoreError, SnapshotError, VMError
 from runner.host import AccelChoice, host_tsc_khz, qemu_version, resolve_accel
 from runner.images import Image, build_image, find_image, load_image_dir
 from runner.net import NetConfig, NetworkManager
@@ -84,7 +85,10 @@ class Engine:
                     allow_host_ports=tuple(sorted(set(settings.net.allow_host_ports))),
                 )
             )
-        self.hypervisor = QemuHypervisor(settings.vm, settings.paths.state_dir / "vms", self.net)
+        _check_run_as(settings.vm.run_as)
+        self.hypervisor = QemuHypervisor(
+            settings.vm, settings.paths.state_dir / "vms", self.net, instance=self.instance
+        )
         # One refill at a time: on a small host, spawning QEMU competes with running jobs.
         self.pool = WarmPool(self.hypervisor, max_refills=1)
         self.qemu_version = ""
@@ -357,6 +361,19 @@ class Engine:
         result.signal = status.signal
         result.timed_out = status.timed_out
         result.cancelled = status.cancelled
+
+
+def _check_run_as(user: str | None) -> None:
+    if user is None:
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            "vm.run_as",
+            f"user {user!r} does not exist: create it (scripts/install.sh does: "
+            f"useradd --system {user}) or set vm.run_as",
+        ) from None
 
 
 def _own_image(profile: Profile) -> Image:

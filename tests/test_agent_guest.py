@@ -239,11 +239,29 @@ async def test_put_file(client: AgentClient, tmp_path: Path) -> None:
 async def test_failed_requests_get_errors_and_agent_keeps_serving(client: AgentClient) -> None:
     with pytest.raises(AgentError, match="agent error"):
         await client.put_file("/dev/null/not-a-dir/x", b"")
-    session = await client.exec(["/nonexistent/binary"])
-    with pytest.raises(AgentError, match="FileNotFoundError"):
+    session = await client.exec(["echo", "nul\x00byte"])  # the host refuses these first
+    with pytest.raises(AgentError, match="ValueError"):
         await session.wait()
-    with pytest.raises(AgentError, match="FileNotFoundError"):
-        await run(client, ["true"], cwd="/nonexistent/dir")
+    out, _ = await run(client, ["echo", "still here"])
+    assert out == b"still here\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "cwd", "code", "reason"),
+    [
+        (["/nonexistent/binary"], None, 127,
+         "cannot start the job: /nonexistent/binary: No such file or directory"),
+        (["true"], "/nonexistent/dir", 127,
+         "cannot start the job: working directory /nonexistent/dir: No such file or directory"),
+        (["/"], None, 126, "cannot start the job: /: Permission denied"),
+    ],
+)
+async def test_a_job_that_cannot_start_ends_like_a_shell_says(
+    client: AgentClient, argv: list[str], cwd: str | None, code: int, reason: str
+) -> None:
+    chunks, result = await collect(await client.exec(argv, cwd=cwd))
+    assert result == ExecResult(code, None, timed_out=False, cancelled=False)
+    assert chunks == [("stderr", f"snapfleet: {reason}\n".encode())]
     out, _ = await run(client, ["echo", "still here"])
     assert out == b"still here\n"
 

@@ -77,7 +77,7 @@ async def test_console_file_never_passes_its_cap(tmp_path: Path) -> None:
     ours, theirs = console_pipe()
     path = tmp_path / "console.log"
     console = ConsoleLog(ours, path, max_bytes=65536)
-    reader = asyncio.create_task(console.run())
+    console.start("console-test")
     sizes = []
     for i in range(2000):
         await asyncio.to_thread(os.write, theirs, f"spew {i:06d} ".encode() * 20 + b"\n")
@@ -85,9 +85,9 @@ async def test_console_file_never_passes_its_cap(tmp_path: Path) -> None:
             sizes.append(path.stat().st_size)
     await asyncio.to_thread(os.write, theirs, PANIC)
     os.close(theirs)
-    await asyncio.wait_for(reader, 5)
-    console.close()
-    console.close()  # twice is harmless
+    await asyncio.wait_for(console.ended.wait(), 5)
+    await console.stop()
+    await console.stop()  # twice is harmless
     sizes.append(path.stat().st_size)
     assert max(sizes) <= 65536
     assert console.watch.end == "panicked"

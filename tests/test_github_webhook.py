@@ -195,7 +195,12 @@ def test_invalid_payloads_name_the_field(body: bytes, field: str) -> None:
     assert not isinstance(info.value, WebhookSignatureError)
 
 
-@pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("body", [
+    b"", b"not json", b"[1, 2]", b"\xff\xfe",
+    b"[" * 100_000 + b"]" * 100_000,  # deep enough to exhaust the parser's recursion
+    b'{"a":' * 70 + b"1" + b"}" * 70,  # parses, but deeper than any webhook payload
+    b'{"action": NaN}',
+])
 def test_bodies_that_are_not_json_objects(body: bytes) -> None:
     with pytest.raises(WebhookError, match="JSON"):
         parse_event("workflow_job", "d", body)

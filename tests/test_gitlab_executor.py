@@ -228,3 +228,24 @@ async def test_disallowed_profile_is_a_system_failure(gl_daemon: DaemonProcess,
     done = runner.step("prepare")
     assert done.returncode == SYSTEM_FAILURE
     assert "profile 'gpu' is not allowed for GitLab jobs" in done.stderr
+
+
+async def test_a_stage_the_agent_cannot_take_is_a_build_failure_and_the_vm_lives_on(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    runner = Runner(gl_daemon, 509, tmp_path)
+    ok(runner.step("prepare"))
+    for stage, body, reason in [
+        ("build_script", "echo nul\x00byte", "script: Value error, must not contain a NUL byte"),
+        ("after_script", "echo " + "x" * (2 << 20), "the limit is 983040 bytes"),
+    ]:
+        done = runner.step("run", str(runner.script(stage, body)), stage)
+        assert done.returncode == BUILD_FAILURE, (stage, done.stderr)
+        assert done.stderr.startswith(f"Snapfleet: job refused: stage {stage}: ")
+        assert reason in done.stderr
+        assert "Traceback" not in done.stderr
+    after = runner.step("run", str(runner.script("after_script", "echo still-here")),
+                        "after_script")
+    assert after.stdout == "still-here\n", after.stderr
+    ok(runner.step("cleanup"))
+    assert "Traceback" not in gl_daemon.log()

@@ -148,6 +148,8 @@ def write_config(world: World, settings: Settings, name: str, extra: str = "") -
     config = world.root / f"{name}.toml"
     config.write_text(
         f'[paths]\nstate_dir = "{state}"\ncache_dir = "{settings.paths.cache_dir}"\n'
+        # `ip netns exec` mounts a fresh /sys, without the host's cgroup hierarchies.
+        "[vm]\ncgroup = false\n"
         "[profiles.default]\n[profiles.sealed]\negress = \"none\"\n" + extra
     )
     return config

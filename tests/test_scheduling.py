@@ -92,6 +92,11 @@ RUN, STARTING, QUEUED = JobState.RUNNING, JobState.STARTING, JobState.QUEUED
          {"a"}, {}, set(), {}, {"z"}, set(), ()),
         # A QEMU that escaped (no dir, no netns) is still killed.
         (Observed(qemu={"q": 77}), set(), {}, set(), {"q": 77}, set(), set(), ()),
+        # Another process sharing the state dir (`snapfleet run` beside the daemon)
+        # holds "c": alive, not ours to reclaim; "d" lost its owner.
+        (Observed(frozenset({"c", "d"}), frozenset({"c", "d"}), frozenset({"c", "d"}),
+                  {"c": 5, "d": 6}, owned=frozenset({"c"})),
+         set(), {}, set(), {"d": 6}, {"d"}, {"d"}, ()),
     ],
 )
 def test_recovery_plan(observed: Observed, live_vms: set[str], unfinished: dict[str, JobState],
@@ -103,6 +108,12 @@ def test_recovery_plan(observed: Observed, live_vms: set[str], unfinished: dict[
     assert set(p.dirs) == dirs
     assert p.fail_jobs == failed
     assert "daemon stopped" in LOST_JOB_REASON
+
+
+def test_orphan_cgroups_are_removed_and_owned_ones_kept() -> None:
+    observed = Observed(cgroups=frozenset({"a", "b", "c"}), owned=frozenset({"c"}))
+    p = plan(observed, live_vms={"a"}, unfinished={}, live_jobs=set(), leases=[])
+    assert p.cgroups == frozenset({"b"})
 
 
 def test_stale_leases_are_released() -> None:

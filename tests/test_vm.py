@@ -201,6 +201,29 @@ async def test_eight_clones_at_once(engine: Engine, snapshot: Snapshot, state_di
     assert not any(leftovers(state_dir, engine.hypervisor.live).values())
 
 
+async def test_qemu_runs_unprivileged_in_its_own_cgroup(
+    engine: Engine, snapshot: Snapshot, settings: object
+) -> None:
+    machine = await engine.restore(snapshot)
+    try:
+        pid = machine.pid
+        assert pid is not None
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = next(ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:"))
+        assert set(uid) != {"0"}, "QEMU still runs as root"
+        assert "CapEff:\t0000000000000000" in status
+        groups = Path(f"/proc/{pid}/cgroup").read_text()
+        tail = f"/snapfleet/{engine.instance}/{machine.vm_id}"
+        limited = [ln for ln in groups.splitlines() if ln.endswith(tail)]
+        assert limited, groups
+        session = await machine.exec(["echo", "works"])
+        assert b"".join([c.data async for c in session]) == b"works\n"
+    finally:
+        await machine.destroy()
+    left = [p for p in Path("/sys/fs/cgroup").rglob(machine.vm_id)]
+    assert not left, f"cgroups left behind: {left}"
+
+
 def _reboot_call(how: int) -> str:
     # The image has no reboot(8); a job calling reboot(2) is what `reboot -f` does.
     return (

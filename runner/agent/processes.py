@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import selectors
 import signal
@@ -101,7 +102,11 @@ class Execution:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        """Spawn the process (raises on failure) and start the pump thread."""
+        """Spawn the process and start the pump thread.
+
+        A program or working directory that cannot be used ends the exec as a
+        shell would (see `_refuse`); anything else raises.
+        """
         req = self._request
         argv = req.argv
         if req.script is not None:
@@ -123,6 +128,10 @@ class Execution:
                 ),
                 self._on_exit,
             )
+        except OSError as exc:  # no such workdir or program: the job's own failure
+            self._cleanup()
+            self._refuse(exc)
+            return
         except BaseException:
             self._cleanup()
             raise
@@ -132,6 +141,19 @@ class Execution:
         threading.Thread(
             target=self._run, args=(proc,), name=f"exec-{self.id}", daemon=True
         ).start()
+
+    def _refuse(self, exc: OSError) -> None:
+        """End an exec that could not start as a shell would: a reason on stderr,
+        then exit 127 (nothing there) or 126 (there but not runnable)."""
+        try:
+            what = "working directory " if exc.filename == self._request.cwd else ""
+            reason = f"snapfleet: cannot start the job: {what}{exc.filename}: {exc.strerror}\n"
+            self._send(Output(self.id, STDERR, reason.encode(errors="replace")))
+            code = 127 if exc.errno == errno.ENOENT else 126
+            self._send(Exited(self.id, exit_code=code, signal=None, timed_out=False,
+                              cancelled=False))
+        finally:
+            self._forget(self.id)
 
     def cancel(self, sig: int) -> None:
         """Signal the process group now; SIGKILL follows after the grace period."""

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from runner.errors import AgentError, ConfigError, SnapfleetError
+from runner.limits import load_json
+from runner.service.jobs import ExecRequest
 from runner.vm.agent_client import ExecSession
 
 STREAMS = {"stdout": b"\x01", "stderr": b"\x02"}
@@ -32,10 +33,12 @@ def add_routes(app: web.Application, daemon_key: Any) -> None:
         from runner.service.daemon import Draining
 
         try:
-            body = await request.json()
+            body = load_json(await request.read())
             key, profile = body["key"], body.get("profile")
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return web.json_response({"error": "expected JSON {key, profile?}"}, status=400)
+        if not isinstance(key, str) or not isinstance(profile, str | None):
+            return web.json_response({"error": "key and profile must be strings"}, status=400)
         try:
             lease = await request.app[daemon_key].acquire_lease(key, profile)
         except ConfigError as exc:
@@ -63,16 +66,15 @@ def add_routes(app: web.Application, daemon_key: Any) -> None:
         ws = web.WebSocketResponse(heartbeat=30)
         await ws.prepare(request)
         try:
-            req = await ws.receive_json(timeout=30)
+            req = ExecRequest.parse(load_json(await ws.receive_str(timeout=30)))
             session = await lease.machine.exec(
-                script=req["script"], shell=daemon.settings.gitlab.shell,
-                env=req.get("env"), cwd=req.get("cwd"),
+                script=req.script, shell=daemon.settings.gitlab.shell, env=req.env, cwd=req.cwd,
             )
-        except (TimeoutError, ValueError, KeyError, TypeError):
+        except (TimeoutError, ValueError, TypeError):
             await ws.send_json({"error": "expected {script, env?, cwd?} first"})
             await ws.close()
             return ws
-        except SnapfleetError as exc:
+        except SnapfleetError as exc:  # ConfigError: the request names what is wrong
             await ws.send_json({"error": str(exc)})
             await ws.close()
             return ws
@@ -106,8 +108,16 @@ def add_routes(app: web.Application, daemon_key: Any) -> None:
 async def _cancel_on_request(ws: web.WebSocketResponse, session: ExecSession) -> None:
     """Stop the script when the client asks, or goes away."""
     async for msg in ws:
-        if msg.type == WSMsgType.TEXT and json.loads(msg.data).get("cancel"):
+        if msg.type == WSMsgType.TEXT and _asks_to_cancel(msg.data):
             break
     if not session.done:
         with contextlib.suppress(SnapfleetError):
             await session.cancel(signal.SIGTERM)
+
+
+def _asks_to_cancel(text: str) -> bool:
+    try:
+        body = load_json(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and bool(body.get("cancel"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from runner.api import leases
 from runner.errors import ConfigError, HostError
+from runner.limits import load_json
 from runner.service.jobs import JobSpec
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ async def submit(request: web.Request) -> web.Response:
     from runner.service.daemon import Draining
 
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "request body is not valid JSON")
+        data = load_json(await request.read())
+    except ValueError as exc:
+        return _error(400, f"request body is not valid JSON: {exc}")
     try:
         spec = JobSpec.parse(data)
         job = await request.app[DAEMON].submit(spec)

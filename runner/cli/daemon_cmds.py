@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 import tomllib
-from typing import Any
 
 from runner.api.client import ApiClient
 from runner.cli.engine_cmds import EXIT_SYSTEM, EXIT_TIMEOUT, settings_of
 from runner.errors import ConfigError
+from runner.limits import check_depth, load_json
 from runner.log import configure_logging
+from runner.service.jobs import JobSpec
 
 EXIT_FOR_STATE = {"succeeded": 0, "timed_out": EXIT_TIMEOUT, "system_failure": EXIT_SYSTEM,
                   "cancelled": 130}
@@ -34,27 +34,31 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(settings_of(args).daemon.api_socket)
 
 
-def read_spec(source: str) -> dict[str, Any]:
-    """A job spec from a TOML or JSON file, or from stdin with ``-``."""
+def read_spec(source: str) -> JobSpec:
+    """A job spec from a TOML or JSON file, or from stdin with ``-``, checked here."""
     try:
         text = sys.stdin.read() if source == "-" else open(source).read()  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError("job", f"cannot read {source}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("job", f"cannot read {source}: {exc}") from None
     try:
-        data: dict[str, Any] = json.loads(text)
-        return data
-    except json.JSONDecodeError:
-        pass
+        return JobSpec.parse(load_json(text))
+    except ValueError as json_error:
+        if text.lstrip().startswith("{"):  # a TOML document never does
+            raise ConfigError("job", f"{source} is not valid JSON: {json_error}") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(text)
+        check_depth(data)
+    except RecursionError:
+        raise ConfigError("job", f"{source}: TOML nested too deeply") from None
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError("job", f"{source} is neither valid JSON nor TOML: {exc}") from None
+    return JobSpec.parse(data)
 
 
 async def submit(args: argparse.Namespace) -> int:
     spec = read_spec(args.file)
     async with _client(args) as api:
-        job = await api.submit(spec)
+        job = await api.submit(spec.model_dump(mode="json", exclude_none=True))
         if not args.follow:
             print(job["id"])
             return 0

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from runner.config import Profile, Settings, load_settings
 from runner.errors import ConfigError
 from runner.host import Check
+from runner.service.jobs import JobSpec
 
 EXIT_TIMEOUT = 124
 EXIT_SYSTEM = 125
@@ -73,7 +74,11 @@ async def run(args: argparse.Namespace) -> int:
         raise ConfigError("command", "nothing to run: give a command after --")
     settings = settings_of(args)
     profile = _profile(settings, args)
-    command = Command(argv=argv, env=_parse_env(args.env), cwd=args.workdir, timeout_s=args.timeout)
+    spec = JobSpec.parse(
+        {"command": argv, "env": _parse_env(args.env), "workdir": args.workdir,
+         "timeout_s": args.timeout}
+    )
+    command = Command(argv=spec.command, env=spec.env, cwd=spec.workdir, timeout_s=spec.timeout_s)
     async with Engine(settings) as engine:
         snapshot = await engine.snapshot(profile, progress)
         result = await engine.run(

@@ -27,7 +27,8 @@ from pathlib import Path
 from runner import __version__
 from runner.api.client import ApiClient
 from runner.config import Settings
-from runner.errors import SnapfleetError
+from runner.errors import ConfigError, SnapfleetError
+from runner.service.jobs import ExecRequest
 
 DRIVER = "snapfleet"
 
@@ -96,15 +97,20 @@ async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: st
     try:
         key = env.lease_key()
         script = script_path.read_text()
-    except (SnapfleetError, OSError) as exc:
+    except (SnapfleetError, OSError, UnicodeDecodeError) as exc:
         return _system_failure(env, f"stage {stage}: {exc}")
+    try:
+        request = ExecRequest.parse({"script": script})
+    except ConfigError as exc:  # the job's own script: retrying on another runner won't help
+        print(f"Snapfleet: job refused: stage {stage}: {exc}", file=sys.stderr, flush=True)
+        return env.build_failure
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, cancel.set)
     try:
         async with ApiClient(settings.daemon.api_socket) as api:
-            final = await api.exec_in_lease(key, script, _write, cancel)
+            final = await api.exec_in_lease(key, request.script, _write, cancel)
     except SnapfleetError as exc:
         return _system_failure(env, f"stage {stage}: {exc}")
     finally:

@@ -377,15 +377,17 @@ class Daemon:
     async def reconcile(self, *, startup: bool = False) -> recovery.Plan:
         """Compare records with the host; reclaim orphans, fail lost jobs."""
         hv = self.engine.hypervisor
-        observed = await recovery.observe(hv.vms_dir, self.engine.net)
+        scope = (self.settings.vm.cgroup_root, hv.instance) if self.settings.vm.cgroup else None
+        observed = await recovery.observe(hv.vms_dir, self.engine.net, scope)
         unfinished = {j.id: j.state for j in await self.store.jobs(
             states=[JobState.STARTING, JobState.RUNNING], limit=100_000)}
         leases = await self.store.leases()
         plan = recovery.plan(observed, hv.live, unfinished, self.tasks, leases)
         if not plan.empty:
             log.warning("reconciling", startup=startup, orphans=sorted(plan.dirs | plan.networks
+                        | plan.cgroups
                         | set(plan.kill)), lost_jobs=list(plan.fail_jobs))
-        for problem in await recovery.apply(plan, hv.vms_dir, self.engine.net):
+        for problem in await recovery.apply(plan, hv.vms_dir, self.engine.net, scope):
             log.error("reconcile", problem=problem)
         for job_id in plan.fail_jobs:
             job = await self.store.get(job_id)
@@ -398,6 +400,7 @@ class Daemon:
         self.metrics.recovered("orphan_vm", len(plan.kill))
         self.metrics.recovered("orphan_network", len(plan.networks))
         self.metrics.recovered("orphan_dir", len(plan.dirs))
+        self.metrics.recovered("orphan_cgroup", len(plan.cgroups))
         self.metrics.recovered("lost_job", len(plan.fail_jobs))
         retention = self.settings.daemon.log_retention_days * 86400
         await asyncio.to_thread(self.logs.purge, retention)

@@ -6,11 +6,12 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner.errors import ConfigError, InvalidStateError
+from runner.limits import Env, Text, Timeout, check_fits_agent
 
 
 class JobState(enum.StrEnum):
@@ -48,22 +49,42 @@ def check_transition(job_id: str, old: JobState, new: JobState) -> None:
         raise InvalidStateError(f"move job {job_id} to {new}", str(old))
 
 
-class JobSpec(BaseModel):
-    """A job as submitted: `snapfleet submit job.toml` or the API's POST /v1/jobs."""
-
+class _Checked(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(max_length=200)] | None = None
-    script: str | None = None
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """Validate what was submitted; ConfigError naming every bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [(_where(err["loc"]), err["msg"]) for err in exc.errors()]
+            raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    # A bad env key is part of the location: keep a NUL in it out of messages.
+    return ".".join(str(p) for p in loc).replace("\x00", "\\0") or "job"
+
+
+class JobSpec(_Checked):
+    """A job as submitted: `snapfleet submit job.toml` or the API's POST /v1/jobs.
+
+    Every field is checked here (see `runner.limits`), so a job the guest agent
+    could not carry or start is refused before a VM is restored.
+    """
+
+    name: Annotated[Text, Field(max_length=200)] | None = None
+    script: Text | None = None
     """Shell script run by /bin/sh in the guest."""
-    command: list[str] | None = None
+    command: list[Text] | None = None
     """Or an argv to run directly."""
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    profile: str | None = None
+    env: Env = Field(default_factory=dict)
+    workdir: Text | None = None
+    profile: Text | None = None
     """VM profile; unset = chosen by labels, else the default profile."""
-    labels: list[str] = Field(default_factory=list)
-    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    labels: list[Text] = Field(default_factory=list)
+    timeout_s: Timeout | None = None
     """Wall-clock limit; unset = the profile's."""
 
     @model_validator(mode="after")
@@ -72,18 +93,21 @@ class JobSpec(BaseModel):
             raise ValueError("give exactly one of `script` or `command`")
         if self.command is not None and not self.command:
             raise ValueError("`command` must not be empty")
+        check_fits_agent(argv=self.command, script=self.script, env=self.env, cwd=self.workdir)
         return self
 
-    @classmethod
-    def parse(cls, data: Any) -> JobSpec:
-        """Validate a submitted job; ConfigError naming every bad field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = [
-                (".".join(str(p) for p in err["loc"]) or "job", err["msg"]) for err in exc.errors()
-            ]
-            raise ConfigError(problems[0][0], problems[0][1], problems=problems) from None
+
+class ExecRequest(_Checked):
+    """A script to run in a leased VM (a GitLab custom-executor stage)."""
+
+    script: Text
+    env: Env | None = None
+    cwd: Text | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> ExecRequest:
+        check_fits_agent(script=self.script, env=self.env, cwd=self.cwd)
+        return self
 
 
 def new_job_id() -> str:

@@ -18,7 +18,10 @@ from pathlib import Path
 
 from runner.net import NetworkManager
 from runner.service.jobs import JobState
+from runner.vm import cgroup
 from runner.vm.ownership import is_lock_file, lock_path, owned_elsewhere
+
+CgroupScope = tuple[Path, str]  # (cgroup root, instance id)
 
 LOST_JOB_REASON = "the daemon stopped while the job ran; its VM was reclaimed"
 
@@ -33,6 +36,7 @@ class Observed:
     qemu: Mapping[str, int] = field(default_factory=dict)  # vm_id -> pid
     owned: frozenset[str] = frozenset()
     """VM ids whose lock another live process (or another part of this one) holds."""
+    cgroups: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,13 @@ class Plan:
     kill: Mapping[str, int] = field(default_factory=dict)
     networks: frozenset[str] = frozenset()
     dirs: frozenset[str] = frozenset()
+    cgroups: frozenset[str] = frozenset()
     fail_jobs: tuple[str, ...] = ()
     release_leases: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
-        return not (self.kill or self.networks or self.dirs or self.fail_jobs
+        return not (self.kill or self.networks or self.dirs or self.cgroups or self.fail_jobs
                     or self.release_leases)
 
 
@@ -68,7 +73,8 @@ def plan(
     * Queued jobs are left alone: they never started, so they can still run.
     """
     live = set(live_vms)
-    seen = observed.vm_dirs | observed.netns | observed.veths | set(observed.qemu)
+    seen = (observed.vm_dirs | observed.netns | observed.veths | observed.cgroups
+            | set(observed.qemu))
     orphans = seen - live - observed.owned
     running = set(live_jobs)
     lost = tuple(
@@ -79,12 +85,15 @@ def plan(
         kill={vm: pid for vm, pid in observed.qemu.items() if vm in orphans},
         networks=frozenset((observed.netns | observed.veths) & orphans),
         dirs=frozenset(observed.vm_dirs & orphans),
+        cgroups=frozenset(observed.cgroups & orphans),
         fail_jobs=lost,
         release_leases=frozenset(set(leases) - live),
     )
 
 
-async def observe(vms_dir: Path, net: NetworkManager | None) -> Observed:
+async def observe(
+    vms_dir: Path, net: NetworkManager | None, cgroups: CgroupScope | None = None
+) -> Observed:
     """Look at the host: this instance's VMs, and which of them a live process owns.
 
     Locks are checked after everything else is listed: an owner takes its lock
@@ -97,9 +106,14 @@ async def observe(vms_dir: Path, net: NetworkManager | None) -> Observed:
         netns = frozenset(await net.list_namespaces())
         veths = frozenset(await net.list_host_veths())
     qemu = await asyncio.to_thread(qemu_processes, vms_dir)
-    seen = dirs | netns | veths | set(qemu)
+    groups: frozenset[str] = frozenset()
+    if cgroups is not None:
+        groups = frozenset(await asyncio.to_thread(cgroup.list_groups, *cgroups))
+    seen = dirs | netns | veths | groups | set(qemu)
     owned = frozenset(v for v in seen if owned_elsewhere(vms_dir, v))
-    return Observed(vm_dirs=dirs, netns=netns, veths=veths, qemu=qemu, owned=owned)
+    return Observed(
+        vm_dirs=dirs, netns=netns, veths=veths, qemu=qemu, owned=owned, cgroups=groups
+    )
 
 
 def _vm_dirs(vms_dir: Path) -> frozenset[str]:
@@ -130,7 +144,12 @@ def qemu_processes(vms_dir: Path) -> dict[str, int]:
     return found
 
 
-async def apply(the_plan: Plan, vms_dir: Path, net: NetworkManager | None) -> list[str]:
+async def apply(
+    the_plan: Plan,
+    vms_dir: Path,
+    net: NetworkManager | None,
+    cgroups: CgroupScope | None = None,
+) -> list[str]:
     """Carry out the reclaiming part of a plan; returns problems (never raises)."""
     problems: list[str] = []
     for vm_id, pid in the_plan.kill.items():
@@ -155,6 +174,10 @@ async def apply(the_plan: Plan, vms_dir: Path, net: NetworkManager | None) -> li
             pass
         except OSError as exc:
             problems.append(f"removing {vms_dir / vm_id}: {exc}")
+    if cgroups is not None:
+        for vm_id in sorted(the_plan.cgroups):
+            made = cgroup.groups(*cgroups, vm_id)
+            problems += await asyncio.to_thread(cgroup.remove, made)
     for vm_id in sorted(set(the_plan.kill) | the_plan.networks | the_plan.dirs):
         with contextlib.suppress(FileNotFoundError):
             lock_path(vms_dir, vm_id).unlink()

@@ -118,12 +118,31 @@ class ConsoleLog:
         self.error: str | None = None
         self._pipe: int | None = pipe  # ours to close
         self._size = 0
+        self._reader: asyncio.Task[None] | None = None
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
         )
 
-    async def run(self) -> None:
-        """Read until QEMU closes its end. Owned and cancelled by the machine."""
+    def start(self, name: str) -> None:
+        """Read in a task of this console's own until QEMU closes its end, or ``stop``."""
+        self._reader = asyncio.create_task(self._run(), name=name)
+
+    async def stop(self, drain: float = 1.0) -> None:
+        """Read on to EOF for at most ``drain`` seconds (QEMU is gone), then stop and
+        close everything. Idempotent; ``error`` says what went wrong, if anything."""
+        reader = self._reader
+        if reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), drain)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        self._close_file()
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+
+    async def _run(self) -> None:
         assert self._pipe is not None
         os.set_blocking(self._pipe, False)
         try:
@@ -138,13 +157,6 @@ class ConsoleLog:
         finally:
             self.ended.set()
             self._close_file()
-
-    def close(self) -> None:
-        """Close the pipe and the file. Idempotent."""
-        self._close_file()
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
 
     def _write(self, data: bytes) -> None:
         # Page-cache writes of at most max_bytes: local and brief, like the job log's.

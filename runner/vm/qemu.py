@@ -33,11 +33,17 @@ class QemuHypervisor(Hypervisor):
     """Makes QEMU machines: clones of snapshots, cold boots and templates."""
 
     def __init__(
-        self, settings: VMSettings, vms_dir: Path, net_manager: NetworkManager | None
+        self,
+        settings: VMSettings,
+        vms_dir: Path,
+        net_manager: NetworkManager | None,
+        *,
+        instance: str = "0000",
     ) -> None:
         self.settings = settings
         self.vms_dir = vms_dir
         self.net_manager = net_manager
+        self.instance = instance  # names this instance's cgroups
         # Every machine from creation until its teardown finished: what the
         # daemon's reconcile must not mistake for an orphan.
         self.live: dict[str, QemuMachine] = {}
@@ -179,7 +185,7 @@ class QemuHypervisor(Hypervisor):
         vm_id = new_vm_id()
         while (self.vms_dir / vm_id).exists() or vm_id in self.live:
             vm_id = new_vm_id()
-        machine = QemuMachine(vm_id, self.settings, self.vms_dir / vm_id)
+        machine = QemuMachine(vm_id, self.settings, self.vms_dir / vm_id, instance=self.instance)
         self.live[vm_id] = machine
         machine.on_gone = lambda: self.live.pop(vm_id, None)
         return machine

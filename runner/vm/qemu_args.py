@@ -18,7 +18,7 @@ AGENT_PORT_NAME = "org.snapfleet.agent"
 GUEST_MAC = "52:54:00:5f:00:02"
 TAP_NAME = "tap0"
 LAYOUT_VERSION = 2
-CONSOLE_FDSET = 1
+CONSOLE_FDSET = 2  # set 1 is the disk
 # No vmgenid: QEMU 7.2's microvm does not describe it in ACPI, so the guest never
 # sees it; the agent reseeds the kernel RNG after every restore instead.
 
@@ -37,6 +37,10 @@ class QemuRuntime:
     incoming: bool = False  # wait for `migrate-incoming`
     sandbox: bool = True
     disk_cache: Literal["unsafe", "writeback"] = "writeback"
+    run_as: str | None = None  # drop to this user once everything is open
+    # Descriptors of the disk (read-write, read-only) handed to QEMU as an fd set:
+    # an incoming migration reopens its disk after QEMU dropped to run_as.
+    disk_fds: tuple[int, ...] = ()
 
 
 def device_layout(spec: MachineSpec) -> dict[str, object]:
@@ -85,9 +89,14 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     # A guest reset (a panic under `panic=-1`, a `reboot`) ends QEMU instead of booting
     # a fresh guest the job knows nothing of.
     args += ["-no-reboot"]
+    disk = str(rt.disk)
+    if rt.disk_fds:
+        for fd in rt.disk_fds:
+            args += ["-add-fd", f"fd={fd},set=1"]
+        disk = "/dev/fdset/1"
     args += [
         "-drive",
-        f"id=root,if=none,file={rt.disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
+        f"id=root,if=none,file={disk},format={rt.disk_format},cache={rt.disk_cache},discard=unmap",
         "-device",
         "virtio-blk-device,drive=root",
     ]
@@ -116,10 +125,16 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     ]
     if rt.incoming:
         args += ["-incoming", "defer"]
+    if rt.run_as is not None:
+        args += ["-runas", rt.run_as]
     if rt.sandbox:
+        # QEMU installs the filter before -runas switches user, so a filter that
+        # denies set*id kills it then (seen with 7.2). Once switched to a user
+        # other than root it holds no capabilities and cannot elevate anyway.
+        elevate = "allow" if rt.run_as is not None else "deny"
         args += [
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny",
         ]
     return args
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from runner.config import VMSettings
 from runner.errors import AgentError, GuestEnded, SnapfleetError, VMDied, VMError
+from runner.vm import cgroup
 from runner.vm.agent_client import AgentClient, ExecSession
 from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
 from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
@@ -41,7 +42,9 @@ def new_vm_id() -> str:
 class QemuMachine(Machine):
     """One QEMU process and everything it holds: directory, overlay, network."""
 
-    def __init__(self, vm_id: str, settings: VMSettings, directory: Path) -> None:
+    def __init__(
+        self, vm_id: str, settings: VMSettings, directory: Path, *, instance: str = "0000"
+    ) -> None:
         self.vm_id = vm_id
         self.lifecycle = Lifecycle(vm_id)
         self.network: CloneNetwork | None = None
@@ -56,10 +59,11 @@ class QemuMachine(Machine):
         self._socks: list[socket.socket] = []
         self._watcher: asyncio.Task[None] | None = None
         self._console: ConsoleLog | None = None
-        self._console_reader: asyncio.Task[None] | None = None
         self._teardown: asyncio.Task[TeardownReport] | None = None
         self._net_manager: NetworkManager | None = None
         self._owner = VMLock(directory.parent, vm_id)
+        self._instance = instance
+        self._cgroups: list[Path] = []
 
     # -- what callers use -------------------------------------------------
 
@@ -185,9 +189,12 @@ class QemuMachine(Machine):
         mem_shared: bool = False,
         incoming: bool = False,
     ) -> None:
-        """Start QEMU with QMP and agent channels as inherited socketpairs."""
+        """Start QEMU with QMP and agent socketpairs and a console pipe as inherited fds."""
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair()
+        # QEMU reopens the disk when an incoming migration activates it, by then as
+        # run_as: hand it descriptors, so no path needs to be open to that user.
+        disk_fds = [os.open(disk, flags | os.O_CLOEXEC) for flags in (os.O_RDWR, os.O_RDONLY)]
         self._socks = [qmp_ours, agent_ours]
         console_ours, console_theirs = console_pipe()
         self._console = ConsoleLog(console_ours, self.console_log, self._settings.console_max_bytes)
@@ -202,6 +209,8 @@ class QemuMachine(Machine):
             mem_path=mem_path,
             mem_shared=mem_shared,
             incoming=incoming,
+            run_as=self._settings.run_as,
+            disk_fds=tuple(disk_fds),
         )
         argv = qemu_argv(self._settings.qemu_binary, spec, rt)
         if self.network is not None:
@@ -215,7 +224,9 @@ class QemuMachine(Machine):
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    pass_fds=(qmp_theirs.fileno(), agent_theirs.fileno(), console_theirs),
+                    pass_fds=(
+                        qmp_theirs.fileno(), agent_theirs.fileno(), console_theirs, *disk_fds
+                    ),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -224,10 +235,12 @@ class QemuMachine(Machine):
                 qmp_theirs.close()
                 agent_theirs.close()
                 os.close(console_theirs)
-        self._console_reader = asyncio.create_task(
-            self._console.run(), name=f"console-{self.vm_id}"
-        )
+                for fd in disk_fds:
+                    os.close(fd)
+        self._console.start(f"console-{self.vm_id}")
         self._watcher = asyncio.create_task(self._watch(), name=f"watch-{self.vm_id}")
+        if self._settings.cgroup:
+            await self._join_cgroup(spec)
         self._qmp = Qmp(self.vm_id)
         await self._qmp.connect(qmp_ours, timeout=self._settings.restore_timeout_s)
         self.timings["spawn"] = time.monotonic() - started
@@ -286,6 +299,21 @@ class QemuMachine(Machine):
 
     # -- internals --------------------------------------------------------
 
+    async def _join_cgroup(self, spec: MachineSpec) -> None:
+        assert self._proc is not None
+        # tb-size 0 under TCG means QEMU's default translation cache of 1 GiB.
+        tb = spec.tcg_tb_size_mib or (1024 if spec.accel == "tcg" else 0)
+        mib = spec.memory_mib + self._settings.vmm_overhead_mib + tb
+        limits = cgroup.Limits(memory_bytes=mib * 2**20)
+        self._cgroups = await asyncio.to_thread(
+            cgroup.join,
+            self._settings.cgroup_root,
+            self._instance,
+            self.vm_id,
+            self._proc.pid,
+            limits,
+        )
+
     def _require_qmp(self) -> Qmp:
         if self._qmp is None:
             raise VMError("QMP is not connected", vm_id=self.vm_id)
@@ -326,9 +354,13 @@ class QemuMachine(Machine):
                 await self._watcher
         if self._qmp is not None:
             await _collect(report, "closing QMP", self._qmp.close())
-        await self._stop_console(report)
+        if self._console is not None:
+            await self._console.stop()
+            if self._console.error is not None:
+                report.errors.append(self._console.error)
         for sock in self._socks:
             sock.close()
+        report.errors.extend(await asyncio.to_thread(cgroup.remove, self._cgroups))
         if self.network is not None and self._net_manager is not None:
             await _collect(report, "removing network", self._net_manager.destroy(self.vm_id))
         try:
@@ -343,21 +375,6 @@ class QemuMachine(Machine):
         if self.on_gone is not None:
             self.on_gone()
         return report
-
-    async def _stop_console(self, report: TeardownReport) -> None:
-        """Read the console to its end (QEMU is gone), then stop the reader."""
-        reader, console = self._console_reader, self._console
-        if console is None:
-            return
-        if reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(reader), 1.0)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        console.close()
-        if console.error is not None:
-            report.errors.append(console.error)
 
     async def _stop_vmm(
         self, report: TeardownReport

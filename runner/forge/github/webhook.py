@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 from runner.errors import ConfigError, WebhookError, WebhookSignatureError
 from runner.forge.github.types import FORGE
+from runner.limits import load_json
 
 Action = Literal["queued", "in_progress", "completed", "waiting"]
 _ACTIONS: frozenset[str] = frozenset({"queued", "in_progress", "completed", "waiting"})
@@ -124,8 +124,8 @@ def parse_event(event_name: str, delivery_id: str, body: bytes) -> Event:
 
 def _load(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = load_json(body)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise WebhookError(f"body is not JSON: {exc}", forge=FORGE) from exc
     if not isinstance(data, dict):
         raise WebhookError("body is not a JSON object", forge=FORGE)
