@@ -30,6 +30,8 @@ class QemuRuntime:
     disk: Path
     disk_format: Literal["raw", "qcow2"]
     console_fd: int
+    # In the VM's directory: recovery finds a VM's QEMU by an argv path into it.
+    pidfile: Path
     qmp_fd: int
     agent_fd: int
     mem_path: Path | None = None  # file-backed RAM (templates and clones)
@@ -66,6 +68,7 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     """The full argv for one QEMU process."""
     machine = "microvm,pit=on,rtc=on"
     args = [binary, "-name", "snapfleet", "-nodefaults", "-no-user-config", "-display", "none"]
+    args += ["-pidfile", str(rt.pidfile)]
     if rt.mem_path is not None:
         machine += ",memory-backend=mem"
         share = "on" if rt.mem_shared else "off"

@@ -200,6 +200,7 @@ class QemuMachine(Machine):
         self._console = ConsoleLog(console_ours, self.console_log, self._settings.console_max_bytes)
         rt = QemuRuntime(
             console_fd=console_theirs,
+            pidfile=self.directory / "qemu.pid",
             qmp_fd=qmp_theirs.fileno(),
             agent_fd=agent_theirs.fileno(),
             sandbox=self._settings.sandbox,
