@@ -34,7 +34,6 @@ READ_SIZE = 65536
 # running `yes > /dev/ttyS0` from costing the host a core.
 PIPE_SIZE = 2**20  # what an unprivileged process may ask for by default
 READ_PAUSE_S = 0.01
-_F_SETPIPE_SZ = 1031  # Linux; fcntl has it from Python 3.10 on some builds only
 
 
 # QEMU's SHUTDOWN reasons for a guest that ended itself without a word on the
@@ -55,7 +54,7 @@ def console_pipe() -> tuple[int, int]:
     """(ours, QEMU's): a close-on-exec pipe that can hold a batch of console bytes."""
     ours, theirs = os.pipe()
     with contextlib.suppress(OSError):  # the default 64 KiB still works
-        fcntl.fcntl(theirs, _F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(theirs, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     return ours, theirs
 
 
@@ -74,6 +73,7 @@ class ConsoleWatch:
 
     @property
     def data(self) -> bytes:
+        """The bytes kept: the console's newest ``keep`` bytes."""
         return bytes(self._tail)
 
     def feed(self, data: bytes) -> GuestEnd | None:

@@ -1,8 +1,8 @@
 """One QEMU process and everything it holds: directory, overlay, network, channels.
 
-QMP and the agent channel are socketpairs, the serial console a pipe, all
-handed to QEMU as descriptors, so no socket file exists to leak. Teardown escalates: QMP
-quit, SIGTERM, SIGKILL.
+QMP and the agent channel are socketpairs and the serial console a pipe, all
+handed to QEMU as descriptors, so no socket file exists to leak. Teardown
+escalates: QMP quit, SIGTERM, SIGKILL.
 """
 
 from __future__ import annotations
