@@ -71,6 +71,8 @@ class VMSettings(_Section):
     cgroup_root: Path = Path("/sys/fs/cgroup")
     vmm_overhead_mib: Annotated[int, Field(ge=32)] = 256
     """QEMU's own memory on top of the guest's (the TCG translation cache comes on top)."""
+    console_max_bytes: Annotated[int, Field(ge=65536)] = 2**20
+    """Cap on each VM's console.log (the guest's serial console); older output is dropped."""
 
 
 class NetSettings(_Section):

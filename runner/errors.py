@@ -87,6 +87,19 @@ class VMDied(VMError):
         self.returncode = returncode
 
 
+class GuestEnded(VMError):
+    """The guest kernel panicked, rebooted, powered off or halted while in use.
+
+    ``how`` is one of "panicked", "rebooted", "powered off", "halted";
+    ``console`` holds the last lines of the guest's console, for the job log.
+    """
+
+    def __init__(self, message: str, *, vm_id: str | None = None, how: str, console: str):
+        super().__init__(message, vm_id=vm_id)
+        self.how = how
+        self.console = console
+
+
 class InvalidStateError(VMError):
     """An operation was called in a lifecycle state that does not allow it."""
 

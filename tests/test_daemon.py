@@ -172,3 +172,26 @@ async def test_cli_follows_a_queued_job_and_exits_with_its_code(daemon_factory: 
     listing = subprocess.run([*cli, "jobs"], capture_output=True, text=True, timeout=60)
     assert f"{job_id}  failed" in listing.stdout
     assert d.stop() == 0
+
+
+async def test_guest_panic_and_reboot_end_their_jobs_clearly(daemon: DaemonProcess) -> None:
+    async with ApiClient(daemon.api) as api:
+        panic = (await api.submit({"script": "echo c > /proc/sysrq-trigger; sleep 600"}))["id"]
+        reboot = (await api.submit({"script": "echo b > /proc/sysrq-trigger; sleep 600"}))["id"]
+        done = await wait_terminal(api, [panic, reboot], timeout=120)
+        for job_id, reason, console in (
+            (panic, "guest kernel panicked", "Kernel panic - not syncing"),
+            (reboot, "guest rebooted", "sysrq: Resetting"),
+        ):
+            job = done[job_id]
+            assert job["state"] == "system_failure", job
+            assert job["reason"].endswith(reason), job
+            # Ended by the guest's end, not the default 3600 s timeout.
+            assert job["finished_at"] - job["started_at"] < 30, job
+            text = b"".join([c async for c in api.logs(job_id)]).decode()
+            assert "the guest's last console lines:" in text
+            assert console in text, text[-2000:]
+            assert "job system_failure: vm " in text
+        assert (await api.status())["vms"] == []
+    metrics = await daemon.metrics()
+    assert metrics['snapfleet_jobs_total{outcome="system_failure"}'] == 2

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from runner.engine import Command, Engine, RunResult
-from runner.errors import VMDied
+from runner.errors import GuestEnded, VMDied
 from runner.snapshots import Snapshot
 from runner.vm.backend import VMState
 from tests.conftest import leftovers
@@ -222,3 +222,62 @@ async def test_qemu_runs_unprivileged_in_its_own_cgroup(
         await machine.destroy()
     left = [p for p in Path("/sys/fs/cgroup").rglob(machine.vm_id)]
     assert not left, f"cgroups left behind: {left}"
+
+
+def _reboot_call(how: int) -> str:
+    # The image has no reboot(8); a job calling reboot(2) is what `reboot -f` does.
+    return (
+        "python3 -c 'import ctypes, os; os.sync(); print(\"ending\", flush=True); "
+        f"ctypes.CDLL(None).reboot({how:#x})'; sleep 600"
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "how", "reason", "console"),
+    [
+        ("echo ending; echo c > /proc/sysrq-trigger; sleep 600",
+         "panicked", "guest kernel panicked", "Kernel panic"),
+        (_reboot_call(0x01234567), "rebooted", "guest rebooted", "reboot: Restarting system"),
+        (_reboot_call(0x4321FEDC), "powered off", "guest powered off", "reboot: Power down"),
+        # No word on the console: QEMU's own SHUTDOWN reason says what happened.
+        ("echo ending; echo b > /proc/sysrq-trigger; sleep 600",
+         "rebooted", "guest rebooted", "sysrq: Resetting"),
+    ],
+    ids=["panic", "reboot", "poweroff", "sysrq-reset"],
+)
+async def test_guest_ending_itself_ends_the_job_at_once(
+    engine: Engine, snapshot: Snapshot, state_dir: Path,
+    script: str, how: str, reason: str, console: str,
+) -> None:
+    out = Collector()
+    with pytest.raises(GuestEnded) as info:
+        await engine.run(snapshot, Command(script=script), out, profile_timeout=3600)
+    ended = time.monotonic()
+    assert out.text() == "ending\n"
+    took = ended - out.chunks[0][2]
+    print(f"{how}: job ended {took:.2f}s after the guest began to end")
+    assert took < 10, took  # not the 3600 s timeout; ~1 s measured under TCG
+    assert info.value.how == how
+    assert str(info.value).endswith(reason)
+    assert console in info.value.console
+    assert not any(leftovers(state_dir, engine.hypervisor.live).values())
+
+
+async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snapshot) -> None:
+    cap = engine.hypervisor.settings.console_max_bytes
+    machine = await engine.restore(snapshot)
+    try:
+        started, cpu = time.monotonic(), time.process_time()
+        spew = await machine.exec(script=f"yes | head -c {3 * cap} > /dev/ttyS0; echo done")
+        assert b"".join([c.data async for c in spew]) == b"done\n"
+        took, cpu = time.monotonic() - started, time.process_time() - cpu
+        size = machine.console_log.stat().st_size
+        print(f"{3 * cap} console bytes in {took:.1f}s, {cpu:.1f}s CPU here; file {size}")
+        assert 0 < size <= cap
+        assert machine.console_log.read_bytes().endswith(b"y\r\n")
+        # The guest still answers: a busy console does not wedge it.
+        still = await machine.exec(["echo", "alive"])
+        assert b"".join([c.data async for c in still]) == b"alive\n"
+    finally:
+        await machine.destroy()
+    assert not machine.console_log.exists()

@@ -57,7 +57,8 @@ def test_exec_on_destroyed_is_an_error() -> None:
 
 def _rt(**kw: object) -> QemuRuntime:
     base: dict[str, object] = dict(
-        disk=Path("/d"), disk_format="raw", console_log=Path("/c"), qmp_fd=5, agent_fd=6
+        disk=Path("/d"), disk_format="raw", console_fd=4, qmp_fd=5, agent_fd=6,
+        pidfile=Path("/vms/v1/qemu.pid"),
     )
     base.update(kw)
     return QemuRuntime(**base)  # type: ignore[arg-type]
@@ -93,3 +94,13 @@ def test_layout_changes_with_shape() -> None:
     assert device_layout(SPEC) != device_layout(replace(SPEC, memory_mib=1024))
     assert device_layout(SPEC) != device_layout(replace(SPEC, network=False))
     assert device_layout(SPEC) == device_layout(replace(SPEC, kernel=Path("/other")))
+
+
+def test_argv_points_into_the_vm_directory_and_never_reboots() -> None:
+    # Recovery finds a VM's QEMU (after a daemon crash) by an argv path into its directory.
+    argv = qemu_argv("qemu", SPEC, _rt())
+    assert any(a.startswith("/vms/v1/") for a in argv)
+    assert "-no-reboot" in argv
+    assert argv[argv.index("-serial") + 1] == "chardev:console"
+    assert "file,id=console,path=/dev/fdset/2,append=on" in argv
+    assert "fd=4,set=2" in argv

@@ -18,7 +18,7 @@ from typing import Any
 from runner import __version__
 from runner.cli import daemon_cmds, engine_cmds
 from runner.cli.engine_cmds import EXIT_SYSTEM
-from runner.errors import ConfigError, SnapfleetError
+from runner.errors import ConfigError, GuestEnded, SnapfleetError
 from runner.log import configure_logging
 
 EXIT_INTERRUPTED = 130
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SYSTEM
     except SnapfleetError as exc:
         print(f"snapfleet: error: {exc}", file=sys.stderr)
+        if isinstance(exc, GuestEnded) and exc.console:
+            print(f"the guest's last console lines:\n{exc.console}", file=sys.stderr)
         return EXIT_SYSTEM
 
 

@@ -12,7 +12,7 @@ import structlog
 
 from runner.config import Profile
 from runner.engine import Command, Engine, OutputSink, RunResult
-from runner.errors import SnapfleetError
+from runner.errors import GuestEnded, SnapfleetError
 from runner.service.jobs import Job, JobState
 from runner.service.logs import JobLog
 from runner.service.store import Store
@@ -123,6 +123,10 @@ async def run_in_vm(
         outcome = Outcome(JobState.CANCELLED, reason=job.reason or "cancelled")
         raise
     except SnapfleetError as exc:
+        if isinstance(exc, GuestEnded):
+            job_log.note("the guest's last console lines:")
+            for line in exc.console.splitlines():
+                job_log.note(f"console: {line}")
         outcome = _with_restore(Outcome(JobState.SYSTEM_FAILURE, reason=str(exc)), outcome)
     except Exception as exc:
         bound.exception("job crashed the executor")

@@ -18,6 +18,7 @@ AGENT_PORT_NAME = "org.snapfleet.agent"
 GUEST_MAC = "52:54:00:5f:00:02"
 TAP_NAME = "tap0"
 LAYOUT_VERSION = 2
+CONSOLE_FDSET = 2  # set 1 is the disk
 # No vmgenid: QEMU 7.2's microvm does not describe it in ACPI, so the guest never
 # sees it; the agent reseeds the kernel RNG after every restore instead.
 
@@ -28,7 +29,9 @@ class QemuRuntime:
 
     disk: Path
     disk_format: Literal["raw", "qcow2"]
-    console_log: Path
+    console_fd: int
+    # In the VM's directory: recovery finds a VM's QEMU by an argv path into it.
+    pidfile: Path
     qmp_fd: int
     agent_fd: int
     mem_path: Path | None = None  # file-backed RAM (templates and clones)
@@ -65,6 +68,7 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     """The full argv for one QEMU process."""
     machine = "microvm,pit=on,rtc=on"
     args = [binary, "-name", "snapfleet", "-nodefaults", "-no-user-config", "-display", "none"]
+    args += ["-pidfile", str(rt.pidfile)]
     if rt.mem_path is not None:
         machine += ",memory-backend=mem"
         share = "on" if rt.mem_shared else "off"
@@ -75,7 +79,19 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     args += ["-M", machine, "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
     args += _accel_args(spec)
     args += ["-kernel", str(spec.kernel), "-initrd", str(spec.initramfs), "-append", spec.cmdline]
-    args += ["-chardev", f"file,id=console,path={rt.console_log}", "-serial", "chardev:console"]
+    # The console is a pipe the daemon reads (and caps); a file chardev takes it as an
+    # fd set, `append` because a pipe cannot be truncated.
+    args += [
+        "-add-fd",
+        f"fd={rt.console_fd},set={CONSOLE_FDSET}",
+        "-chardev",
+        f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
+        "-serial",
+        "chardev:console",
+    ]
+    # A guest reset (a panic under `panic=-1`, a `reboot`) ends QEMU instead of booting
+    # a fresh guest the job knows nothing of.
+    args += ["-no-reboot"]
     disk = str(rt.disk)
     if rt.disk_fds:
         for fd in rt.disk_fds:

@@ -1,7 +1,8 @@
 """One QEMU process and everything it holds: directory, overlay, network, channels.
 
-QMP and the agent channel are socketpairs handed to QEMU as descriptors, so no
-socket file exists to leak. Teardown escalates: QMP quit, SIGTERM, SIGKILL.
+QMP and the agent channel are socketpairs and the serial console a pipe, all
+handed to QEMU as descriptors, so no socket file exists to leak. Teardown
+escalates: QMP quit, SIGTERM, SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runner.config import VMSettings
-from runner.errors import AgentError, SnapfleetError, VMDied, VMError
+from runner.errors import AgentError, GuestEnded, SnapfleetError, VMDied, VMError
 from runner.vm import cgroup
 from runner.vm.agent_client import AgentClient, ExecSession
 from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
+from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
 from runner.vm.ownership import VMLock
 from runner.vm.qemu_args import QemuRuntime, qemu_argv
 from runner.vm.qmp import Qmp
@@ -56,6 +58,7 @@ class QemuMachine(Machine):
         self._qmp: Qmp | None = None
         self._socks: list[socket.socket] = []
         self._watcher: asyncio.Task[None] | None = None
+        self._console: ConsoleLog | None = None
         self._teardown: asyncio.Task[TeardownReport] | None = None
         self._net_manager: NetworkManager | None = None
         self._owner = VMLock(directory.parent, vm_id)
@@ -104,13 +107,25 @@ class QemuMachine(Machine):
             raise await self.died_error(exc) from exc
 
     async def died_error(self, exc: BaseException) -> SnapfleetError:
-        """Explain an agent failure: a dead VMM is the usual cause.
+        """Explain an agent failure: the guest's own end (panic, reboot, power-off,
+        read from its console) or a dead VMM are the usual causes.
 
-        The agent channel usually reports EOF a moment before the VMM is reaped,
-        so give the process a little time to finish exiting before deciding.
+        The agent channel usually reports EOF a moment before the VMM is reaped
+        and its last console bytes are read, so give both a moment before deciding.
         """
-        if self._proc is not None and self._proc.returncode is None:
+        console = self._console
+        guest_said = console is not None and console.watch.end is not None
+        if self._proc is not None and self._proc.returncode is None and not guest_said:
             await _exited(self._proc, 1.0)
+        if console is not None and self.exit_status is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(console.ended.wait(), 1.0)
+        end = None if console is None else console.watch.end
+        if end is None and self.exit_status == 0 and self._qmp is not None:
+            end = end_from_shutdown(await self._qmp.shutdown_reason(0.5))
+        if end is not None:
+            tail = "" if console is None else console.watch.tail()
+            return GuestEnded(describe(end), vm_id=self.vm_id, how=end, console=tail)
         status = self.exit_status
         if status is not None:
             tail = _tail(self.directory / "qemu.log")
@@ -174,15 +189,18 @@ class QemuMachine(Machine):
         mem_shared: bool = False,
         incoming: bool = False,
     ) -> None:
-        """Start QEMU with QMP and agent channels as inherited socketpairs."""
+        """Start QEMU with QMP and agent socketpairs and a console pipe as inherited fds."""
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair()
         # QEMU reopens the disk when an incoming migration activates it, by then as
         # run_as: hand it descriptors, so no path needs to be open to that user.
         disk_fds = [os.open(disk, flags | os.O_CLOEXEC) for flags in (os.O_RDWR, os.O_RDONLY)]
         self._socks = [qmp_ours, agent_ours]
+        console_ours, console_theirs = console_pipe()
+        self._console = ConsoleLog(console_ours, self.console_log, self._settings.console_max_bytes)
         rt = QemuRuntime(
-            console_log=self.console_log,
+            console_fd=console_theirs,
+            pidfile=self.directory / "qemu.pid",
             qmp_fd=qmp_theirs.fileno(),
             agent_fd=agent_theirs.fileno(),
             sandbox=self._settings.sandbox,
@@ -207,7 +225,9 @@ class QemuMachine(Machine):
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    pass_fds=(qmp_theirs.fileno(), agent_theirs.fileno(), *disk_fds),
+                    pass_fds=(
+                        qmp_theirs.fileno(), agent_theirs.fileno(), console_theirs, *disk_fds
+                    ),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -215,8 +235,10 @@ class QemuMachine(Machine):
             finally:
                 qmp_theirs.close()
                 agent_theirs.close()
+                os.close(console_theirs)
                 for fd in disk_fds:
                     os.close(fd)
+        self._console.start(f"console-{self.vm_id}")
         self._watcher = asyncio.create_task(self._watch(), name=f"watch-{self.vm_id}")
         if self._settings.cgroup:
             await self._join_cgroup(spec)
@@ -299,10 +321,26 @@ class QemuMachine(Machine):
         return self._qmp
 
     async def _watch(self) -> None:
+        """Fail the VM when QEMU exits or its console shows the guest ending.
+
+        A guest that halted or panicked without resetting leaves QEMU running and
+        the agent channel open: closing the agent fails whatever waits on it now.
+        """
         assert self._proc is not None
-        await self._proc.wait()
+        assert self._console is not None
+        waits = [
+            asyncio.ensure_future(self._proc.wait()),
+            asyncio.ensure_future(self._console.ended.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
         if self.lifecycle.state in (VMState.STARTING, VMState.READY):
             self.lifecycle.move(VMState.FAILED)
+        if self.agent is not None and self._console.watch.end is not None:
+            await self.agent.close()
 
     async def _do_teardown(self) -> TeardownReport:
         if self.lifecycle.state is not VMState.STOPPING:
@@ -317,6 +355,10 @@ class QemuMachine(Machine):
                 await self._watcher
         if self._qmp is not None:
             await _collect(report, "closing QMP", self._qmp.close())
+        if self._console is not None:
+            await self._console.stop()
+            if self._console.error is not None:
+                report.errors.append(self._console.error)
         for sock in self._socks:
             sock.close()
         report.errors.extend(await asyncio.to_thread(cgroup.remove, self._cgroups))

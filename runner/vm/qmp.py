@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from runner.errors import VMError
 
@@ -23,6 +23,8 @@ class Qmp:
     def __init__(self, vm_id: str) -> None:
         self._vm_id = vm_id
         self._client = QMPClient(f"snapfleet-{vm_id}")
+        self._shutdowns = EventListener(("SHUTDOWN",))
+        self._client.register_listener(self._shutdowns)
 
     async def connect(self, sock: socket.socket, timeout: float) -> None:
         """Greet QEMU over ``sock`` (one end of a socketpair QEMU holds the other of)."""
@@ -71,6 +73,17 @@ class Qmp:
                 raise VMError(f"migration still {status} after {timeout:.0f}s", vm_id=self._vm_id)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    async def shutdown_reason(self, timeout: float) -> str | None:
+        """Why QEMU shut down ("guest-reset", "guest-shutdown", "host-signal", ...), from
+        its SHUTDOWN event; None if none arrives within ``timeout``."""
+        try:
+            event = await asyncio.wait_for(self._shutdowns.get(), timeout)
+        except TimeoutError:
+            return None
+        data = event.get("data")
+        reason = data.get("reason") if isinstance(data, dict) else None
+        return reason if isinstance(reason, str) else None
 
     async def close(self) -> None:
         """Disconnect; after `quit` QEMU closes first and the client reports EOF, which is fine."""
