@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from runner.vm.qemu import QemuMachine
+from runner.vm.backend import Machine
 
 
 def percentiles(samples: list[float]) -> dict[str, float | int]:
@@ -16,7 +16,7 @@ def percentiles(samples: list[float]) -> dict[str, float | int]:
     return {"p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1), "n": len(ordered)}
 
 
-async def first_output_ms(machine: QemuMachine, started: float) -> float:
+async def first_output_ms(machine: Machine, started: float) -> float:
     """Milliseconds from ``started`` until `echo ready` in the guest printed something."""
     session = await machine.exec(["echo", "ready"])
     elapsed = float("nan")

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from bench._stats import first_output_ms, percentiles
+from runner import compose
 from runner.config import Profile, load_settings
 from runner.engine import Engine
 from runner.snapshots import Snapshot
-from runner.vm.qemu import QemuMachine
+from runner.vm.backend import Machine
 
 PHASES = ("setup", "spawn", "load", "agent", "total")
 
@@ -53,7 +54,7 @@ class Series:
         self.ms: list[float] = []
         self.phases: dict[str, list[float]] = {k: [] for k in PHASES}
 
-    async def measure(self, restore: Callable[[], Awaitable[QemuMachine]]) -> QemuMachine:
+    async def measure(self, restore: Callable[[], Awaitable[Machine]]) -> Machine:
         started = time.monotonic()
         machine = await restore()
         try:
@@ -78,15 +79,15 @@ async def bench(runs: int, cache_dir: Path, log: Callable[[str], None]) -> dict[
     warm, cold = Series(), Series()
     hits = 0
     try:
-        async with Engine(settings) as engine:
+        async with compose.engine(settings) as engine:
             profile = settings.profile()
             snapshot = await engine.snapshot(profile, log)
             engine.warm("bench", Profile(warm=1), snapshot)
 
-            async def with_pool() -> QemuMachine:
+            async def with_pool() -> Machine:
                 return await engine.restore(snapshot)
 
-            async def without_pool() -> QemuMachine:
+            async def without_pool() -> Machine:
                 return await engine.hypervisor.restore(snapshot)
 
             for i in range(runs):
@@ -98,7 +99,7 @@ async def bench(runs: int, cache_dir: Path, log: Callable[[str], None]) -> dict[
                     if series is warm:
                         hits += int(machine.timings.get("pool") == 1.0)
                 log(f"run {i + 1}/{runs}: warm {warm.ms[-1]:.1f} ms, cold {cold.ms[-1]:.1f} ms")
-            accel, qemu = engine.accel.accel, engine.qemu_version
+            accel, qemu = engine.accel.accel, engine.vmm.version
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
     warm_p, cold_p = percentiles(warm.ms), percentiles(cold.ms)

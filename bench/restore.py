@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._stats import first_output_ms, percentiles
+from runner import compose
 from runner.config import load_settings
-from runner.engine import Engine
 
 
 def pss_mib(pid: int) -> float:
@@ -39,7 +39,7 @@ async def bench(runs: int, clones: int, cache_dir: Path, log: Any) -> dict[str, 
         paths={"cache_dir": cache_dir, "state_dir": state_dir},
         net={"egress": False, "dns": []},
     )
-    async with Engine(settings) as engine:
+    async with compose.engine(settings) as engine:
         profile = settings.profile()
         snapshot = await engine.snapshot(profile, log)
         image = await engine.image(profile, log)
@@ -73,7 +73,7 @@ async def bench(runs: int, clones: int, cache_dir: Path, log: Any) -> dict[str, 
     cold_p, restore_p = percentiles(cold), percentiles(restore)
     return {
         "accel": engine.accel.accel,
-        "qemu": engine.qemu_version,
+        "qemu": engine.vmm.version,
         "memory_mib": profile.memory_mib,
         "cold_boot_ms": cold_p,
         "restore_ms": restore_p,

@@ -36,8 +36,8 @@ from typing import Any
 from runner.api.client import ApiClient
 from runner.net import NetConfig
 from runner.net.config import instance_id
-from runner.service.recovery import qemu_processes
 from runner.vm import cgroup
+from runner.vm.qemu import qemu_processes
 
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "system_failure"}
 KINDS = {

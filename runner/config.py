@@ -49,6 +49,9 @@ class PathsSettings(_Section):
 class VMSettings(_Section):
     """How VMs are run."""
 
+    backend: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")] = "qemu"
+    """The VMM backend: a module ``runner/vm/<backend>.py`` (``qemu``), or the dotted
+    name of a module elsewhere that follows the same contract (see runner.vm.backend)."""
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img_binary: str = "qemu-img"
     accel: Accel = "auto"

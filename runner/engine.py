@@ -1,104 +1,57 @@
-"""The engine: from a profile to a clean VM running one command, then nothing.
+"""The engine: from a profile to a clean, READY VM.
 
-It ties images, snapshots, the hypervisor and networking together for one
-host. ``snapfleet run`` uses it directly; the daemon schedules onto it.
+It ties images, snapshots, the warm pool and the hypervisor it is given (by
+the composition root, `runner.compose`) together for one host. Running work
+in a VM goes through `runner.execution.run`, the one run path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import pwd
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
 
 from runner.config import Profile, Settings
-from runner.errors import AgentError, ConfigError, ImageError, RestoreError, SnapshotError, VMError
-from runner.host import AccelChoice, host_tsc_khz, qemu_version, resolve_accel
-from runner.images import Image, build_image, find_image, load_image_dir
-from runner.net import NetConfig, NetworkManager
-from runner.net.config import instance_id
-from runner.net.dns import Resolvers, host_resolvers
+from runner.errors import ImageError, RestoreError, SnapshotError
+from runner.host import AccelChoice, host_tsc_khz, resolve_accel
+from runner.images import WARMUP_GUEST_PATH, Image, build_image, find_image, load_image_dir
+from runner.net.dns import Resolvers
 from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
-from runner.snapshots import Snapshot, SnapshotStore
-from runner.vm.backend import MachineSpec, TeardownReport
-from runner.vm.qemu import QemuHypervisor, QemuMachine
+from runner.snapshots import Snapshot, SnapshotStore, Vmm
+from runner.vm.backend import Hypervisor, Machine, MachineSpec
 
 log = structlog.get_logger("snapfleet.engine")
 
 Progress = Callable[[str], None]
-OutputSink = Callable[[str, bytes], Awaitable[None] | None]
 TIMEOUT_GRACE_S = 10.0
-
-
-@dataclass(frozen=True)
-class Command:
-    """What to run in the guest: an argv, or a script for ``/bin/sh``."""
-
-    argv: Sequence[str] | None = None
-    script: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
-    cwd: str | None = None
-    timeout_s: float | None = None
-
-
-@dataclass
-class RunResult:
-    """How a command ended, and what it cost."""
-
-    vm_id: str
-    exit_code: int | None
-    signal: int | None = None
-    timed_out: bool = False
-    cancelled: bool = False
-    restore_s: float = 0.0
-    run_s: float = 0.0
-    teardown: TeardownReport | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
 
 
 class Engine:
     """Images, snapshots and VMs on one host. Use ``async with``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, resolvers: Resolvers) -> None:
         self.settings = settings
         self.accel: AccelChoice = resolve_accel(settings.vm.accel)
-        self.instance = instance_id(settings.paths.state_dir)
-        self.net: NetworkManager | None = None
-        self.resolvers = Resolvers(tuple(settings.net.dns or ()), "config")
-        if settings.net.enabled:
-            if settings.net.dns is None:
-                self.resolvers = host_resolvers()
-            self.net = NetworkManager(
-                NetConfig(
-                    instance=self.instance,
-                    pool=settings.net.host_pool,
-                    nameservers=self.resolvers.nameservers,
-                    allow_host_ports=tuple(sorted(set(settings.net.allow_host_ports))),
-                )
-            )
-        _check_run_as(settings.vm.run_as)
-        self.hypervisor = QemuHypervisor(
-            settings.vm, settings.paths.state_dir / "vms", self.net, instance=self.instance
-        )
-        # One refill at a time: on a small host, spawning QEMU competes with running jobs.
+        self.hypervisor = hypervisor
+        self.instance = hypervisor.instance
+        self.net = hypervisor.net_manager
+        self.resolvers = resolvers
+        # One refill at a time: on a small host, spawning a VMM competes with running jobs.
         self.pool = WarmPool(self.hypervisor, max_refills=1)
-        self.qemu_version = ""
+        self.vmm = Vmm(hypervisor.name, "", hypervisor.device_layout)
         self._snapshot_lock = asyncio.Lock()
         self._resolved: dict[str, Snapshot] = {}  # by profile
         # Read once: under TCG every guest is told the host's TSC frequency.
         self._tsc_khz = host_tsc_khz() if self.accel.accel == "tcg" else None
 
     async def __aenter__(self) -> Engine:
-        self.qemu_version = await qemu_version(self.settings.vm.qemu_binary)
+        self.vmm = Vmm(self.hypervisor.name, await self.hypervisor.version(),
+                       self.hypervisor.device_layout)
         if self.net is not None:
             for why in self.resolvers.skipped:
                 log.warning("guest_resolver_skipped", source=self.resolvers.source, reason=why)
@@ -126,7 +79,7 @@ class Engine:
     def snapshots(self) -> SnapshotStore:
         return SnapshotStore(
             self.settings.paths.cache_dir / "snapshots",
-            self.qemu_version,
+            self.vmm,
             qemu_img=self.settings.vm.qemu_img_binary,
         )
 
@@ -208,9 +161,6 @@ class Engine:
             )
 
     async def _template(self, spec: MachineSpec, disk: Path, memory: Path, state: Path) -> float:
-        # Local import: this method's edit stays self-contained (hoist it when convenient).
-        from runner.images import WARMUP_GUEST_PATH as warmup_path
-
         started = time.monotonic()
         machine = await self.hypervisor.boot_template(spec, disk, memory)
         try:
@@ -223,14 +173,14 @@ class Engine:
             try:
                 async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
                     warmup = await machine.exec(
-                        script=f"[ ! -e {warmup_path} ] || exec /bin/sh {warmup_path}",
+                        script=f"[ ! -e {WARMUP_GUEST_PATH} ] || exec /bin/sh {WARMUP_GUEST_PATH}",
                         timeout=timeout,
                     )
                     async for chunk in warmup:
                         output = (output + chunk.data)[-2000:]
                     status = await warmup.wait()
             except TimeoutError:
-                raise SnapshotError(f"the image's warm-up {warmup_path} hung") from None
+                raise SnapshotError(f"the image's warm-up {WARMUP_GUEST_PATH} hung") from None
             if status.exit_code != 0:
                 how = (
                     f"timed out after {timeout:.0f}s"
@@ -238,7 +188,9 @@ class Engine:
                     else f"exit {status.exit_code}, signal {status.signal}"
                 )
                 detail = output.decode(errors="replace").strip() or "no output"
-                raise SnapshotError(f"the image's warm-up {warmup_path} failed ({how}): {detail}")
+                raise SnapshotError(
+                    f"the image's warm-up {WARMUP_GUEST_PATH} failed ({how}): {detail}"
+                )
             # Run one command so the exec path is already warm in every clone.
             session = await machine.exec(["/bin/true"])
             await session.wait()
@@ -254,11 +206,11 @@ class Engine:
         env: Mapping[str, str] | None = None,
         use_pool: bool = True,
         policy: EgressPolicy | None = None,
-    ) -> QemuMachine:
+    ) -> Machine:
         """A READY clone of ``snapshot``: from the warm pool when it has one, else fresh.
 
-        ``timings["pool"]`` is 1.0 for a pooled machine (whose setup and spawn
-        were paid before the job and are left out of its timings), else 0.0.
+        A pooled machine (``pooled`` True) had its setup and spawn paid before
+        the job; they are left out of its timings.
         """
         started = time.monotonic()
         machine = self.pool.acquire(snapshot) if use_pool else None
@@ -268,17 +220,16 @@ class Engine:
             try:
                 await self.hypervisor.resume(machine, snapshot, env=env, policy=policy)
             except RestoreError as exc:
-                # Its QEMU may have died while idle, after acquire() looked. resume()
+                # Its VMM may have died while idle, after acquire() looked. resume()
                 # has destroyed it already (destroy is idempotent); try once afresh.
                 await machine.destroy()
                 log.warning("pooled machine failed to resume", vm_id=machine.vm_id, error=str(exc))
                 machine = None
+            else:
+                machine.pooled = True
         if machine is None:
             machine = await self.hypervisor.prepare(snapshot)
             await self.hypervisor.resume(machine, snapshot, env=env, policy=policy)
-            machine.timings["pool"] = 0.0
-        else:
-            machine.timings["pool"] = 1.0
         machine.timings["total"] = time.monotonic() - started
         return machine
 
@@ -288,92 +239,6 @@ class Engine:
         Calling it again with a new snapshot for the same name drops the old one's machines.
         """
         self.pool.set_target(snapshot, profile.warm, slot=name)
-
-    async def run(
-        self,
-        snapshot: Snapshot,
-        command: Command,
-        sink: OutputSink,
-        *,
-        profile_timeout: float,
-        policy: EgressPolicy | None = None,
-    ) -> RunResult:
-        """Restore a clone, run ``command`` streaming its output to ``sink``, destroy the clone."""
-        started = time.monotonic()
-        machine = await self.restore(snapshot, policy=policy)
-        bound = log.bind(vm_id=machine.vm_id)
-        result = RunResult(
-            vm_id=machine.vm_id, exit_code=None, restore_s=time.monotonic() - started
-        )
-        timeout = command.timeout_s or profile_timeout
-        try:
-            await self.execute(machine, command, sink, timeout, result)
-        finally:
-            result.teardown = await machine.destroy()
-            for problem in result.teardown.errors:
-                bound.warning("teardown", problem=problem)
-        bound.info(
-            "job finished",
-            exit_code=result.exit_code,
-            timed_out=result.timed_out,
-            restore_ms=round(result.restore_s * 1000, 1),
-            run_ms=round(result.run_s * 1000, 1),
-            teardown=result.teardown.escalation,
-        )
-        return result
-
-    async def execute(
-        self,
-        machine: QemuMachine,
-        command: Command,
-        sink: OutputSink,
-        timeout: float,
-        result: RunResult,
-    ) -> None:
-        """Run ``command`` in a READY machine, streaming to ``sink``, filling in ``result``.
-
-        A dead VMM becomes VMDied; a hung guest past ``timeout`` is reported timed out.
-        """
-        started = time.monotonic()
-        try:
-            # The agent enforces the timeout in the guest; this backstop covers a hung guest.
-            async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
-                session = await machine.exec(
-                    command.argv,
-                    script=command.script,
-                    env=command.env,
-                    cwd=command.cwd,
-                    timeout=timeout,
-                )
-                async for chunk in session:
-                    out = sink(chunk.stream, chunk.data)
-                    if out is not None:
-                        await out
-                status = await session.wait()
-        except TimeoutError:
-            result.timed_out = True
-            result.run_s = time.monotonic() - started
-            return
-        except AgentError as exc:
-            raise await machine.died_error(exc) from exc
-        result.run_s = time.monotonic() - started
-        result.exit_code = status.exit_code
-        result.signal = status.signal
-        result.timed_out = status.timed_out
-        result.cancelled = status.cancelled
-
-
-def _check_run_as(user: str | None) -> None:
-    if user is None:
-        return
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(
-            "vm.run_as",
-            f"user {user!r} does not exist: create it (scripts/install.sh does: "
-            f"useradd --system {user}) or set vm.run_as",
-        ) from None
 
 
 def _own_image(profile: Profile) -> Image:
@@ -397,4 +262,4 @@ def _own_image(profile: Profile) -> Image:
     )
 
 
-__all__ = ["Command", "Engine", "RunResult", "VMError"]
+__all__ = ["Engine"]

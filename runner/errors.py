@@ -71,10 +71,6 @@ class VMError(SnapfleetError):
         self.vm_id = vm_id
 
 
-class BootError(VMError):
-    """A VM failed to boot (cold boot) or its agent never came up."""
-
-
 class RestoreError(VMError):
     """Restoring a clone from a snapshot failed; what it built was torn down."""
 
@@ -186,3 +182,7 @@ class WebhookError(ForgeError):
 
 class WebhookSignatureError(WebhookError):
     """A webhook delivery's signature is missing, malformed or wrong: answer 401."""
+
+
+class Draining(SnapfleetError):
+    """The daemon is shutting down and takes no new jobs."""

@@ -1,8 +1,8 @@
-"""The warm pool: QEMU processes already started and waiting for a snapshot.
+"""The warm pool: VMM processes already started and waiting for a snapshot.
 
-Spawning QEMU (plus the clone's directory, namespace and overlay) is most of
+Spawning a VMM (plus the clone's directory, namespace and overlay) is most of
 the host-side cost of a restore. The pool keeps, per snapshot, a few machines
-made by ``QemuHypervisor.prepare`` — everything done except loading the
+made by ``Hypervisor.prepare`` — everything done except loading the
 snapshot — so a job only pays for ``resume``.
 
 Refilling runs in background tasks the pool owns (``start``/``close`` or
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from runner.snapshots import Snapshot
-from runner.vm.backend import VMState
-from runner.vm.qemu import QemuHypervisor, QemuMachine
+from runner.vm.backend import Hypervisor, Machine, VMState
 
 log = structlog.get_logger("snapfleet.pool")
 
@@ -65,9 +64,9 @@ class _Entry:
 
     snapshot: Snapshot
     target: int = 0
-    idle: deque[QemuMachine] = field(default_factory=deque)
+    idle: deque[Machine] = field(default_factory=deque)
     # Machines to destroy off the job's path: dead ones found by acquire.
-    dead: list[QemuMachine] = field(default_factory=list)
+    dead: list[Machine] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     hits: int = 0
@@ -95,7 +94,7 @@ class WarmPool:
     None; ``close`` destroys everything the pool holds.
     """
 
-    def __init__(self, hypervisor: QemuHypervisor, *, max_refills: int = 1) -> None:
+    def __init__(self, hypervisor: Hypervisor, *, max_refills: int = 1) -> None:
         if max_refills < 1:
             raise ValueError("max_refills must be at least 1")
         self._hypervisor = hypervisor
@@ -104,7 +103,7 @@ class WarmPool:
         # slot (normally a profile name) -> (snapshot key, size); sizes for one key add up.
         self._slots: dict[str, tuple[str, int]] = {}
         # Machines whose teardown the pool began and has not seen finish: close() awaits them.
-        self._destroying: set[QemuMachine] = set()
+        self._destroying: set[Machine] = set()
         self._state = PoolState.NEW
 
     @property
@@ -151,11 +150,11 @@ class WarmPool:
         for key in touched:
             self._retarget(self._entries[key])
 
-    def acquire(self, snapshot: Snapshot) -> QemuMachine | None:
+    def acquire(self, snapshot: Snapshot) -> Machine | None:
         """An idle prepared machine for ``snapshot``, now, or None if there is none.
 
         The machine leaves the pool (the caller owns it: resume it, or destroy
-        it) and the refiller is woken to replace it. Machines whose QEMU died
+        it) and the refiller is woken to replace it. Machines whose VMM died
         while idle are skipped and destroyed in the background.
         """
         entry = self._entries.get(snapshot.key)
@@ -163,7 +162,7 @@ class WarmPool:
             entry = self._entry(snapshot)
         while entry.idle:
             machine = entry.idle.popleft()
-            # The watcher marks a VM FAILED as soon as its QEMU is reaped.
+            # The watcher marks a VM FAILED as soon as its VMM is reaped.
             if machine.exit_status is None and machine.state is VMState.STARTING:
                 entry.hits += 1
                 self._wake(entry)
@@ -184,6 +183,15 @@ class WarmPool:
         """Per snapshot key: idle, target, hits, misses and the rest."""
         return {key: entry.stats() for key, entry in self._entries.items()}
 
+    def idle_by_slot(self) -> dict[str, int]:
+        """Idle machines waiting for each slot's snapshot (slots sharing one share them)."""
+        return {slot: len(self._entries[key].idle) if key in self._entries else 0
+                for slot, (key, _size) in self._slots.items()}
+
+    def held(self) -> int:
+        """Machines the pool has now, idle or being prepared (no job's VMs among them)."""
+        return sum(len(e.idle) + e.preparing for e in self._entries.values())
+
     async def close(self) -> None:
         """Stop refilling (awaiting the tasks) and destroy every machine the pool holds."""
         if self._state is PoolState.CLOSED:
@@ -197,7 +205,7 @@ class WarmPool:
         ):
             if isinstance(outcome, Exception):
                 log.error("pool task failed", task=task.get_name(), error=repr(outcome))
-        machines: list[QemuMachine] = []
+        machines: list[Machine] = []
         for entry in self._entries.values():
             entry.task = None
             machines += entry.idle
@@ -292,7 +300,7 @@ class WarmPool:
                 entry.preparing -= 1
         entry.idle.append(machine)
 
-    async def _destroy(self, machine: QemuMachine) -> None:
+    async def _destroy(self, machine: Machine) -> None:
         # Runs in the background or in close(): a failed teardown is reported, never raised.
         self._destroying.add(machine)
         try:

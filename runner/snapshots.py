@@ -4,8 +4,8 @@ A snapshot directory holds ``memory`` (the guest RAM, mapped copy-on-write by
 every clone), ``state`` (QEMU device state, RAM excluded via x-ignore-shared),
 ``disk.raw`` (the template's disk, a read-only base for clone overlays), the
 kernel and initramfs it booted, and ``manifest.json``. It is addressed by a
-key over everything that must match at restore: image digest, VM shape,
-device layout and QEMU version.
+key over everything that must match at restore: image digest, VM shape, and
+the backend's section (its name, version and device layout).
 """
 
 from __future__ import annotations
@@ -25,11 +25,23 @@ from runner import disk
 from runner.errors import SnapshotError, SnapshotMismatch
 from runner.images.cache import building, layer_path, remove_stale_temps
 from runner.vm.backend import MachineSpec
-from runner.vm.qemu_args import device_layout
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 LAYER = "snapshot"  # directories are snapshot-<key>, like the image cache's layers
 FILES = ("memory", "state", "disk.raw", "overlay.qcow2", "vmlinux", "initramfs")
+
+
+@dataclass(frozen=True)
+class Vmm:
+    """The backend a snapshot is made by and for: it is reused only by the same one."""
+
+    name: str
+    version: str
+    layout: Callable[[MachineSpec], dict[str, object]]
+
+    def section(self, spec: MachineSpec) -> dict[str, object]:
+        """The manifest's backend section for a VM of ``spec``."""
+        return {"name": self.name, "version": self.version, "layout": self.layout(spec)}
 
 
 @dataclass(frozen=True)
@@ -72,13 +84,12 @@ class Snapshot:
                 raise SnapshotError(f"snapshot {self.key}: {name} does not match its checksum")
 
 
-def snapshot_key(image_digest: str, spec: MachineSpec, qemu_version: str) -> str:
+def snapshot_key(image_digest: str, spec: MachineSpec, vmm: Vmm) -> str:
     """The address of a snapshot: everything a restore depends on."""
     ident = {
         "manifest_version": MANIFEST_VERSION,
         "image": image_digest,
-        "qemu": qemu_version,
-        "layout": device_layout(spec),
+        "backend": vmm.section(spec),
         "cmdline": spec.cmdline,
         "network": spec.network,
     }
@@ -88,18 +99,18 @@ def snapshot_key(image_digest: str, spec: MachineSpec, qemu_version: str) -> str
 class SnapshotStore:
     """Snapshots under one directory (normally ``<cache_dir>/snapshots``)."""
 
-    def __init__(self, root: Path, qemu_version: str, *, qemu_img: str = "qemu-img") -> None:
+    def __init__(self, root: Path, vmm: Vmm, *, qemu_img: str = "qemu-img") -> None:
         self.root = root
-        self.qemu_version = qemu_version
+        self.vmm = vmm
         self.qemu_img = qemu_img
 
     def find(self, image_digest: str, spec: MachineSpec) -> Snapshot | None:
         """The snapshot for this image and shape, or None if it was never made."""
-        path = self._path(snapshot_key(image_digest, spec, self.qemu_version))
+        path = self._path(snapshot_key(image_digest, spec, self.vmm))
         return self.load(path) if (path / "manifest.json").exists() else None
 
     def load(self, path: Path) -> Snapshot:
-        """Read a snapshot directory and check it fits this host's QEMU."""
+        """Read a snapshot directory and check it fits this host's backend."""
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
@@ -108,13 +119,15 @@ class SnapshotStore:
             raise SnapshotMismatch(
                 "manifest_version", manifest.get("manifest_version"), MANIFEST_VERSION
             )
-        if manifest["qemu_version"] != self.qemu_version:
-            raise SnapshotMismatch("qemu_version", manifest["qemu_version"], self.qemu_version)
         spec = _spec_from_manifest(path, manifest)
-        recorded, current = manifest["layout"], device_layout(spec)
-        if recorded != current:
-            field = next(k for k in current if recorded.get(k) != current[k])
-            raise SnapshotMismatch(f"layout.{field}", recorded.get(field), current[field])
+        recorded, current = manifest["backend"], self.vmm.section(spec)
+        for name in ("name", "version"):
+            if recorded.get(name) != current[name]:
+                raise SnapshotMismatch(f"backend.{name}", recorded.get(name), current[name])
+        layout, wanted = recorded.get("layout") or {}, self.vmm.layout(spec)
+        if layout != wanted:
+            field = next(k for k in wanted if layout.get(k) != wanted[k])
+            raise SnapshotMismatch(f"backend.layout.{field}", layout.get(field), wanted[field])
         key = manifest.get("key", path.name)  # the hash; the directory adds a prefix
         snapshot = Snapshot(path=path, key=key, spec=spec, manifest=manifest)
         snapshot.check_compatible()
@@ -134,7 +147,7 @@ class SnapshotStore:
         progress: Callable[[str], None] = lambda _m: None,
     ) -> Snapshot:
         """Boot a template, let it settle, snapshot it, and store it atomically."""
-        key = snapshot_key(image_digest, spec, self.qemu_version)
+        key = snapshot_key(image_digest, spec, self.vmm)
         final = self._path(key)
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         await asyncio.to_thread(remove_stale_temps, self.root)
@@ -175,8 +188,7 @@ class SnapshotStore:
             "manifest_version": MANIFEST_VERSION,
             "key": key,
             "image_digest": image_digest,
-            "qemu_version": self.qemu_version,
-            "layout": device_layout(spec),
+            "backend": self.vmm.section(spec),
             "spec": {
                 "vcpus": spec.vcpus,
                 "memory_mib": spec.memory_mib,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from runner import compose
 from runner.config import Settings, load_settings
 from runner.engine import Engine
 from runner.net import NetConfig
@@ -89,7 +90,7 @@ def settings(state_dir: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    async with Engine(settings) as eng:
+    async with compose.engine(settings) as eng:
         yield eng
 
 

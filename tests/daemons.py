@@ -19,8 +19,8 @@ import pytest
 
 from runner.api.client import ApiClient
 from runner.config import Settings
-from runner.service.recovery import qemu_processes
 from runner.snapshots import Snapshot
+from runner.vm.qemu import qemu_processes
 
 _COUNTER = itertools.count()
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "system_failure"}

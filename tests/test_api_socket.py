@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.api.server import bind_unix
+from runner.api.server import bind_api_socket
 from runner.errors import ConfigError, HostError
 
 CONNECT = "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('in')"
@@ -42,7 +42,7 @@ def open_dir() -> Iterator[Path]:
 
 def test_socket_is_root_only_by_default(open_dir: Path) -> None:
     path = open_dir / "api.sock"
-    sock = bind_unix(path, None)
+    sock = bind_api_socket(path, None)
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         denied = connect_as(65534, 65534, path)
@@ -61,7 +61,7 @@ def test_socket_is_root_only_by_default(open_dir: Path) -> None:
 def test_api_group_members_get_in(open_dir: Path) -> None:
     group = grp.getgrgid(100) if _has_gid(100) else grp.getgrgid(os.getgid())
     path = open_dir / "api.sock"
-    sock = bind_unix(path, group.gr_name)
+    sock = bind_api_socket(path, group.gr_name)
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o660
         assert path.stat().st_gid == group.gr_gid
@@ -75,19 +75,19 @@ def test_api_group_members_get_in(open_dir: Path) -> None:
 
 def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(open_dir: Path) -> None:
     path = open_dir / "api.sock"
-    live = bind_unix(path, None)
+    live = bind_api_socket(path, None)
     try:
-        with pytest.raises(HostError, match="already serving"):
-            bind_unix(path, None)
+        with pytest.raises(HostError, match="in use by another process"):
+            bind_api_socket(path, None)
     finally:
         live.close()
-    stale = bind_unix(path, None)  # the old one no longer listens
+    stale = bind_api_socket(path, None)  # the old one no longer listens
     stale.close()
 
 
 def test_unknown_group_is_a_config_error(open_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="no group named 'no-such-group'"):
-        bind_unix(open_dir / "api.sock", "no-such-group")
+    with pytest.raises(ConfigError, match="group 'no-such-group' does not exist"):
+        bind_api_socket(open_dir / "api.sock", "no-such-group")
 
 
 def _has_gid(gid: int) -> bool:

@@ -14,7 +14,8 @@ import pytest
 
 from runner.api.client import ApiClient
 from runner.errors import ConfigError
-from runner.service.recovery import LOST_JOB_REASON, qemu_processes
+from runner.service.recovery import LOST_JOB_REASON
+from runner.vm.qemu import qemu_processes
 from tests.daemons import DaemonProcess, wait_state, wait_terminal
 
 pytestmark = pytest.mark.vm

@@ -38,8 +38,9 @@ async def test_one_failing_scope_or_repo_does_not_hold_up_the_others() -> None:
     config = GitHubConfig.model_validate(
         {"scopes": ["broken/repo", "good/repo"], "token": "t", "host": "h1"}
     )
-    daemon: Any = SimpleNamespace(listeners=[], jobs={}, settings=None)
-    source = GitHubSource(config, daemon, None)  # type: ignore[arg-type]
+    daemon: Any = SimpleNamespace(subscribe=lambda _l: None, unfinished=lambda _j: None,
+                                  settings=None)
+    source = GitHubSource(config, daemon, None)
     client = StubClient(source.prefix)
     source.client = client  # type: ignore[assignment]
     with pytest.raises(ForgeError, match="github"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from runner.api.client import ApiClient
-from runner.service.recovery import qemu_processes
+from runner.vm.qemu import qemu_processes
 from tests.daemons import DaemonProcess
 
 pytestmark = pytest.mark.vm

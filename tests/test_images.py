@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from runner import compose
 from runner.config import Profile, Settings, load_settings
 from runner.engine import Engine
 from runner.errors import ConfigError, ImageError, SnapshotError
@@ -643,7 +644,7 @@ async def test_template_runs_the_warmup_before_saving(
     settings: Settings = load_settings(
         None, paths={"cache_dir": tmp_path, "state_dir": tmp_path}, net={"enabled": False}
     )
-    engine = Engine(settings)
+    engine = compose.engine(settings)
     machine = FakeWarmupMachine(ExecResult(exit_code, None, False, False), b"cat: no such file")
 
     async def boot_template(*_: Any) -> FakeWarmupMachine:

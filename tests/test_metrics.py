@@ -15,14 +15,10 @@ from prometheus_client.samples import Sample
 
 from runner import __version__
 from runner.errors import ConfigError, HostError
-from runner.service.metrics import (
-    OUTCOMES,
-    Metrics,
-    TCPListen,
-    UnixListen,
-    parse_listen,
-    serve_metrics,
-)
+from runner.listen import TCPListen, UnixListen, parse_listen
+from runner.service.metrics import OUTCOMES, Metrics, serve_metrics
+
+KEY = "daemon.metrics_listen"
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ def exercise(m: Metrics) -> None:
     m.observe_restore(2.0, warm=False)
     m.set_vms(2)
     m.set_capacity(Res(8, 16384, 1), Res(2, 1024, 0), slots_total=8, slots_used=2)
-    m.recovered("orphan_netns", 2)
+    m.recovered("orphan_network", 2)
     m.recovered("lost_job")
     m.recovered("orphan_dir", 0)
     m.set_pool_idle("default", 4)
@@ -102,7 +98,7 @@ def check_values(text: str) -> None:
     }  # fmt: skip
     for (resource, kind), want in expected.items():
         assert value(text, "snapfleet_capacity", resource=resource, kind=kind) == want
-    assert value(text, "snapfleet_recoveries_total", kind="orphan_netns") == 2
+    assert value(text, "snapfleet_recoveries_total", kind="orphan_network") == 2
     assert value(text, "snapfleet_recoveries_total", kind="lost_job") == 1
     assert value(text, "snapfleet_recoveries_total", kind="orphan_dir") == 0
     assert value(text, "snapfleet_recoveries_total", kind="orphan_vm") == 0
@@ -244,7 +240,7 @@ def test_unknown_outcome() -> None:
     ],
 )
 def test_parse_listen(listen: str, parsed: TCPListen | UnixListen | None) -> None:
-    assert parse_listen(listen) == parsed
+    assert parse_listen(listen, KEY) == parsed
 
 
 @pytest.mark.parametrize(
@@ -271,7 +267,7 @@ def test_parse_listen(listen: str, parsed: TCPListen | UnixListen | None) -> Non
 )
 async def test_bad_listen(listen: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_listen(listen)
+        parse_listen(listen, KEY)
     assert info.value.key == "daemon.metrics_listen"
     assert "daemon.metrics_listen" in str(info.value)
     with pytest.raises(ConfigError):
@@ -281,5 +277,5 @@ async def test_bad_listen(listen: str) -> None:
 
 def test_socket_path_limit_is_exact(tmp_path: Path) -> None:
     longest = "/" + "x" * 106
-    assert parse_listen(f"unix:{longest}") == UnixListen(Path(longest))
+    assert parse_listen(f"unix:{longest}", KEY) == UnixListen(Path(longest))
     assert len(os.fsencode(longest)) == 107

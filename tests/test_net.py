@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from runner.errors import ConfigError, NetworkError
-from runner.net import CloneNetwork, NetConfig, NetworkManager, orphaned
+from runner.net import CloneNetwork, NetConfig, NetworkManager
 from runner.net.forwarding import ForwardingLease
 from runner.net.nft import host_ruleset, ns_policy
 from runner.net.policy import Allow, EgressPolicy
@@ -192,24 +192,6 @@ async def host_rules(manager: NetworkManager) -> AsyncIterator[NetworkManager]:
 
 
 # -- pure --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("known", "namespaces", "veths", "expected"),
-    [
-        ([], [], [], set()),
-        (["a"], ["a"], ["a"], set()),
-        ([], ["a"], [], {"a"}),
-        ([], [], ["b"], {"b"}),
-        (["a"], ["a", "b"], ["a", "c"], {"b", "c"}),
-        (["a", "z"], [], [], set()),  # known VMs without a network are not orphans
-        (["a"], ["b"], ["b"], {"b"}),  # a half-torn-down clone counts once
-    ],
-)
-def test_orphaned(
-    known: list[str], namespaces: list[str], veths: list[str], expected: set[str]
-) -> None:
-    assert orphaned(known, namespaces, veths) == expected
 
 
 def test_config_defaults_and_names() -> None:

@@ -60,18 +60,6 @@ def test_messages_arrive_exactly(systemd: tuple[FakeSystemd, str]) -> None:
     notifier.close()
 
 
-def test_reloading_carries_monotonic_time(systemd: tuple[FakeSystemd, str]) -> None:
-    fake, path = systemd
-    notifier = Notifier.for_socket(path)
-    assert notifier.reloading()
-    [message] = fake.received()
-    reloading, monotonic = message.split(b"\n")
-    assert reloading == b"RELOADING=1"
-    assert monotonic.startswith(b"MONOTONIC_USEC=")
-    assert int(monotonic.split(b"=")[1]) > 0
-    notifier.close()
-
-
 def test_abstract_socket() -> None:
     name = f"snapfleet-test-{uuid.uuid4().hex}"
     fake = FakeSystemd(b"\0" + name.encode())

@@ -19,10 +19,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from runner.config import Profile, Settings
-from runner.engine import Command, Engine
+from runner.engine import Engine
+from runner.execution import Command, command_work
+from runner.execution import run as run_job
 from runner.pool import PoolStats, WarmPool
 from runner.snapshots import Snapshot
-from runner.vm.backend import MachineSpec, TeardownReport, VMState
+from runner.vm.backend import BackendContext, MachineSpec, TeardownReport, VMState
 from runner.vm.qemu import QemuHypervisor, QemuMachine, new_vm_id
 from tests.conftest import leftovers, qemu_processes
 
@@ -120,13 +122,13 @@ async def test_job_through_a_warm_machine_has_its_output_and_exit_code(
     def sink(stream: str, data: bytes) -> None:
         chunks.append((stream, data))
 
-    result = await warm.run(
-        snapshot,
-        Command(script='echo "out $GREETING"; echo err >&2; exit 7', env={"GREETING": "hi"}),
-        sink,
-        profile_timeout=120,
-    )
-    assert result.exit_code == 7
+    command = Command(script='echo "out $GREETING"; echo err >&2; exit 7', env={"GREETING": "hi"})
+    profile = warm.settings.profile().model_copy(update={"warm": 1})
+    report = await run_job(warm, profile, command_work(command, sink, 120), timeout_s=120,
+                           note=lambda _n: None)
+    assert report.outcome.exit_code == 7
+    assert report.restored is not None
+    assert report.restored.warm
     assert b"".join(d for s, d in chunks if s == "stdout") == b"out hi\n"
     assert b"".join(d for s, d in chunks if s == "stderr") == b"err\n"
     after = stats(warm.pool, snapshot)
@@ -225,7 +227,7 @@ async def test_close_leaves_nothing_even_with_a_refill_under_way(
 async def test_refill_errors_are_logged_and_retried_without_crashing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    hypervisor = QemuHypervisor(settings.vm, tmp_path / "vms", None)
+    hypervisor = QemuHypervisor(BackendContext(settings.vm, tmp_path / "vms", None))
     spec = MachineSpec(
         vcpus=1,
         memory_mib=128,
@@ -267,7 +269,7 @@ class _SlowHypervisor(QemuHypervisor):
 async def test_close_waits_for_a_teardown_the_pool_had_begun(
     settings: Settings, tmp_path: Path
 ) -> None:
-    hypervisor = _SlowHypervisor(settings.vm, tmp_path / "vms", None)
+    hypervisor = _SlowHypervisor(BackendContext(settings.vm, tmp_path / "vms", None))
     spec = MachineSpec(vcpus=1, memory_mib=128, kernel=tmp_path / "k", initramfs=tmp_path / "i",
                        cmdline="", accel="tcg", cpu="max", network=False)
     snap = Snapshot(path=tmp_path / "s", key="slow", spec=spec, manifest={})
@@ -275,6 +277,7 @@ async def test_close_waits_for_a_teardown_the_pool_had_begun(
         pool.set_target(snap, 1)
         await until(full(pool, snap, 1), "the pool to fill", 5)
         machine = pool._entries["slow"].idle[0]
+        assert isinstance(machine, _SlowTeardown)
         pool.set_target(snap, 0)  # the refiller starts destroying it...
         await until(lambda: machine.state is VMState.STOPPING, "the trim to begin", 5)
     # ... and close() must not return (and let the daemon exit) before it has finished.

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.api.client import ApiClient
-from runner.service.recovery import SECRETS_LOST_REASON, qemu_processes
+from runner.service.recovery import SECRETS_LOST_REASON
+from runner.vm.qemu import qemu_processes
 from tests.daemons import DaemonProcess, wait_state, wait_terminal
 from tests.test_secrets_at_rest import canary, files_holding
 

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from runner.engine import Command, Engine, RunResult
-from runner.errors import GuestEnded, VMDied
+from runner.engine import Engine
+from runner.execution import Command, Outcome, OutputSink, Report, command_work
+from runner.execution import run as run_job
+from runner.service.jobs import JobState
 from runner.snapshots import Snapshot
 from runner.vm.backend import VMState
+from runner.vm.qemu import QemuMachine
 from tests.conftest import leftovers
 
 pytestmark = pytest.mark.vm
@@ -35,6 +38,18 @@ class Collector:
         return b"".join(d for s, d, _ in self.chunks if stream in (None, s)).decode()
 
 
+async def job(
+    engine: Engine, script: str, out: OutputSink, *, timeout_s: float = 120,
+    env: dict[str, str] | None = None, cwd: str | None = None,
+) -> tuple[Report, list[str]]:
+    """One job through the run path every caller uses; returns its report and notes."""
+    notes: list[str] = []
+    work = command_work(Command(script=script, env=env or {}, cwd=cwd), out, timeout_s)
+    report = await run_job(engine, engine.settings.profile(), work, timeout_s=timeout_s,
+                           note=notes.append)
+    return report, notes
+
+
 async def run(
     engine: Engine,
     snapshot: Snapshot,
@@ -42,12 +57,13 @@ async def run(
     *,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
-    timeout_s: float | None = None,
-) -> tuple[Collector, RunResult]:
+    timeout_s: float = 120,
+) -> tuple[Collector, Outcome]:
     out = Collector()
-    command = Command(script=script, env=env or {}, cwd=cwd, timeout_s=timeout_s)
-    result = await engine.run(snapshot, command, out, profile_timeout=120)
-    return out, result
+    report, _notes = await job(engine, script, out, timeout_s=timeout_s, env=env, cwd=cwd)
+    assert report.restored is not None
+    assert report.restored.snapshot == snapshot.key
+    return out, report.outcome
 
 
 async def test_output_streams_live_in_order_with_exit_code(
@@ -70,7 +86,7 @@ async def test_output_streams_live_in_order_with_exit_code(
 async def test_timeout_kills_the_job(engine: Engine, snapshot: Snapshot) -> None:
     started = time.monotonic()
     out, result = await run(engine, snapshot, "echo before; sleep 60; echo after", timeout_s=2)
-    assert result.timed_out
+    assert result.state is JobState.TIMED_OUT
     assert out.text() == "before\n"
     assert time.monotonic() - started < 30
 
@@ -167,14 +183,9 @@ async def test_killing_qemu_mid_job_is_a_clear_system_error_and_leaves_nothing(
             os.kill(running[0], signal.SIGKILL)
             killed.append(running[0])
 
-    with pytest.raises(VMDied, match="VMM exited with status -9") as info:
-        await engine.run(
-            snapshot,
-            Command(script="echo started; sleep 60"),
-            kill_on_first_output,
-            profile_timeout=120,
-        )
-    assert info.value.returncode == -9
+    report, _ = await job(engine, "echo started; sleep 60", kill_on_first_output)
+    assert report.outcome.state is JobState.SYSTEM_FAILURE
+    assert "VMM exited with status -9" in str(report.outcome.reason)
     assert killed
     assert not any(leftovers(state_dir, engine.hypervisor.live).values())
 
@@ -250,22 +261,24 @@ async def test_guest_ending_itself_ends_the_job_at_once(
     script: str, how: str, reason: str, console: str,
 ) -> None:
     out = Collector()
-    with pytest.raises(GuestEnded) as info:
-        await engine.run(snapshot, Command(script=script), out, profile_timeout=3600)
+    report, notes = await job(engine, script, out, timeout_s=3600)
     ended = time.monotonic()
     assert out.text() == "ending\n"
     took = ended - out.chunks[0][2]
     print(f"{how}: job ended {took:.2f}s after the guest began to end")
     assert took < 10, took  # not the 3600 s timeout; ~1 s measured under TCG
-    assert info.value.how == how
-    assert str(info.value).endswith(reason)
-    assert console in info.value.console
+    assert report.outcome.state is JobState.SYSTEM_FAILURE
+    assert str(report.outcome.reason).endswith(reason), report.outcome.reason
+    assert how in str(report.outcome.reason)
+    # The guest's last console lines are in the job's log.
+    assert any(console in note for note in notes if note.startswith("console: ")), notes
     assert not any(leftovers(state_dir, engine.hypervisor.live).values())
 
 
 async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snapshot) -> None:
     cap = engine.hypervisor.settings.console_max_bytes
     machine = await engine.restore(snapshot)
+    assert isinstance(machine, QemuMachine)
     try:
         started, cpu = time.monotonic(), time.process_time()
         spew = await machine.exec(script=f"yes | head -c {3 * cap} > /dev/ttyS0; echo done")

@@ -73,8 +73,11 @@ class ApiClient:
     async def status(self) -> dict[str, Any]:
         return await self._json("GET", "/v1/status")
 
-    async def acquire_lease(self, key: str, profile: str | None) -> dict[str, Any]:
-        return await self._json("POST", "/v1/leases", json={"key": key, "profile": profile})
+    async def acquire_lease(
+        self, key: str, profile: str | None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        body = {"key": key, "profile": profile, "timeout_s": timeout_s}
+        return await self._json("POST", "/v1/leases", json=body)
 
     async def release_lease(self, key: str) -> bool:
         body = await self._json("DELETE", f"/v1/leases/{key}")
@@ -89,15 +92,16 @@ class ApiClient:
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        stage: str | None = None,
     ) -> dict[str, Any]:
-        """Run ``script`` in the leased VM; returns the final status frame.
+        """Run ``script`` (stage ``stage``) in the leased VM; returns the final status frame.
 
         Setting ``cancel`` asks the daemon to stop the script; the status frame
         that follows still arrives.
         """
         try:
             async with self._sess().ws_connect(f"/v1/leases/{key}/exec") as ws:
-                await ws.send_json({"script": script, "env": env, "cwd": cwd})
+                await ws.send_json({"script": script, "env": env, "cwd": cwd, "stage": stage})
                 stopper = asyncio.create_task(_send_cancel(ws, cancel))
                 try:
                     async for msg in ws:

@@ -6,13 +6,15 @@
     GET  /v1/jobs/{id}            one job and its transitions   200 | 404
     GET  /v1/jobs/{id}/logs       log bytes (?offset=N&follow=1 streams until the job ends)
     POST /v1/jobs/{id}/cancel     cancel a queued or running job 202 | 404
-    GET  /v1/status               capacity, running, queued, VMs
+    GET  /v1/status               capacity, running, queued, VMs, what each source adds
+
+Lease routes (GitLab's custom executor) are in `runner.api.leases`. `LocalApi` is
+the job source (``source = "local"``) that serves all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -22,19 +24,40 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from runner.api import leases
-from runner.errors import ConfigError, HostError
+from runner.errors import ConfigError, Draining
 from runner.limits import load_json
+from runner.listen import bind_unix, group_id, remove_own_socket
 from runner.service.jobs import parse_submission
 
 if TYPE_CHECKING:
-    from runner.service.daemon import Daemon
+    from runner.service.leases import LeaseBook
+    from runner.service.port import JobPort
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+DAEMON: web.AppKey[JobPort] = web.AppKey("daemon")
 
 
-def build_app(daemon: Daemon) -> web.Application:
+class LocalApi:
+    """The job source of the local control API (`snapfleet submit`, the executor)."""
+
+    name = "local"
+    requeue_on_restart = True  # a queued local job is all in the store (but secrets)
+
+    def __init__(self, port: JobPort, leases: LeaseBook) -> None:
+        self._port = port
+        self._leases = leases
+
+    def open(self) -> contextlib.AbstractAsyncContextManager[None]:
+        daemon = self._port.settings.daemon
+        return serve_api(build_app(self._port, self._leases), daemon.api_socket,
+                         daemon.api_group)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+def build_app(port: JobPort, lease_book: LeaseBook) -> web.Application:
     app = web.Application(client_max_size=4 * 2**20)
-    app[DAEMON] = daemon
+    app[DAEMON] = port
     app.add_routes([
         web.post("/v1/jobs", submit),
         web.get("/v1/jobs", list_jobs),
@@ -43,7 +66,7 @@ def build_app(daemon: Daemon) -> web.Application:
         web.post("/v1/jobs/{id}/cancel", cancel_job),
         web.get("/v1/status", status),
     ])
-    leases.add_routes(app, DAEMON)
+    leases.add_routes(app, lease_book)
     return app
 
 
@@ -56,15 +79,13 @@ def _error(status: int, message: str, problems: list[tuple[str, str]] | None = N
 
 
 async def submit(request: web.Request) -> web.Response:
-    from runner.service.daemon import Draining
-
     try:
         data = load_json(await request.read())
     except ValueError as exc:
         return _error(400, f"request body is not valid JSON: {exc}")
     try:
         spec, secret_env = parse_submission(data)
-        job = await request.app[DAEMON].submit(spec, secret_env=secret_env)
+        job = await request.app[DAEMON].submit(spec, source=LocalApi.name, secret_env=secret_env)
     except ConfigError as exc:
         return _error(422, str(exc), exc.problems)
     except Draining as exc:
@@ -77,7 +98,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "50"))
     except ValueError:
         return _error(400, "limit must be an integer")
-    jobs = await request.app[DAEMON].store.jobs(limit=max(1, min(limit, 10_000)))
+    jobs = await request.app[DAEMON].recent_jobs(max(1, min(limit, 10_000)))
     return web.json_response({"jobs": [j.public() for j in jobs]})
 
 
@@ -89,7 +110,7 @@ async def get_job(request: web.Request) -> web.Response:
     body = job.public()
     body["history"] = [
         {"state": s, "at": at, "reason": reason} for s, at, reason in
-        await daemon.store.history(job.id)
+        await daemon.history(job.id)
     ]
     return web.json_response(body)
 
@@ -107,10 +128,7 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
 
-    def finished() -> bool:
-        return job_id not in daemon.jobs  # unfinished jobs live there until their log closed
-
-    async for chunk in daemon.logs.follow(job_id, offset, finished=finished if follow else None):
+    async for chunk in daemon.follow_log(job_id, offset, follow=follow):
         await response.write(chunk)
     await response.write_eof()
     return response
@@ -129,53 +147,23 @@ async def status(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serve_api(daemon: Daemon, path: Path, group: str | None) -> AsyncIterator[None]:
-    """Serve the API on ``path`` for as long as the context lasts."""
-    sock = bind_unix(path, group)
-    runner = web.AppRunner(build_app(daemon), handle_signals=False, access_log=None)
+async def serve_api(app: web.Application, path: Path, group: str | None
+                    ) -> AsyncIterator[None]:
+    """Serve ``app`` on ``path`` for as long as the context lasts."""
+    sock = bind_api_socket(path, group)
+    bound = os.stat(path)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
         yield
     finally:
         await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_own_socket(path, bound)
 
 
-def bind_unix(path: Path, group: str | None) -> socket.socket:
-    """A listening unix socket at ``path``: mode 0600, or 0660 owned by ``group``.
-
-    The mode is set by the umask at bind time, so there is no moment when other
-    users could connect. A live socket (another daemon) is an error; a stale one
-    is replaced.
-    """
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
-            raise HostError(f"another snapfleet daemon is already serving {path}")
-        finally:
-            probe.close()
-    gid = None
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError("daemon.api_group", f"no group named {group!r}") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
+def bind_api_socket(path: Path, group: str | None) -> socket.socket:
+    """The API's listening socket: mode 0600, or 0660 owned by ``group``."""
+    gid = group_id(group)
+    return bind_unix(path, gid=gid, mode=0o600 if gid is None else 0o660, what="API",
+                     key="daemon.api_socket")

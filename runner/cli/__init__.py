@@ -17,8 +17,8 @@ from typing import Any
 
 from runner import __version__
 from runner.cli import daemon_cmds, engine_cmds
-from runner.cli.engine_cmds import EXIT_SYSTEM
 from runner.errors import ConfigError, GuestEnded, SnapfleetError
+from runner.execution import EXIT_SYSTEM
 from runner.log import configure_logging
 
 EXIT_INTERRUPTED = 130

@@ -10,23 +10,21 @@ import time
 import tomllib
 
 from runner.api.client import ApiClient
-from runner.cli.engine_cmds import EXIT_SYSTEM, EXIT_TIMEOUT, parse_env, settings_of
+from runner.cli.engine_cmds import parse_env, settings_of
 from runner.errors import ConfigError
+from runner.execution import Outcome, exit_code
 from runner.limits import check_depth, load_json
 from runner.log import configure_logging
-from runner.service.jobs import JobSpec, parse_submission
-
-EXIT_FOR_STATE = {"succeeded": 0, "timed_out": EXIT_TIMEOUT, "system_failure": EXIT_SYSTEM,
-                  "cancelled": 130}
+from runner.service.jobs import JobSpec, JobState, parse_submission
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from runner.service.daemon import Daemon
+    from runner import compose
 
     settings = settings_of(args)
     # JSON lines to stdout for journald (console output on a terminal).
     configure_logging(args.log_level if args.log_level != "warning" else "info", stream="stdout")
-    await Daemon(settings).serve()
+    await compose.daemon(settings).serve()
     return 0
 
 
@@ -78,9 +76,8 @@ async def _follow(api: ApiClient, job_id: str) -> int:
     while job["state"] in ("queued", "starting", "running"):
         await asyncio.sleep(0.2)
         job = await api.job(job_id)
-    if job["state"] == "failed":
-        return int(job["exit_code"] or 1)
-    return EXIT_FOR_STATE.get(job["state"], EXIT_SYSTEM)
+    code = job["exit_code"]
+    return exit_code(Outcome(JobState(job["state"]), exit_code=1 if code in (None, 0) else code))
 
 
 async def jobs(args: argparse.Namespace) -> int:

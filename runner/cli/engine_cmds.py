@@ -15,9 +15,6 @@ from runner.errors import ConfigError
 from runner.host import Check
 from runner.service.jobs import parse_submission
 
-EXIT_TIMEOUT = 124
-EXIT_SYSTEM = 125
-
 
 def progress(message: str) -> None:
     print(f"snapfleet: {message}", file=sys.stderr, flush=True)
@@ -72,7 +69,10 @@ def parse_env(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from runner.engine import Command, Engine
+    from runner import compose
+    from runner.execution import Command, command_work, exit_code
+    from runner.execution import run as run_job
+    from runner.service.jobs import JobState
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -85,24 +85,21 @@ async def run(args: argparse.Namespace) -> int:
          "timeout_s": args.timeout}
     )
     env = {**spec.env, **{k: v.reveal() for k, v in secret_env.items()}}
-    command = Command(argv=spec.command, env=env, cwd=spec.workdir, timeout_s=spec.timeout_s)
-    async with Engine(settings) as engine:
-        snapshot = await engine.snapshot(profile, progress)
-        result = await engine.run(
-            snapshot,
-            command,
-            _write_output,
-            profile_timeout=profile.timeout_s,
-            policy=engine.policy(profile),
+    command = Command(argv=spec.command, env=env, cwd=spec.workdir)
+    timeout = spec.timeout_s or profile.timeout_s
+    async with compose.engine(settings) as engine:
+        report = await run_job(
+            engine, profile, command_work(command, _write_output, timeout),
+            timeout_s=timeout, note=progress,
         )
-    if result.timed_out:
-        timeout = command.timeout_s or profile.timeout_s
+    outcome = report.outcome
+    if outcome.state is JobState.TIMED_OUT:
         print(f"snapfleet: job timed out after {timeout:g}s and was killed", file=sys.stderr)
-        return EXIT_TIMEOUT
-    if result.signal:
-        print(f"snapfleet: job killed by signal {result.signal}", file=sys.stderr)
-        return 128 + result.signal
-    return result.exit_code if result.exit_code is not None else EXIT_SYSTEM
+    elif outcome.signal:
+        print(f"snapfleet: job killed by signal {outcome.signal}", file=sys.stderr)
+    elif outcome.state is JobState.SYSTEM_FAILURE:
+        print(f"snapfleet: {outcome.reason}", file=sys.stderr)
+    return exit_code(outcome)
 
 
 def _write_output(stream: str, data: bytes) -> None:
@@ -127,10 +124,10 @@ async def image(args: argparse.Namespace) -> int:
 
 
 async def snapshot(args: argparse.Namespace) -> int:
-    from runner.engine import Engine
+    from runner import compose
 
     settings = settings_of(args)
-    async with Engine(settings) as engine:
+    async with compose.engine(settings) as engine:
         if args.action == "list":
             for path in engine.snapshots.list():
                 print(path)
@@ -167,11 +164,11 @@ async def _show_net(settings: Settings) -> None:
     """Each profile's policy, and the nft rules this instance installs (or has installed)."""
     from ipaddress import IPv4Address
 
-    from runner.engine import Engine
+    from runner import compose
     from runner.errors import NetworkError
     from runner.net import nft
 
-    engine = Engine(settings)  # not entered: nothing is built or changed
+    engine = compose.engine(settings)  # not entered: nothing is built or changed
     if engine.net is None:
         print("\nnetworking is off (net.enabled = false): guests have no network")
         return
@@ -201,14 +198,14 @@ async def _show_net(settings: Settings) -> None:
 
 async def _boot_check(settings: Settings) -> Check:
     """Cold-boot the default profile's (cached) image with the chosen accelerator."""
-    from runner.engine import Engine
+    from runner import compose
     from runner.errors import SnapfleetError
 
     profile = settings.profile()
     # A check must not change the host: boot without networking (no NAT, no ip_forward).
     quiet = settings.model_copy(update={"net": settings.net.model_copy(update={"enabled": False})})
     try:
-        async with Engine(quiet) as engine:
+        async with compose.engine(quiet) as engine:
             image = await engine.image(profile, progress, build=False)
             started = time.monotonic()
             machine = await engine.hypervisor.boot(engine.spec(profile, image), image.rootfs)

@@ -28,6 +28,7 @@ from runner import __version__
 from runner.api.client import ApiClient
 from runner.config import Settings
 from runner.errors import ConfigError, SnapfleetError
+from runner.execution import EXIT_SYSTEM
 from runner.service.jobs import ExecRequest
 
 DRIVER = "snapfleet"
@@ -42,6 +43,7 @@ class ExecutorEnv:
         self.system_failure = int(environ.get("SYSTEM_FAILURE_EXIT_CODE", "2"))
         self.exit_code_file = environ.get("BUILD_EXIT_CODE_FILE")
         self.profile = environ.get("CUSTOM_ENV_SNAPFLEET_PROFILE") or None
+        self.job_timeout = _seconds(environ.get("CUSTOM_ENV_CI_JOB_TIMEOUT"))
 
     def lease_key(self) -> str:
         """The job's identity: never shared between jobs, stable across its steps."""
@@ -81,7 +83,10 @@ async def prepare(settings: Settings, env: ExecutorEnv) -> int:
         profile = env.profile or settings.default_profile
         print(f"Snapfleet: restoring a fresh microVM (profile {profile})", flush=True)
         async with ApiClient(settings.daemon.api_socket) as api:
-            lease = await api.acquire_lease(key, env.profile)
+            # The VM lives as long as the GitLab job may (not the profile's timeout),
+            # with a minute on top for the stages after the script.
+            timeout = None if env.job_timeout is None else env.job_timeout + 60
+            lease = await api.acquire_lease(key, env.profile, timeout)
     except SnapfleetError as exc:
         return _system_failure(env, f"cannot prepare a VM: {exc}")
     warm = " from the warm pool" if lease["warm"] else ""
@@ -110,7 +115,8 @@ async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: st
         loop.add_signal_handler(sig, cancel.set)
     try:
         async with ApiClient(settings.daemon.api_socket) as api:
-            final = await api.exec_in_lease(key, request.script, _write, cancel)
+            final = await api.exec_in_lease(key, request.script, _write, cancel,
+                                            stage=_stage_name(stage))
     except SnapfleetError as exc:
         return _system_failure(env, f"stage {stage}: {exc}")
     finally:
@@ -118,11 +124,11 @@ async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: st
             loop.remove_signal_handler(sig)
     if final.get("error"):
         return _system_failure(env, f"stage {stage}: {final['error']}")
-    code = final.get("exit_code")
+    code = int(final.get("exit", EXIT_SYSTEM))  # the daemon's exit_code(outcome)
     if code == 0 and not cancel.is_set():
         return 0
-    if code is None:
-        code = 128 + int(final.get("signal") or signal.SIGKILL)
+    if code == 0:
+        code = 128 + signal.SIGTERM
     if env.exit_code_file:
         try:
             Path(env.exit_code_file).write_text(f"{code}\n")
@@ -141,6 +147,20 @@ async def cleanup(settings: Settings, env: ExecutorEnv) -> int:
     except SnapfleetError as exc:
         print(f"Snapfleet: cleanup: {exc}", file=sys.stderr)
     return 0
+
+
+def _seconds(text: str | None) -> float | None:
+    """``CI_JOB_TIMEOUT`` (seconds), or None when unset or not a positive number."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value <= 7 * 86400 else None
+
+
+def _stage_name(stage: str) -> str | None:
+    """gitlab-runner's stage names are short identifiers; anything else goes unnamed."""
+    return stage if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", stage) else None
 
 
 def _system_failure(env: ExecutorEnv, reason: str) -> int:

@@ -13,6 +13,5 @@ with ``egress``, masquerades the pool out of the host's own interfaces.
 
 from runner.net.config import CloneNetwork, NetConfig, validate_vm_id
 from runner.net.manager import NetworkManager
-from runner.net.reconcile import orphaned
 
-__all__ = ["CloneNetwork", "NetConfig", "NetworkManager", "orphaned", "validate_vm_id"]
+__all__ = ["CloneNetwork", "NetConfig", "NetworkManager", "validate_vm_id"]

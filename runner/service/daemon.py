@@ -13,22 +13,22 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import structlog
 
 from runner.config import Settings
 from runner.engine import Engine
-from runner.errors import ConfigError, SnapfleetError
+from runner.errors import ConfigError, Draining, SnapfleetError
+from runner.execution import Command, Outcome, Restored, Work, command_work, run
 from runner.secret import Secret
 from runner.service import recovery
-from runner.service.executor import Outcome, run_in_vm
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
-from runner.service.leases import Lease, LeaseBook
-from runner.service.logs import LogStore
-from runner.service.metrics import Metrics
+from runner.service.logs import JobLog, LogStore
+from runner.service.metrics import Metrics, serve_metrics
 from runner.service.notify import Notifier, watchdog_loop
+from runner.service.port import JobListener, JobSource
 from runner.service.scheduler import (
     Resources,
     choose_profile,
@@ -38,9 +38,7 @@ from runner.service.scheduler import (
     refusal,
 )
 from runner.service.store import Store
-
-if TYPE_CHECKING:
-    from runner.forge.github.source import GitHubSource
+from runner.vm.backend import Machine
 
 log = structlog.get_logger("snapfleet.daemon")
 
@@ -51,18 +49,17 @@ def _progress_logger(profile: str) -> Callable[[str], None]:
 
 
 RESTART_REASON = "the daemon restarted before this job started; its forge will retry"
-
-
-class Draining(SnapfleetError):
-    """The daemon is shutting down and takes no new jobs."""
+UNKNOWN_SOURCE_REASON = "the daemon restarted without the job source that queued this job"
 
 
 class Daemon:
-    """One host's fleet daemon."""
+    """One host's fleet daemon: the `JobPort` its job sources submit through."""
 
-    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, *, notifier: Notifier | None = None
+    ) -> None:
         self.settings = settings
-        self.engine = Engine(settings)
+        self.engine = engine
         state = settings.paths.state_dir
         self.store = Store(state / "snapfleet.db")
         self.logs = LogStore(state / "logs", settings.daemon.log_max_bytes)
@@ -73,14 +70,9 @@ class Daemon:
         self.jobs: dict[str, Job] = {}  # unfinished jobs, by id
         self.queue: list[str] = []  # FIFO of queued job ids
         self.tasks: dict[str, asyncio.Task[None]] = {}  # running jobs
-        self.lease_book = LeaseBook(
-            lambda spec: self.submit(spec, source="gitlab"),
-            allowed_profiles=settings.gitlab.allowed_profiles,
-            default_profile=settings.default_profile,
-        )
-        self.leases = self.lease_book.by_key
-        self.listeners: list[Callable[[Job], None]] = []  # told when a job ends
-        self._lease_jobs = self.lease_book.by_job
+        self.sources: dict[str, JobSource] = {}
+        self._works: dict[str, Work] = {}  # jobs whose work is not their script
+        self._listeners: list[JobListener] = []  # told when a job ends
         self.accepting = False
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -113,17 +105,24 @@ class Daemon:
             self.stopping.set()
             self._wake.set()
 
-    async def _start(self) -> None:
-        from runner.api.server import serve_api
-        from runner.service.metrics import serve_metrics
+    def add_source(self, source: JobSource) -> None:
+        """Serve ``source`` (before `serve`): its ``open`` is entered before READY."""
+        if source.name in self.sources:
+            raise ValueError(f"two job sources named {source.name!r}")
+        self.sources[source.name] = source
 
+    def subscribe(self, listener: JobListener) -> None:
+        self._listeners.append(listener)
+
+    async def _start(self) -> None:
         await self.reconcile(startup=True)
         for job in await self.store.jobs(states=[JobState.QUEUED], limit=100_000):
-            if job.source != "local":
+            source = self.sources.get(job.source)
+            if source is None or not source.requeue_on_restart:
                 # A GitLab lease or GitHub runner depended on memory the old daemon took
                 # with it (its driver, its JIT config); the forge side starts anew.
-                await self.store.transition(job, JobState.SYSTEM_FAILURE,
-                                            reason=RESTART_REASON)
+                why = RESTART_REASON if source is not None else UNKNOWN_SOURCE_REASON
+                await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=why)
                 continue
             if (lost := recovery.secrets_lost(job)) is not None:
                 await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=lost)
@@ -132,14 +131,12 @@ class Daemon:
             self.queue.append(job.id)
         self.accepting = True
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(
-                serve_api(self, self.settings.daemon.api_socket, self.settings.daemon.api_group)
-            )
             await stack.enter_async_context(serve_metrics(
                 self.metrics, self.settings.daemon.metrics_listen,
                 group=self.settings.daemon.api_group,
             ))
-            github = await self._github(stack)
+            for source in self.sources.values():
+                await stack.enter_async_context(source.open())
             self._update_gauges()
             self.notifier.ready(f"serving; {len(self.queue)} queued")
             log.info("ready", capacity=self.total, queued=len(self.queue))
@@ -149,8 +146,6 @@ class Daemon:
                     group.create_task(self._reconcile_loop(), name="reconcile"),
                     group.create_task(watchdog_loop(self.notifier, self._healthy), name="watchdog"),
                 ]
-                if github is not None:
-                    background.append(group.create_task(github.run(), name="github"))
                 try:
                     await self._schedule_loop()
                     await self._drain()
@@ -173,21 +168,6 @@ class Daemon:
         if tasks:
             await asyncio.wait(tasks.values())
 
-    async def _github(self, stack: contextlib.AsyncExitStack) -> GitHubSource | None:
-        """The GitHub source (client, webhook listener) when configured."""
-        from runner.forge.github.api import GitHubClient
-        from runner.forge.github.source import GitHubSource, serve_webhooks
-
-        config = self.settings.github
-        if config is None:
-            return None
-        client = await stack.enter_async_context(GitHubClient.from_config(config))
-        source = GitHubSource(config, self, client)
-        if config.webhook_secret is not None:
-            where = await stack.enter_async_context(serve_webhooks(source, config.webhook_listen))
-            log.info("serving GitHub webhooks", listen=where)
-        return source
-
     async def _warm_pools(self) -> None:
         """Start each profile's warm pool (after READY: a first snapshot can take minutes)."""
         for name, profile in self.settings.profiles.items():
@@ -208,12 +188,14 @@ class Daemon:
     # -- jobs -----------------------------------------------------------------
 
     async def submit(
-        self, spec: JobSpec, *, source: str = "local",
+        self, spec: JobSpec, *, source: str,
         secret_env: Mapping[str, Secret] | None = None,
+        work: Work | None = None,
     ) -> Job:
         """Queue a job; ConfigError (with the reason) if no profile can run it.
 
         ``secret_env`` stays in this process's memory: the store keeps only its names.
+        ``work`` (in memory too) replaces running the spec's script.
         """
         if not self.accepting:
             raise Draining("the daemon is shutting down and takes no new jobs")
@@ -228,6 +210,8 @@ class Daemon:
         job = Job(id=new_job_id(), spec=spec, profile=profile_name, source=source,
                   secret_env=dict(secret_env or {}))
         await self.store.add_job(job)
+        if work is not None:
+            self._works[job.id] = work
         self.jobs[job.id] = job
         self.queue.append(job.id)
         self._update_gauges()
@@ -253,26 +237,6 @@ class Daemon:
             asyncio.get_running_loop().call_soon(task.cancel)
         return job
 
-    async def acquire_lease(self, key: str, profile: str | None) -> Lease:
-        """Hold a VM under ``key`` until released; waits for capacity and the restore.
-
-        Asking again for a key already held returns the same lease (a retried prepare).
-        """
-        return await self.lease_book.acquire(key, profile)
-
-    async def release_lease(self, key: str) -> bool:
-        """Destroy the VM held under ``key``; False if there was none. Idempotent."""
-        lease = self.leases.pop(key, None)
-        if lease is None:
-            return False
-        lease.released.set()
-        if lease.job.id in self.queue:
-            await self.cancel(lease.job.id)
-        task = self.tasks.get(lease.job.id)
-        if task is not None:
-            await asyncio.wait([task])  # returns once the VM is destroyed
-        return True
-
     async def annotate(self, job_id: str, note: str) -> None:
         """Record something a forge said about a job: in its log and its history."""
         job = self.jobs.get(job_id)
@@ -285,16 +249,39 @@ class Daemon:
     async def job(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id) or await self.store.get(job_id)
 
+    def unfinished(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def job_log(self, job_id: str) -> JobLog | None:
+        return self.logs.live.get(job_id)
+
+    async def recent_jobs(self, limit: int) -> list[Job]:
+        return await self.store.jobs(limit=limit)
+
+    async def history(self, job_id: str) -> list[tuple[str, float, str | None]]:
+        return await self.store.history(job_id)
+
+    async def follow_log(self, job_id: str, offset: int, *, follow: bool
+                         ) -> AsyncIterator[bytes]:
+        def finished() -> bool:
+            return job_id not in self.jobs  # unfinished jobs live there until their log closed
+
+        async for chunk in self.logs.follow(job_id, offset,
+                                            finished=finished if follow else None):
+            yield chunk
+
     def status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "accepting": self.accepting,
             "capacity": {"total": vars(self.total), "used": vars(self.used),
                          "max_concurrency": self.settings.capacity.max_concurrency},
             "running": sorted(self.tasks),
             "queued": list(self.queue),
             "vms": sorted(self.engine.hypervisor.live),
-            "leases": sorted(self.leases),
         }
+        for source in self.sources.values():
+            status.update(source.status())
+        return status
 
     # -- scheduling -----------------------------------------------------------
 
@@ -325,27 +312,46 @@ class Daemon:
         profile = self.settings.profile(job.profile)
         job_log = self.logs.open(job.id)
         outcome = Outcome(JobState.SYSTEM_FAILURE, reason="did not finish")
+        restored: Restored | None = None
+        timeout = job.spec.timeout_s or profile.timeout_s
+        work = self._works.pop(job.id, None) or command_work(
+            Command(argv=job.spec.command, script=job.spec.script, env=job.environment(),
+                    cwd=job.spec.workdir),
+            lambda _stream, data: job_log.write(data),
+            timeout,
+        )
+
+        async def on_ready(machine: Machine, made: Restored) -> None:
+            await self.store.lease(machine.vm_id, job.id, machine.pid)
+            await self.store.transition(job, JobState.RUNNING, vm_id=machine.vm_id)
+
         try:
             await self.store.transition(job, JobState.STARTING)
             self.metrics.observe_queue_wait(time.time() - job.created_at)
-            lease = self.lease_book.by_job.get(job.id)
-            work = lease.work() if lease is not None else None
-            outcome = await run_in_vm(job, profile, self.engine, self.store, job_log, work)
+            report = await run(
+                self.engine, profile, work, timeout_s=timeout, note=job_log.note,
+                on_ready=on_ready,
+                context={"job_id": job.id, "forge": job.source, "profile": job.profile},
+            )
+            outcome, restored = report.outcome, report.restored
         except asyncio.CancelledError:
             outcome = Outcome(JobState.CANCELLED, reason=job.reason or "cancelled")
             raise
         finally:
+            if job.vm_id is not None:
+                await asyncio.shield(self.store.release(job.vm_id))
+            job_log.note(f"job {outcome.state}" + (f": {outcome.reason}" if outcome.reason
+                                                    else ""))
             job.log_bytes = job_log.size
             self.logs.close(job.id)
-            self.lease_book.end(job.id, outcome)
             self.used = self.used - need
             self.tasks.pop(job.id, None)
-            await asyncio.shield(self._finish(job, outcome))
+            await asyncio.shield(self._finish(job, outcome, restored))
             self._wake.set()
 
-    async def _finish(self, job: Job, outcome: Outcome) -> None:
-        # A lease job cancelled while queued never ran: its waiters learn it here.
-        self.lease_book.end(job.id, outcome)
+    async def _finish(self, job: Job, outcome: Outcome, restored: Restored | None = None
+                      ) -> None:
+        self._works.pop(job.id, None)
         try:
             if job.state not in TERMINAL:
                 await self.store.transition(
@@ -357,11 +363,14 @@ class Daemon:
             log.exception("could not record the job's outcome", job_id=job.id)
         self.jobs.pop(job.id, None)
         job.secret_env.clear()  # the job is over: nothing needs its secrets any more
-        for listener in self.listeners:
-            listener(job)
+        for listener in self._listeners:
+            try:
+                listener(job)
+            except Exception:
+                log.exception("a job source failed on a job's end", job_id=job.id)
         self.metrics.job_finished(outcome.metric)
-        if outcome.restore_s is not None:
-            self.metrics.observe_restore(outcome.restore_s, warm=outcome.warm)
+        if restored is not None:
+            self.metrics.observe_restore(restored.restore_s, warm=restored.warm)
         self._update_gauges()
 
     async def _drain(self) -> None:
@@ -370,6 +379,9 @@ class Daemon:
             return
         grace = self.settings.daemon.shutdown_grace_s
         log.info("waiting for running jobs", count=len(self.tasks), grace_s=grace)
+        # The grace may be longer than the unit's TimeoutStopSec: ask for it (and a
+        # margin for teardown) so systemd does not SIGKILL jobs it meant to let finish.
+        self.notifier.extend_timeout(grace + 30)
         await asyncio.wait(list(self.tasks.values()), timeout=grace)
         await self._cancel_running("the daemon shut down")  # those still running
 
@@ -387,7 +399,7 @@ class Daemon:
         """Compare records with the host; reclaim orphans, fail lost jobs."""
         hv = self.engine.hypervisor
         scope = (self.settings.vm.cgroup_root, hv.instance) if self.settings.vm.cgroup else None
-        observed = await recovery.observe(hv.vms_dir, self.engine.net, scope)
+        observed = await recovery.observe(hv, scope)
         unfinished = {j.id: j.state for j in await self.store.jobs(
             states=[JobState.STARTING, JobState.RUNNING], limit=100_000)}
         leases = await self.store.leases()
@@ -396,7 +408,7 @@ class Daemon:
             log.warning("reconciling", startup=startup, orphans=sorted(plan.dirs | plan.networks
                         | plan.cgroups
                         | set(plan.kill)), lost_jobs=list(plan.fail_jobs))
-        for problem in await recovery.apply(plan, hv.vms_dir, self.engine.net, scope):
+        for problem in await recovery.apply(plan, hv, scope):
             log.error("reconcile", problem=problem)
         for job_id in plan.fail_jobs:
             job = await self.store.get(job_id)
@@ -418,6 +430,9 @@ class Daemon:
 
     def _update_gauges(self) -> None:
         self.metrics.set_jobs(queued=len(self.queue), running=len(self.tasks))
-        self.metrics.set_vms(len(self.engine.hypervisor.live))
+        pool = self.engine.pool
+        self.metrics.set_vms(max(0, len(self.engine.hypervisor.live) - pool.held()))
+        for profile, idle in pool.idle_by_slot().items():
+            self.metrics.set_pool_idle(profile, idle)
         self.metrics.set_capacity(self.total, self.used, self.settings.capacity.max_concurrency,
                                   len(self.tasks))

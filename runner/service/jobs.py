@@ -106,6 +106,8 @@ class ExecRequest(_Checked):
     script: Text
     env: Env | None = None
     cwd: Text | None = None
+    stage: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    """The custom executor's stage name (``build_script``, ``after_script``...)."""
 
     @model_validator(mode="after")
     def _fits(self) -> ExecRequest:

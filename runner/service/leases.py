@@ -4,24 +4,38 @@ gitlab-runner's custom executor calls `prepare`, then `run` once per stage,
 then `cleanup`, each a separate process; the VM lives in the daemon between
 them. A lease is a job (so it queues, counts against capacity, times out and
 is recovered like any other) whose work is to keep its VM until released.
+
+Each stage runs through the lease's job: its output goes to the job's log,
+it is bounded by what is left of the job's timeout, and its result is
+recorded. The first stage that fails (other than ``after_script``, which
+GitLab never lets fail a job) decides the job's outcome, so a failed build is
+counted as failed, not as a released lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
-from runner.errors import ConfigError, VMError
-from runner.service.executor import Outcome, Work
+import structlog
+
+from runner.errors import ConfigError, SnapfleetError, VMError
+from runner.execution import Command, Outcome, OutputSink, execute
 from runner.service.jobs import Job, JobSpec, JobState
+from runner.service.port import JobPort
+from runner.vm.backend import Machine
 
-if TYPE_CHECKING:
-    from runner.vm.qemu import QemuMachine
+log = structlog.get_logger("snapfleet.leases")
 
 _KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SOURCE = "gitlab"
+NEVER_FAILS_JOB = frozenset({"after_script"})
+"""Stages whose failure GitLab records but never lets fail the job."""
 
 
 def check_key(key: str) -> str:
@@ -35,88 +49,176 @@ class Lease:
     """One held VM, found again by its key (e.g. GitLab runner id + job id)."""
 
     key: str
-    job: Job
     ready: asyncio.Future[None]
+    job: Job | None = None
     released: asyncio.Event = field(default_factory=asyncio.Event)
-    machine: QemuMachine | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # its job has ended
+    machine: Machine | None = None
+    deadline: float = 0.0  # monotonic: the job's timeout runs out
+    timeout_s: float = 0.0
+    failure: Outcome | None = None  # the first stage that failed the job
     ended: str | None = None  # why the lease ended before it was released
 
-    def work(self) -> Work:
+    async def hold(self, machine: Machine, remaining: float) -> Outcome:
         """The job's work: announce the VM, then hold it until released."""
-
-        async def hold(machine: QemuMachine, _remaining: float) -> Outcome:
-            self.machine = machine
-            if not self.ready.done():
-                self.ready.set_result(None)
-            await self.released.wait()
-            return Outcome(JobState.SUCCEEDED, reason="released")
-
-        return hold
+        self.machine = machine
+        self.timeout_s = remaining
+        self.deadline = time.monotonic() + remaining
+        if not self.ready.done():
+            self.ready.set_result(None)
+        await self.released.wait()
+        return self.failure or Outcome(JobState.SUCCEEDED, reason="released")
 
     def describe(self) -> dict[str, object]:
         machine = self.machine
         return {
             "key": self.key,
-            "job_id": self.job.id,
-            "profile": self.job.profile,
+            "job_id": None if self.job is None else self.job.id,
+            "profile": None if self.job is None else self.job.profile,
             "vm_id": None if machine is None else machine.vm_id,
             "snapshot": None if machine is None else machine.prepared_for,
             "restore_ms": None if machine is None else
             round(machine.timings.get("total", 0.0) * 1000, 1),
-            "warm": machine is not None and machine.timings.get("pool") == 1.0,
+            "warm": machine is not None and machine.pooled,
             "ended": self.ended,
         }
 
 
 class LeaseBook:
-    """A daemon's leases, by key and by job; new ones are made under one lock so two
-    prepares for one key never make two VMs."""
+    """The job source of GitLab's custom executor: leases by key and by job. New ones
+    are made under one lock so two prepares for one key never make two VMs."""
+
+    name = SOURCE
+    requeue_on_restart = False  # the driver's processes went with the old daemon
 
     def __init__(
         self,
-        submit: Callable[[JobSpec], Awaitable[Job]],
+        port: JobPort,
         *,
         allowed_profiles: list[str],
         default_profile: str,
+        shell: str = "/bin/sh",
     ) -> None:
-        self._submit = submit
+        self._port = port
+        self.shell = shell  # what stage scripts run under
         self._allowed = allowed_profiles
         self._default = default_profile
         self.by_key: dict[str, Lease] = {}
         self.by_job: dict[str, Lease] = {}
         self._lock = asyncio.Lock()
+        port.subscribe(self._job_ended)
 
-    async def acquire(self, key: str, profile: str | None) -> Lease:
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        yield  # requests arrive through the local API
+
+    def status(self) -> dict[str, Any]:
+        return {"leases": sorted(self.by_key)}
+
+    async def acquire(self, key: str, profile: str | None, timeout_s: float | None = None
+                      ) -> Lease:
         """The lease for ``key`` (made and queued if new), once its VM is ready."""
         check_key(key)
         async with self._lock:
             lease = self.by_key.get(key)
             if lease is None:
-                lease = await self._new(key, profile)
+                lease = await self._new(key, profile, timeout_s)
         await asyncio.shield(lease.ready)
         return lease
 
-    async def _new(self, key: str, profile: str | None) -> Lease:
+    async def release(self, key: str) -> bool:
+        """Destroy the VM held under ``key``; False if there was none. Idempotent."""
+        lease = self.by_key.pop(key, None)
+        if lease is None:
+            return False
+        lease.released.set()
+        if lease.job is not None:
+            if lease.job.state is JobState.QUEUED:
+                await self._port.cancel(lease.job.id)  # it never gets a VM
+            await lease.finished.wait()  # set once its VM is destroyed
+        return True
+
+    async def exec(
+        self,
+        key: str,
+        command: Command,
+        sink: OutputSink,
+        *,
+        stage: str,
+        cancel: asyncio.Event | None = None,
+    ) -> Outcome:
+        """Run one stage in the VM held under ``key``: logged in the job, bounded by the
+        job's timeout, recorded. LookupError if no VM is held, VMError if it is gone."""
+        lease = self.by_key.get(key)
+        if lease is None or lease.job is None:
+            raise LookupError(f"no VM is held for {key}")
+        machine, job = lease.machine, lease.job
+        if lease.ended is not None or machine is None or lease.released.is_set():
+            raise VMError(f"the VM held for {key} is gone: {lease.ended or 'released'}")
+        job_log = self._port.job_log(job.id)
+        remaining = lease.deadline - time.monotonic()
+
+        async def tee(stream: str, data: bytes) -> None:
+            if job_log is not None:
+                job_log.write(data)
+            out = sink(stream, data)
+            if out is not None:
+                await out
+
+        await self._port.annotate(job.id, f"stage {stage}: started")
+        if remaining <= 0:
+            outcome = Outcome(JobState.TIMED_OUT, reason=f"timed out after {lease.timeout_s:g}s")
+        else:
+            try:
+                outcome = await execute(machine, command, tee, remaining,
+                                        timeout_s=lease.timeout_s, cancel=cancel)
+            except SnapfleetError as exc:  # the VM died under the stage
+                outcome = Outcome(JobState.SYSTEM_FAILURE, reason=str(exc))
+        await self._port.annotate(job.id, f"stage {stage}: {_describe(outcome)}")
+        self._record(lease, stage, outcome)
+        return outcome
+
+    def _record(self, lease: Lease, stage: str, outcome: Outcome) -> None:
+        if outcome.state is JobState.SUCCEEDED or lease.failure is not None:
+            return
+        if stage in NEVER_FAILS_JOB and outcome.state is not JobState.SYSTEM_FAILURE:
+            return
+        lease.failure = Outcome(
+            outcome.state, exit_code=outcome.exit_code, signal=outcome.signal,
+            reason=f"stage {stage}: {_describe(outcome)}",
+        )
+        if outcome.state is JobState.SYSTEM_FAILURE:
+            lease.released.set()  # nothing more can run in it: end the job, free the VM
+
+    async def _new(self, key: str, profile: str | None, timeout_s: float | None) -> Lease:
         name = profile or self._default
         if name not in self._allowed:
             raise ConfigError(
                 "SNAPFLEET_PROFILE",
                 f"profile {name!r} is not allowed for GitLab jobs (allowed: {self._allowed})",
             )
-        job = await self._submit(JobSpec(command=["gitlab-executor"], name=key, profile=name))
-        lease = Lease(key, job, asyncio.get_running_loop().create_future())
+        lease = Lease(key, asyncio.get_running_loop().create_future())
+        spec = JobSpec(command=["gitlab-executor"], name=key, profile=name, timeout_s=timeout_s)
+        lease.job = await self._port.submit(spec, source=SOURCE, work=lease.hold)
         self.by_key[key] = lease
-        self.by_job[job.id] = lease
+        self.by_job[lease.job.id] = lease
         return lease
 
-    def end(self, job_id: str, outcome: Outcome) -> None:
+    def _job_ended(self, job: Job) -> None:
         """The lease's job is over: waiters for its VM learn why (idempotent)."""
-        lease = self.by_job.pop(job_id, None)
+        lease = self.by_job.pop(job.id, None)
         if lease is None:
             return
+        lease.finished.set()
         if not lease.released.is_set():
-            lease.ended = outcome.reason or str(outcome.state)
+            lease.ended = job.reason or str(job.state)
         if not lease.ready.done():
-            why = lease.ended or outcome.reason or str(outcome.state)
+            why = lease.ended or job.reason or str(job.state)
             lease.ready.set_exception(VMError(f"no VM for {lease.key}: {why}"))
             lease.ready.exception()  # retrieved here; waiters re-raise it
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.state is JobState.FAILED and outcome.exit_code is not None:
+        return f"failed, exit code {outcome.exit_code}"
+    return str(outcome.state) + (f" ({outcome.reason})" if outcome.reason else "")

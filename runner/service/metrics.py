@@ -10,14 +10,8 @@ the first event.
 from __future__ import annotations
 
 import contextlib
-import grp
-import ipaddress
 import os
-import socket
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Protocol
 
 import structlog
@@ -26,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from runner import __version__
-from runner.errors import ConfigError, HostError
+from runner.errors import HostError
+from runner.listen import UnixListen, bind_unix, describe, group_id, parse_listen, remove_own_socket
 
 log = structlog.get_logger("snapfleet.metrics")
 
@@ -36,10 +31,9 @@ OUTCOMES: Final = ("succeeded", "failed", "timed_out", "cancelled", "system_fail
 """Values of ``snapfleet_jobs_total{outcome}``."""
 RECOVERY_KINDS: Final = (
     "orphan_vm",
-    "orphan_network",  # a namespace and/or host veth, when the daemon does not tell them apart
-    "orphan_netns",
-    "orphan_veth",
+    "orphan_network",  # a namespace and/or host veth
     "orphan_dir",
+    "orphan_cgroup",
     "lost_job",
 )
 """Kinds of ``snapfleet_recoveries_total`` created at zero (others are accepted too)."""
@@ -180,64 +174,6 @@ class Metrics:
 # -- the endpoint --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TCPListen:
-    """``host:port``."""
-
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class UnixListen:
-    """``unix:/path``."""
-
-    path: Path
-
-
-def parse_listen(listen: str) -> TCPListen | UnixListen | None:
-    """Parse ``daemon.metrics_listen``; None when empty (disabled).
-
-    ``host:port`` (IPv6 hosts in brackets: ``[::1]:9464``) or ``unix:/abs/path``.
-    ConfigError naming ``daemon.metrics_listen`` says what is wrong.
-    """
-    if listen == "":
-        return None
-    if listen.startswith("unix:"):
-        return UnixListen(_unix_path(listen.removeprefix("unix:")))
-    if "/" in listen or any(c.isspace() for c in listen):
-        raise ConfigError(_KEY, f"{listen!r} is neither host:port nor unix:/path")
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(_KEY, f"{listen!r} needs host:port, e.g. 127.0.0.1:9464 or 0.0.0.0:9464")
-    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise ConfigError(_KEY, f"port {port_text!r} in {listen!r} is not a number 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(_KEY, f"{host!r} in {listen!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ConfigError(_KEY, f"put the IPv6 address in {listen!r} in brackets: [addr]:port")
-    elif not all(c.isalnum() or c in "-._" for c in host):
-        raise ConfigError(_KEY, f"{host!r} in {listen!r} is not a host name or address")
-    return TCPListen(host, int(port_text))
-
-
-def _unix_path(text: str) -> Path:
-    if not text.startswith("/"):
-        raise ConfigError(_KEY, f"unix socket path {text!r} must be absolute")
-    if "\0" in text:
-        raise ConfigError(_KEY, "unix socket path contains a NUL byte")
-    # sun_path holds 108 bytes including the terminating NUL.
-    if len(os.fsencode(text)) > 107:
-        raise ConfigError(_KEY, f"unix socket path {text!r} is longer than 107 bytes")
-    if text.endswith("/"):
-        raise ConfigError(_KEY, f"unix socket path {text!r} names a directory")
-    return Path(text)
-
-
 @contextlib.asynccontextmanager
 async def serve_metrics(
     metrics: Metrics, listen: str, *, group: str | None = None
@@ -251,11 +187,11 @@ async def serve_metrics(
     is removed on exit. ConfigError for a malformed ``listen``, HostError when
     the address cannot be had (in use, no permission).
     """
-    where = parse_listen(listen)
+    where = parse_listen(listen, _KEY)
     if where is None:
         yield None
         return
-    gid = _group_id(group)
+    gid = group_id(group)
     app = web.Application()
     app.router.add_get("/metrics", _handler(metrics))
     # Scrapes every few seconds would flood the journal with access lines.
@@ -264,7 +200,7 @@ async def serve_metrics(
     bound: os.stat_result | None = None
     try:
         if isinstance(where, UnixListen):
-            sock = await _unix_socket(where.path, gid)
+            sock = bind_unix(where.path, gid=gid, mode=0o660, what="metrics", key=_KEY)
             bound = os.stat(where.path)
             site: web.BaseSite = web.SockSite(runner, sock)
         else:
@@ -273,13 +209,13 @@ async def serve_metrics(
             await site.start()
         except OSError as exc:
             raise HostError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
-        address = _describe(runner, where)
+        address = describe(runner, where)
         log.info("serving metrics", listen=address)
         yield address
     finally:
         await runner.cleanup()
         if isinstance(where, UnixListen) and bound is not None:
-            _remove_own_socket(where.path, bound)
+            remove_own_socket(where.path, bound)
 
 
 def _handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -290,69 +226,3 @@ def _handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response
         )
 
     return handle
-
-
-def _group_id(group: str | None) -> int | None:
-    if group is None:
-        return None
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError("daemon.api_group", f"group {group!r} does not exist") from None
-
-
-async def _unix_socket(path: Path, gid: int | None) -> socket.socket:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    await _remove_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        # Mode (and group) are set before listen(): until then connects are
-        # refused, so there is no moment when the socket is open to everyone.
-        os.chmod(path, 0o660)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise HostError(f"cannot serve metrics on unix:{path}: {exc.strerror or exc}") from exc
-    return sock
-
-
-async def _remove_stale(path: Path) -> None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(_KEY, f"{path} exists and is not a socket; refusing to replace it")
-    try:
-        # A unix connect is answered (or refused) at once: no thread needed.
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        finally:
-            probe.close()
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # left behind by a process that died
-        return
-    raise HostError(f"metrics socket {path} is in use by another process")
-
-
-def _remove_own_socket(path: Path, bound: os.stat_result) -> None:
-    # Only ours: a successor may already have replaced it.
-    with contextlib.suppress(FileNotFoundError):
-        st = path.lstat()
-        if (st.st_dev, st.st_ino) == (bound.st_dev, bound.st_ino):
-            path.unlink()
-
-
-def _describe(runner: web.AppRunner, where: TCPListen | UnixListen) -> str:
-    if isinstance(where, UnixListen):
-        return f"unix:{where.path}"
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            host, port = str(addr[0]), int(addr[1])
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"{where.host}:{where.port}"

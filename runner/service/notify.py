@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Callable, MutableMapping
 
 import structlog
@@ -83,13 +82,6 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """Shutdown has begun (``STOPPING=1``)."""
         return self.send(STOPPING="1", STATUS=status)
-
-    def reloading(self, status: str | None = None) -> bool:
-        """A reload has begun (``RELOADING=1``); send ``ready()`` when it is done."""
-        # MONOTONIC_USEC lets systemd (253+, Type=notify-reload) tell this
-        # reload from an older one; earlier versions ignore it.
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.send(RELOADING="1", MONOTONIC_USEC=str(now), STATUS=status)
 
     def extend_timeout(self, seconds: float) -> bool:
         """Ask for ``seconds`` more before systemd's start/stop timeout fires.

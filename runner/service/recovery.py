@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.net import NetworkManager
 from runner.service.jobs import Job, JobState
 from runner.vm import cgroup
+from runner.vm.backend import Hypervisor
 from runner.vm.ownership import is_lock_file, lock_path, owned_elsewhere
 
 CgroupScope = tuple[Path, str]  # (cgroup root, instance id)
@@ -37,7 +37,7 @@ class Observed:
     vm_dirs: frozenset[str] = frozenset()
     netns: frozenset[str] = frozenset()
     veths: frozenset[str] = frozenset()
-    qemu: Mapping[str, int] = field(default_factory=dict)  # vm_id -> pid
+    qemu: Mapping[str, int] = field(default_factory=dict)  # VMM processes: vm_id -> pid
     owned: frozenset[str] = frozenset()
     """VM ids whose lock another live process (or another part of this one) holds."""
     cgroups: frozenset[str] = frozenset()
@@ -95,21 +95,20 @@ def plan(
     )
 
 
-async def observe(
-    vms_dir: Path, net: NetworkManager | None, cgroups: CgroupScope | None = None
-) -> Observed:
+async def observe(hv: Hypervisor, cgroups: CgroupScope | None = None) -> Observed:
     """Look at the host: this instance's VMs, and which of them a live process owns.
 
     Locks are checked after everything else is listed: an owner takes its lock
     before it makes anything, so whatever was listed and has a free lock is an orphan.
     """
+    vms_dir, net = hv.vms_dir, hv.net_manager
     dirs = await asyncio.to_thread(_vm_dirs, vms_dir)
     netns: frozenset[str] = frozenset()
     veths: frozenset[str] = frozenset()
     if net is not None:
         netns = frozenset(await net.list_namespaces())
         veths = frozenset(await net.list_host_veths())
-    qemu = await asyncio.to_thread(qemu_processes, vms_dir)
+    qemu = await asyncio.to_thread(hv.processes)
     groups: frozenset[str] = frozenset()
     if cgroups is not None:
         groups = frozenset(await asyncio.to_thread(cgroup.list_groups, *cgroups))
@@ -126,35 +125,9 @@ def _vm_dirs(vms_dir: Path) -> frozenset[str]:
     return frozenset(p.name for p in vms_dir.iterdir() if not is_lock_file(p.name))
 
 
-def qemu_processes(vms_dir: Path) -> dict[str, int]:
-    """QEMU processes whose command line points into ``vms_dir``: vm_id -> pid."""
-    marker = str(vms_dir).rstrip("/") + "/"
-    found: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if not argv or "qemu-system" not in argv[0]:
-            continue
-        for arg in argv:
-            start = arg.find(marker)
-            if start >= 0:
-                vm_id = arg[start + len(marker):].split("/")[0]
-                found[vm_id] = int(entry.name)
-                break
-    return found
-
-
-async def apply(
-    the_plan: Plan,
-    vms_dir: Path,
-    net: NetworkManager | None,
-    cgroups: CgroupScope | None = None,
-) -> list[str]:
+async def apply(the_plan: Plan, hv: Hypervisor, cgroups: CgroupScope | None = None) -> list[str]:
     """Carry out the reclaiming part of a plan; returns problems (never raises)."""
+    vms_dir, net = hv.vms_dir, hv.net_manager
     problems: list[str] = []
     for vm_id, pid in the_plan.kill.items():
         with contextlib.suppress(ProcessLookupError):

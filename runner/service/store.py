@@ -196,9 +196,6 @@ class Store:
             (job.id, str(job.state), time.time(), note),
         )
 
-    async def set_log_bytes(self, job_id: str, count: int) -> None:
-        await self._call(self._exec, "UPDATE jobs SET log_bytes=? WHERE id=?", (count, job_id))
-
     async def get(self, job_id: str) -> Job | None:
         rows = await self._call(self._query, f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,))
         return _job(rows[0]) if rows else None

@@ -10,57 +10,42 @@ handed to QEMU as descriptors, so no socket file exists to leak.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import disk
-from runner.config import VMSettings
 from runner.errors import RestoreError, VMError
+from runner.host import qemu_version
 from runner.net.policy import EgressPolicy
-from runner.vm.backend import Hypervisor, MachineSpec
+from runner.vm.backend import BackendContext, Hypervisor, Machine, MachineSpec
+from runner.vm.qemu_args import device_layout
 from runner.vm.qemu_machine import QemuMachine, new_vm_id
 
 if TYPE_CHECKING:
-    from runner.net import NetworkManager
     from runner.snapshots import Snapshot
 
-__all__ = ["QemuHypervisor", "QemuMachine", "new_vm_id"]
+__all__ = ["QemuHypervisor", "QemuMachine", "hypervisor", "new_vm_id", "qemu_processes"]
+
+
+def hypervisor(context: BackendContext) -> QemuHypervisor:
+    """The backend's factory (``vm.backend = "qemu"``)."""
+    return QemuHypervisor(context)
 
 
 class QemuHypervisor(Hypervisor):
     """Makes QEMU machines: clones of snapshots, cold boots and templates."""
 
-    def __init__(
-        self,
-        settings: VMSettings,
-        vms_dir: Path,
-        net_manager: NetworkManager | None,
-        *,
-        instance: str = "0000",
-    ) -> None:
-        self.settings = settings
-        self.vms_dir = vms_dir
-        self.net_manager = net_manager
-        self.instance = instance  # names this instance's cgroups
-        # Every machine from creation until its teardown finished: what the
-        # daemon's reconcile must not mistake for an orphan.
-        self.live: dict[str, QemuMachine] = {}
+    name = "qemu"
 
-    async def restore(
-        self,
-        snapshot: Snapshot,
-        *,
-        hostname: str | None = None,
-        env: Mapping[str, str] | None = None,
-        policy: EgressPolicy | None = None,
-    ) -> QemuMachine:
-        started = time.monotonic()
-        machine = await self.prepare(snapshot)
-        await self.resume(machine, snapshot, hostname=hostname, env=env, policy=policy)
-        machine.timings["total"] = time.monotonic() - started
-        return machine
+    async def version(self) -> str:
+        return await qemu_version(self.settings.qemu_binary)
+
+    def device_layout(self, spec: MachineSpec) -> dict[str, object]:
+        return device_layout(spec)
+
+    def processes(self) -> dict[str, int]:
+        return qemu_processes(self.vms_dir)
 
     async def prepare(self, snapshot: Snapshot) -> QemuMachine:
         """Everything a restore needs before the snapshot loads: directory, network,
@@ -91,7 +76,7 @@ class QemuHypervisor(Hypervisor):
 
     async def resume(
         self,
-        machine: QemuMachine,
+        machine: Machine,
         snapshot: Snapshot,
         *,
         hostname: str | None = None,
@@ -103,6 +88,8 @@ class QemuHypervisor(Hypervisor):
         The clone's network forwards nothing until ``policy`` (default: egress
         "none") is in place, which happens while the snapshot loads.
         """
+        if not isinstance(machine, QemuMachine):
+            raise RestoreError("not a QEMU machine", vm_id=machine.vm_id)
         if machine.prepared_for != snapshot.key:
             raise RestoreError(
                 f"machine was prepared for snapshot {machine.prepared_for}, not {snapshot.key}",
@@ -218,6 +205,28 @@ async def _together(*steps: Coroutine[Any, Any, None]) -> None:
                 group.create_task(step)
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
+
+
+def qemu_processes(vms_dir: Path) -> dict[str, int]:
+    """QEMU processes whose command line points into ``vms_dir``: vm_id -> pid."""
+    marker = str(vms_dir).rstrip("/") + "/"
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or "qemu-system" not in argv[0]:
+            continue
+        for arg in argv:
+            start = arg.find(marker)
+            if start >= 0:
+                vm_id = arg[start + len(marker):].split("/")[0]
+                found[vm_id] = int(entry.name)
+                break
+    return found
 
 
 def _given(path: Path) -> Callable[[Path], Coroutine[Any, Any, Path]]:

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -41,11 +41,12 @@ from runner.forge.github.webhook import (
     parse_event,
     verify_signature,
 )
+from runner.listen import TCPListen, describe, parse_listen
 from runner.service.jobs import Job, JobSpec
 from runner.service.scheduler import choose_profile
 
 if TYPE_CHECKING:
-    from runner.service.daemon import Daemon
+    from runner.service.port import JobPort
 
 log = structlog.get_logger("snapfleet.github")
 RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
@@ -80,10 +81,15 @@ class RunnerVM:
 class GitHubSource:
     """Turns queued GitHub jobs into runner VMs on this host."""
 
-    def __init__(self, config: GitHubConfig, daemon: Daemon, client: GitHubClient) -> None:
+    name = "github"
+    requeue_on_restart = False  # a runner's JIT config lived in the old daemon's memory
+
+    def __init__(
+        self, config: GitHubConfig, daemon: JobPort, client: GitHubClient | None = None
+    ) -> None:
         self.config = config
         self.daemon = daemon
-        self.client = client
+        self._client = client
         self.prefix = reconcile.runner_prefix(
             config.runner_name_prefix, config.host or socket.gethostname()
         )
@@ -94,7 +100,41 @@ class GitHubSource:
         self._unserved: set[tuple[str, ...]] = set()
         self._wake = asyncio.Event()
         self._poll_next = False  # the next pass must ask GitHub what is still queued
-        daemon.listeners.append(self._job_ended)
+        daemon.subscribe(self._job_ended)
+
+    @property
+    def client(self) -> GitHubClient:
+        if self._client is None:
+            raise RuntimeError("the GitHub source is not open")
+        return self._client
+
+    @client.setter
+    def client(self, client: GitHubClient) -> None:
+        self._client = client
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        """Talk to GitHub, serve webhooks (when configured) and reconcile until closed."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._client is None:
+                self._client = await stack.enter_async_context(
+                    GitHubClient.from_config(self.config)
+                )
+            if self.config.webhook_secret is not None:
+                where = await stack.enter_async_context(
+                    serve_webhooks(self, self.config.webhook_listen)
+                )
+                log.info("serving GitHub webhooks", listen=where)
+            loop = asyncio.create_task(self.run(), name="github")
+            try:
+                yield
+            finally:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+
+    def status(self) -> dict[str, Any]:
+        return {"github": {"queued": len(self.queued), "runners": len(self.runners)}}
 
     # -- webhook --------------------------------------------------------------
 
@@ -257,7 +297,7 @@ class GitHubSource:
                         self.queued[job_id] = dataclasses.replace(routed, polled=True)
 
     def _live_vm(self, runner: RunnerVM, now: float) -> reconcile.LiveVM:
-        job = self.daemon.jobs.get(runner.job_id or "")
+        job = self.daemon.unfinished(runner.job_id or "")
         # A runner still queued for capacity is not idle yet: its clock starts with its VM.
         started = job.started_at if job is not None and job.started_at else now
         return reconcile.LiveVM(runner.job_id or runner.name, runner.name, runner.profile,
@@ -319,17 +359,16 @@ class GitHubSource:
 @contextlib.asynccontextmanager
 async def serve_webhooks(source: GitHubSource, listen: str) -> AsyncIterator[str]:
     """Serve `POST /webhooks/github` on ``host:port``; yields the bound address."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
+    where = parse_listen(listen, "github.webhook_listen")
+    if not isinstance(where, TCPListen):
         raise ConfigError("github.webhook_listen", f"expected host:port, got {listen!r}")
     app = web.Application(client_max_size=25 * 2**20)  # GitHub caps payloads at 25 MB
     app.router.add_post("/webhooks/github", source.webhook)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    site = web.TCPSite(runner, where.host, where.port)
     try:
         await site.start()
-        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-        yield f"{bound[0]}:{bound[1]}"
+        yield describe(runner, where)
     finally:
         await runner.cleanup()

@@ -1,0 +1,257 @@
+"""The one run path: restore a clone for a profile, do work in it, destroy it.
+
+`run` is what ``snapfleet run``, the daemon's local jobs, GitLab leases and
+GitHub runners all go through. Its deadline covers restore and work (the
+snapshot is resolved first: building an image is not the job's time); the
+caller learns the VM is ready through ``on_ready`` and gets one `Report`
+back. `exit_code` is the single mapping from an outcome to a process exit
+code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from runner.errors import AgentError, GuestEnded, SnapfleetError
+from runner.service.jobs import JobState
+
+if TYPE_CHECKING:
+    from runner.config import Profile
+    from runner.engine import Engine
+    from runner.vm.backend import Machine, Session, TeardownReport
+
+log = structlog.get_logger("snapfleet.job")
+
+TIMEOUT_GRACE_S = 10.0
+EXIT_TIMEOUT = 124
+EXIT_SYSTEM = 125
+EXIT_CANCELLED = 130
+
+OutputSink = Callable[[str, bytes], Awaitable[None] | None]
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to run in the guest: an argv, or a script for ``shell``."""
+
+    argv: Sequence[str] | None = None
+    script: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
+    cwd: str | None = None
+    shell: str = "/bin/sh"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """How the job's VM was made."""
+
+    vm_id: str
+    snapshot: str
+    warm: bool
+    """It came from the warm pool (its setup and spawn were paid before the job)."""
+    restore_s: float
+    timings: Mapping[str, float]
+
+
+@dataclass
+class Outcome:
+    """How a job (or one command of it) ended, as the store, the forge and metrics see it."""
+
+    state: JobState
+    exit_code: int | None = None
+    reason: str | None = None
+    signal: int | None = None
+
+    @property
+    def metric(self) -> str:
+        return {
+            JobState.SUCCEEDED: "succeeded",
+            JobState.FAILED: "failed",
+            JobState.TIMED_OUT: "timed_out",
+            JobState.CANCELLED: "cancelled",
+        }.get(self.state, "system_failure")
+
+
+@dataclass
+class Report:
+    """Everything `run` did: the outcome, the restore and the teardown."""
+
+    outcome: Outcome
+    restored: Restored | None = None
+    teardown: TeardownReport | None = None
+    duration_s: float = 0.0
+
+
+def exit_code(outcome: Outcome) -> int:
+    """The process exit code for ``outcome`` (`snapfleet run`, the GitLab executor)."""
+    if outcome.state is JobState.SUCCEEDED:
+        return 0
+    if outcome.state is JobState.FAILED and outcome.exit_code is not None:
+        return outcome.exit_code
+    if outcome.state is JobState.TIMED_OUT:
+        return EXIT_TIMEOUT
+    if outcome.state is JobState.CANCELLED:
+        return EXIT_CANCELLED
+    return EXIT_SYSTEM
+
+
+Work = Callable[["Machine", float], Awaitable[Outcome]]
+"""What to do with a READY machine, given the seconds left: returns the outcome."""
+
+OnReady = Callable[["Machine", Restored], Awaitable[None]]
+
+
+def command_work(command: Command, sink: OutputSink, timeout_s: float) -> Work:
+    """Work that runs one command, streaming its output to ``sink``."""
+
+    async def work(machine: Machine, remaining: float) -> Outcome:
+        return await execute(machine, command, sink, remaining, timeout_s=timeout_s)
+
+    return work
+
+
+async def execute(
+    machine: Machine,
+    command: Command,
+    sink: OutputSink,
+    remaining: float,
+    *,
+    timeout_s: float | None = None,
+    cancel: asyncio.Event | None = None,
+) -> Outcome:
+    """Run ``command`` in a READY machine within ``remaining`` seconds.
+
+    The agent enforces the limit in the guest; a backstop covers a hung guest.
+    ``timeout_s`` is the limit to name when it is hit (the job's, not what was left).
+    Setting ``cancel`` stops the command (SIGTERM to its process group, then SIGKILL).
+    """
+    named = timeout_s if timeout_s is not None else remaining
+    watcher: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(remaining + TIMEOUT_GRACE_S):
+            session = await machine.exec(
+                command.argv, script=command.script, shell=command.shell, env=command.env,
+                cwd=command.cwd, timeout=remaining,
+            )
+            if cancel is not None:
+                watcher = asyncio.create_task(_cancel_when(cancel, session))
+            async for chunk in session:
+                out = sink(chunk.stream, chunk.data)
+                if out is not None:
+                    await out
+            status = await session.wait()
+    except TimeoutError:
+        return Outcome(JobState.TIMED_OUT, reason=f"timed out after {named:g}s")
+    except AgentError as exc:
+        raise await machine.died_error(exc) from exc
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if status.timed_out:
+        return Outcome(JobState.TIMED_OUT, reason=f"timed out after {named:g}s")
+    if status.cancelled:
+        return Outcome(JobState.CANCELLED, reason="cancelled")
+    if status.signal:
+        return Outcome(JobState.FAILED, exit_code=128 + status.signal, signal=status.signal,
+                       reason=f"killed by signal {status.signal}")
+    if status.exit_code == 0:
+        return Outcome(JobState.SUCCEEDED, exit_code=0)
+    return Outcome(JobState.FAILED, exit_code=status.exit_code,
+                   reason=f"exited with code {status.exit_code}")
+
+
+async def _cancel_when(cancel: asyncio.Event, session: Session) -> None:
+    await cancel.wait()
+    if not session.done:
+        with contextlib.suppress(SnapfleetError):
+            await session.cancel(signal.SIGTERM)
+
+
+async def run(
+    engine: Engine,
+    profile: Profile,
+    work: Work,
+    *,
+    timeout_s: float,
+    note: Note,
+    on_ready: OnReady | None = None,
+    context: Mapping[str, object] | None = None,
+) -> Report:
+    """Restore a clone of ``profile``'s snapshot, do ``work`` in it, destroy it.
+
+    ``timeout_s`` bounds restore and work together; ``note`` gets progress
+    lines for the job's log; ``context`` is logged with "job finished".
+    Failures become the report's outcome; CancelledError propagates after the
+    VM is destroyed.
+    """
+    bound = log.bind(**(context or {}))
+    report = Report(Outcome(JobState.SYSTEM_FAILURE, reason="did not finish"))
+    machine: Machine | None = None
+    started = time.monotonic()
+    try:
+        snapshot = await engine.snapshot(profile, note)
+        started = time.monotonic()
+        async with asyncio.timeout(timeout_s):
+            # A profile without a pool of its own leaves other profiles' warm VMs alone.
+            machine = await engine.restore(
+                snapshot, use_pool=profile.warm > 0, policy=engine.policy(profile)
+            )
+            report.restored = restored = Restored(
+                vm_id=machine.vm_id,
+                snapshot=snapshot.key,
+                warm=machine.pooled,
+                restore_s=time.monotonic() - started,
+                timings=dict(machine.timings),
+            )
+            bound = bound.bind(vm_id=machine.vm_id)
+            note(
+                f"restored {profile.image} from snapshot {snapshot.key[:12]} in "
+                f"{restored.restore_s * 1000:.0f} ms"
+                + (" from the warm pool" if restored.warm else "")
+                + f" (vm {machine.vm_id})"
+            )
+            if on_ready is not None:
+                await on_ready(machine, restored)
+            remaining = max(1.0, timeout_s - (time.monotonic() - started))
+            report.outcome = await work(machine, remaining)
+    except TimeoutError:
+        report.outcome = Outcome(JobState.TIMED_OUT, reason=f"timed out after {timeout_s:g}s")
+    except asyncio.CancelledError:
+        report.outcome = Outcome(JobState.CANCELLED, reason="cancelled")
+        raise
+    except SnapfleetError as exc:
+        if isinstance(exc, GuestEnded):
+            note("the guest's last console lines:")
+            for line in exc.console.splitlines():
+                note(f"console: {line}")
+        report.outcome = Outcome(JobState.SYSTEM_FAILURE, reason=str(exc))
+    except Exception as exc:
+        bound.exception("job crashed the executor")
+        report.outcome = Outcome(JobState.SYSTEM_FAILURE, reason=f"internal error: {exc!r}")
+    finally:
+        if machine is not None:
+            report.teardown = await machine.destroy()
+            for problem in report.teardown.errors:
+                bound.warning("teardown", problem=problem)
+        report.duration_s = time.monotonic() - started
+        outcome, restored_ = report.outcome, report.restored
+        bound.info(
+            "job finished",
+            outcome=str(outcome.state),
+            exit_code=outcome.exit_code,
+            reason=outcome.reason,
+            restore_ms=None if restored_ is None else round(restored_.restore_s * 1000, 1),
+            warm=restored_ is not None and restored_.warm,
+            duration_s=round(report.duration_s, 3),
+            teardown=None if report.teardown is None else report.teardown.escalation,
+        )
+    return report
