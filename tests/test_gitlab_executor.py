@@ -150,6 +150,16 @@ async def test_failing_script_is_a_build_failure_with_the_real_code(
                         "after_script")
     assert after.returncode == 0
     ok(runner.step("cleanup"))
+    # The daemon ran the stages through the lease's job: it ended failed, with the
+    # stage and its code, and metrics count a failure, not a success.
+    async with ApiClient(gl_daemon.api) as api:
+        jobs = await api.jobs(limit=50)
+    job = next(j for j in jobs if j["name"] == "gl:gitlab.example.com:12:502")
+    assert (job["state"], job["exit_code"]) == ("failed", 3)
+    assert job["reason"] == "stage build_script: failed, exit code 3"
+    samples = await gl_daemon.metrics()
+    assert samples['snapfleet_jobs_total{outcome="failed"}'] == 1
+    assert samples['snapfleet_jobs_total{outcome="succeeded"}'] == 0
 
 
 async def test_vm_killed_mid_stage_is_a_system_failure(gl_daemon: DaemonProcess,
