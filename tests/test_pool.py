@@ -93,7 +93,7 @@ async def test_pool_fills_hands_out_a_warm_machine_and_refills(
     machine = await warm.restore(snapshot)
     try:
         assert machine.pid in waiting
-        assert machine.timings["pool"] == 1.0
+        assert machine.pooled
         # Its setup and spawn happened before the job asked; only load and agent remain.
         assert "spawn" not in machine.timings
         assert "setup" not in machine.timings
@@ -149,7 +149,7 @@ async def test_machines_killed_while_idle_are_skipped_and_replaced(
 
     machine = await warm.restore(snapshot)
     try:
-        assert machine.timings["pool"] == 0.0  # both pooled ones were dead: prepared afresh
+        assert not machine.pooled  # both pooled ones were dead: prepared afresh
         assert machine.pid not in victims
         session = await machine.exec(["echo", "still runs"])
         assert b"".join([c.data async for c in session]) == b"still runs\n"
@@ -176,7 +176,7 @@ async def test_pooled_machine_that_dies_unnoticed_falls_back_to_a_fresh_one(
     # them alive and hands one out; resume must fail and the engine start afresh.
     machine = await warm.restore(snapshot)
     try:
-        assert machine.timings["pool"] == 0.0
+        assert not machine.pooled
         assert machine.pid not in victims
         session = await machine.exec(["echo", "fallback"])
         assert b"".join([c.data async for c in session]) == b"fallback\n"

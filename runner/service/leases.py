@@ -5,9 +5,10 @@ then `cleanup`, each a separate process; the VM lives in the daemon between
 them. A lease is a job (so it queues, counts against capacity, times out and
 is recovered like any other) whose work is to keep its VM until released.
 
-Each stage runs through the lease's job: its output goes to the job's log,
-it is bounded by what is left of the job's timeout, and its result is
-recorded. The first stage that fails (other than ``after_script``, which
+Each stage runs through the lease's job: its start and end are in the job's
+log and history (its output goes only to the driver: GitLab masks the trace,
+a copy here would hold what secrets the job printed), it is bounded by what
+is left of the job's timeout, and its result is recorded. The first stage that fails (other than ``after_script``, which
 GitLab never lets fail a job) decides the job's outcome, so a failed build is
 counted as failed, not as a released lease.
 """
@@ -147,7 +148,7 @@ class LeaseBook:
         stage: str,
         cancel: asyncio.Event | None = None,
     ) -> Outcome:
-        """Run one stage in the VM held under ``key``: logged in the job, bounded by the
+        """Run one stage in the VM held under ``key``: recorded in the job, bounded by the
         job's timeout, recorded. LookupError if no VM is held, VMError if it is gone."""
         lease = self.by_key.get(key)
         if lease is None or lease.job is None:
@@ -155,12 +156,14 @@ class LeaseBook:
         machine, job = lease.machine, lease.job
         if lease.ended is not None or machine is None or lease.released.is_set():
             raise VMError(f"the VM held for {key} is gone: {lease.ended or 'released'}")
-        job_log = self._port.job_log(job.id)
         remaining = lease.deadline - time.monotonic()
+        sent = 0
 
         async def tee(stream: str, data: bytes) -> None:
-            if job_log is not None:
-                job_log.write(data)
+            # The output goes to gitlab-runner only: GitLab masks its trace, and a copy
+            # on this host would hold whatever secrets the job printed.
+            nonlocal sent
+            sent += len(data)
             out = sink(stream, data)
             if out is not None:
                 await out
@@ -174,7 +177,9 @@ class LeaseBook:
                                         timeout_s=lease.timeout_s, cancel=cancel)
             except SnapfleetError as exc:  # the VM died under the stage
                 outcome = Outcome(JobState.SYSTEM_FAILURE, reason=str(exc))
-        await self._port.annotate(job.id, f"stage {stage}: {_describe(outcome)}")
+        await self._port.annotate(
+            job.id, f"stage {stage}: {_describe(outcome)} ({sent} bytes of output to the driver)"
+        )
         self._record(lease, stage, outcome)
         return outcome
 
