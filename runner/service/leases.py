@@ -8,9 +8,10 @@ is recovered like any other) whose work is to keep its VM until released.
 Each stage runs through the lease's job: its start and end are in the job's
 log and history (its output goes only to the driver: GitLab masks the trace,
 a copy here would hold what secrets the job printed), it is bounded by what
-is left of the job's timeout, and its result is recorded. The first stage that fails (other than ``after_script``, which
-GitLab never lets fail a job) decides the job's outcome, so a failed build is
-counted as failed, not as a released lease.
+is left of the job's timeout, and its result is recorded. The first stage
+that fails (other than ``after_script``, which GitLab never lets fail a job)
+decides the job's outcome, so a failed build is counted as failed, not as a
+released lease.
 """
 
 from __future__ import annotations
