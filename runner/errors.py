@@ -186,3 +186,28 @@ class WebhookError(ForgeError):
 
 class WebhookSignatureError(WebhookError):
     """A webhook delivery's signature is missing, malformed or wrong: answer 401."""
+
+
+class GpuError(SnapfleetError):
+    """A GPU could not be handed out, prepared or given back.
+
+    ``device`` is the PCI address (or test device id) concerned, when there is one.
+    A job that hits it is a system failure; the device is back in the pool or
+    quarantined, never left half-bound.
+    """
+
+    def __init__(self, message: str, *, device: str | None = None) -> None:
+        super().__init__(f"gpu {device}: {message}" if device else message)
+        self.device = device
+
+
+class GpuUnavailable(GpuError):
+    """No free, healthy device matches the request right now."""
+
+
+class GpuBindError(GpuError):
+    """A device could not be taken from the host for a VM; what was changed is undone."""
+
+
+class GpuReleaseError(GpuError):
+    """A device could not be reset or given back to its host driver: it is quarantined."""
