@@ -41,8 +41,9 @@ class Bound:
 
 
 def _write(path: Path, value: str) -> None:
-    # One write(2) on an existing attribute, as sysfs wants; never create files.
-    fd = os.open(path, os.O_WRONLY)
+    # One write(2) on an existing attribute, as sysfs wants (O_TRUNC like a shell's `>`);
+    # never create files.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, value.encode())
     finally:
