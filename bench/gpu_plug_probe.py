@@ -41,7 +41,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo READY
-while read cmd action; do
+while read cmd action want; do
+  want=${want:-11e8}
   [ "$cmd" = go ] || continue
   cs=/sys/devices/system/clocksource/clocksource0/current_clocksource
   echo "ACT clock $(cat $cs) up $(cut -d' ' -f1 /proc/uptime)"
@@ -55,11 +56,15 @@ while read cmd action; do
     rescan) echo 1 > /sys/bus/pci/rescan; echo "ACT rescan" ;;
   esac
   n=0
-  while ! grep -qs 0x11e8 /sys/bus/pci/devices/*/device; do
+  while ! grep -qs 0x$want /sys/bus/pci/devices/*/device; do
     usleep 2000; n=$((n+1)); [ $n -gt 15000 ] && break
   done
   echo "ACT seen at up $(cut -d' ' -f1 /proc/uptime)"
-  echo "SEEN $(grep -ls 0x11e8 /sys/bus/pci/devices/*/device | head -1)"
+  found=$(grep -ls 0x$want /sys/bus/pci/devices/*/device | head -1)
+  if [ "$want" != 11e8 ]; then  # a big-BAR stand-in: show how its BARs were placed
+    sleep 1; dmesg | grep -E "BAR|bridge window" | tail -8 | sed 's/^/ACT /'
+  fi
+  echo "SEEN $found"
 done
 """
 
