@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from runner.errors import ConfigError
 from runner.forge.github.config import GitHubConfig
+from runner.gpu.config import GpuProfileFields, GpuSettings
 from runner.limits import Timeout
 from runner.net.policy import Allow, Egress, EgressPolicy
 
@@ -152,7 +153,7 @@ class GitLabSettings(_Section):
     """Shell that runs gitlab-runner's stage scripts in the VM."""
 
 
-class Profile(_Section):
+class Profile(GpuProfileFields, _Section):
     """A named VM shape that jobs run in."""
 
     image: str = "default"
@@ -170,7 +171,6 @@ class Profile(_Section):
     """Job labels this profile serves (all of a job's labels must be here)."""
     warm: Annotated[int, Field(ge=0, le=64)] = 0
     """VMM processes kept started and waiting for a restore (the warm pool)."""
-    gpus: Annotated[int, Field(ge=0, le=8)] = 0
     egress: Egress | None = None
     """This profile's egress (`none`, `internet`, `all`); unset = `net.egress`."""
     allow: list[Allow] | None = None
@@ -208,6 +208,8 @@ class Settings(BaseSettings):
     capacity: CapacitySettings = CapacitySettings()
     daemon: DaemonSettings = DaemonSettings()
     gitlab: GitLabSettings = GitLabSettings()
+    gpu: GpuSettings = GpuSettings()
+    """Host devices jobs may get by VFIO (`[gpu]`); profiles ask with `gpus`/`gpu`."""
     github: GitHubConfig | None = None
     """GitHub Actions JIT runners; unset = off."""
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})

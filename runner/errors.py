@@ -186,3 +186,28 @@ class WebhookSignatureError(WebhookError):
 
 class Draining(SnapfleetError):
     """The daemon is shutting down and takes no new jobs."""
+
+
+class GpuError(SnapfleetError):
+    """A GPU could not be handed out, prepared or given back.
+
+    ``device`` is the PCI address (or test device id) concerned, when there is one.
+    A job that hits it is a system failure; the device is back in the pool or
+    quarantined, never left half-bound.
+    """
+
+    def __init__(self, message: str, *, device: str | None = None) -> None:
+        super().__init__(f"gpu {device}: {message}" if device else message)
+        self.device = device
+
+
+class GpuUnavailable(GpuError):
+    """No free, healthy device matches the request right now."""
+
+
+class GpuBindError(GpuError):
+    """A device could not be taken from the host for a VM; what was changed is undone."""
+
+
+class GpuReleaseError(GpuError):
+    """A device could not be reset or given back to its host driver: it is quarantined."""

@@ -16,6 +16,7 @@ from typing import Literal
 
 from runner.config import Accel, Settings
 from runner.errors import HostError
+from runner.gpu.doctor import gpu_checks
 
 ResolvedAccel = Literal["kvm", "tcg"]
 
@@ -124,7 +125,7 @@ async def doctor(settings: Settings) -> list[Check]:
     checks.append(Check("nftables", nft is not None, nft or "install the nftables package"))
     checks.append(_disk_check(settings.paths.cache_dir))
     checks.append(_dns_check(settings))
-    checks.append(_iommu_check())
+    checks += _gpu_checks(settings)
     return checks
 
 
@@ -155,12 +156,9 @@ def _disk_check(path: Path, need_gib: float = 5.0) -> Check:
     )
 
 
-def _iommu_check() -> Check:
-    groups = Path("/sys/kernel/iommu_groups")
-    count = len(list(groups.iterdir())) if groups.exists() else 0
-    detail = (
-        f"{count} IOMMU groups (GPU passthrough possible)"
-        if count
-        else "no IOMMU groups: GPU passthrough unavailable (enable VT-d/AMD-Vi and intel_iommu=on)"
-    )
-    return Check("iommu", count > 0, detail, required=False)
+def _gpu_checks(settings: Settings) -> list[Check]:
+    """GPU lines: failures only count when this host is configured to hand out GPUs."""
+    wanting = [p.memory_mib for p in settings.profiles.values() if p.gpus]
+    wanted = bool(settings.gpu.devices or settings.gpu.edu_devices or wanting)
+    found = gpu_checks(settings.gpu, largest_gpu_vm_mib=max(wanting, default=0))
+    return [Check(c.name, c.ok, c.detail, required=wanted) for c in found]
