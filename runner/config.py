@@ -75,6 +75,8 @@ class VMSettings(_Section):
     cgroup_root: Path = Path("/sys/fs/cgroup")
     vmm_overhead_mib: Annotated[int, Field(ge=32)] = 256
     """QEMU's own memory on top of the guest's (the TCG translation cache comes on top)."""
+    hot_max_age_s: Annotated[float, Field(gt=0)] = 600.0
+    """A clone waiting in the hot pool longer than this is recycled for a fresh one."""
     console_max_bytes: Annotated[int, Field(ge=65536)] = 2**20
     """Cap on each VM's console.log (the guest's serial console); older output is dropped."""
 
@@ -171,6 +173,9 @@ class Profile(GpuProfileFields, _Section):
     """Job labels this profile serves (all of a job's labels must be here)."""
     warm: Annotated[int, Field(ge=0, le=64)] = 0
     """VMM processes kept started and waiting for a restore (the warm pool)."""
+    hot: Annotated[int, Field(ge=0, le=64)] = 0
+    """Clones kept restored, answering and under this profile's network policy, so a job
+    starts with its first command (the hot pool). Each holds its guest memory."""
     egress: Egress | None = None
     """This profile's egress (`none`, `internet`, `all`); unset = `net.egress`."""
     allow: list[Allow] | None = None

@@ -18,6 +18,7 @@ import structlog
 from runner.config import Profile, Settings
 from runner.errors import ImageError, RestoreError, SnapshotError
 from runner.host import AccelChoice, host_tsc_khz, resolve_accel
+from runner.hotpool import HotPool
 from runner.images import WARMUP_GUEST_PATH, Image, build_image, find_image, load_image_dir
 from runner.net.dns import Resolvers
 from runner.net.policy import EgressPolicy
@@ -43,6 +44,11 @@ class Engine:
         self.resolvers = resolvers
         # One refill at a time: on a small host, spawning a VMM competes with running jobs.
         self.pool = WarmPool(self.hypervisor, max_refills=1)
+        self._restoring = 0  # jobs' restores under way: the hot pool waits for them
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self.hot = HotPool(self.hypervisor, quiet=self._quiet.wait,
+                           max_age_s=settings.vm.hot_max_age_s)
         self.vmm = Vmm(hypervisor.name, "", hypervisor.device_layout)
         self._snapshot_lock = asyncio.Lock()
         self._resolved: dict[str, Snapshot] = {}  # by profile
@@ -63,12 +69,14 @@ class Engine:
                 )
             await self.net.setup_host()
         await self.pool.start()
+        await self.hot.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         # The host table stays: other processes of this instance (a daemon beside
         # `snapfleet run` on one state dir) use it, and it matches only our veths.
         # ip_forward went back when the last clone was destroyed.
+        await self.hot.close()
         await self.pool.close()
 
     def policy(self, profile: Profile) -> EgressPolicy:
@@ -205,14 +213,43 @@ class Engine:
         *,
         env: Mapping[str, str] | None = None,
         use_pool: bool = True,
+        hot_key: str | None = None,
         policy: EgressPolicy | None = None,
     ) -> Machine:
-        """A READY clone of ``snapshot``: from the warm pool when it has one, else fresh.
+        """A READY clone of ``snapshot``: hot (already restored, for ``hot_key``), else
+        from the warm pool when it has one, else fresh.
 
-        A pooled machine (``pooled`` True) had its setup and spawn paid before
-        the job; they are left out of its timings.
+        A pooled machine (``pooled`` True) had its setup and spawn (and, hot, its
+        restore) paid before the job; they are left out of its timings.
         """
+        self._restoring += 1
+        self._quiet.clear()
+        try:
+            return await self._restore(snapshot, env, use_pool, hot_key, policy)
+        finally:
+            self._restoring -= 1
+            if self._restoring == 0:
+                self._quiet.set()
+
+    async def _restore(
+        self,
+        snapshot: Snapshot,
+        env: Mapping[str, str] | None,
+        use_pool: bool,
+        hot_key: str | None,
+        policy: EgressPolicy | None,
+    ) -> Machine:
         started = time.monotonic()
+        if hot_key is not None and (hot := self.hot.acquire(hot_key)) is not None:
+            try:
+                await self.hypervisor.assign(hot, env=env)
+            except RestoreError as exc:  # it died while waiting: assign() destroyed it
+                log.warning("hot clone failed at assignment", vm_id=hot.vm_id, error=str(exc))
+            else:
+                hot.pooled = hot.hot = True
+                hot.timings = {"assign": time.monotonic() - started}
+                hot.timings["total"] = hot.timings["assign"]
+                return hot
         machine = self.pool.acquire(snapshot) if use_pool else None
         if machine is not None:
             machine.timings.pop("setup", None)
@@ -232,6 +269,14 @@ class Engine:
             await self.hypervisor.resume(machine, snapshot, env=env, policy=policy)
         machine.timings["total"] = time.monotonic() - started
         return machine
+
+    def hot_key(self, profile: Profile) -> str:
+        """What names a profile's hot clones: its whole definition (policy included)."""
+        return profile.model_dump_json()
+
+    def keep_hot(self, profile: Profile, snapshot: Snapshot) -> None:
+        """Keep ``profile.hot`` clones of ``snapshot`` restored and waiting."""
+        self.hot.set_target(self.hot_key(profile), snapshot, profile.hot, self.policy(profile))
 
     def warm(self, name: str, profile: Profile, snapshot: Snapshot) -> None:
         """Keep ``profile.warm`` machines prepared for ``snapshot`` on behalf of profile ``name``.

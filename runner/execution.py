@@ -57,7 +57,10 @@ class Restored:
     vm_id: str
     snapshot: str
     warm: bool
-    """It came from the warm pool (its setup and spawn were paid before the job)."""
+    """It came from a pool (its setup and spawn, and if hot its restore, were paid
+    before the job)."""
+    hot: bool
+    """It came from the hot pool: restored and answering before the job was queued."""
     restore_s: float
     timings: Mapping[str, float]
 
@@ -201,14 +204,18 @@ async def run(
         snapshot = await engine.snapshot(profile, note)
         started = time.monotonic()
         async with asyncio.timeout(timeout_s):
-            # A profile without a pool of its own leaves other profiles' warm VMs alone.
+            # The pool policy: a profile's own hot clones first, then its warm VMMs; a
+            # profile without a pool of its own leaves other profiles' warm VMs alone.
             machine = await engine.restore(
-                snapshot, use_pool=profile.warm > 0, policy=engine.policy(profile)
+                snapshot, use_pool=profile.warm > 0,
+                hot_key=engine.hot_key(profile) if profile.hot > 0 else None,
+                policy=engine.policy(profile),
             )
             report.restored = restored = Restored(
                 vm_id=machine.vm_id,
                 snapshot=snapshot.key,
                 warm=machine.pooled,
+                hot=machine.hot,
                 restore_s=time.monotonic() - started,
                 timings=dict(machine.timings),
             )
@@ -216,7 +223,8 @@ async def run(
             note(
                 f"restored {profile.image} from snapshot {snapshot.key[:12]} in "
                 f"{restored.restore_s * 1000:.0f} ms"
-                + (" from the warm pool" if restored.warm else "")
+                + (" from the hot pool" if restored.hot
+                   else " from the warm pool" if restored.warm else "")
                 + f" (vm {machine.vm_id})"
             )
             if on_ready is not None:
@@ -251,6 +259,7 @@ async def run(
             reason=outcome.reason,
             restore_ms=None if restored_ is None else round(restored_.restore_s * 1000, 1),
             warm=restored_ is not None and restored_.warm,
+            hot=restored_ is not None and restored_.hot,
             duration_s=round(report.duration_s, 3),
             teardown=None if report.teardown is None else report.teardown.escalation,
         )

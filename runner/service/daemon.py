@@ -169,17 +169,21 @@ class Daemon:
             await asyncio.wait(tasks.values())
 
     async def _warm_pools(self) -> None:
-        """Start each profile's warm pool (after READY: a first snapshot can take minutes)."""
+        """Start each profile's warm and hot pools (after READY: a first snapshot can take
+        minutes)."""
         for name, profile in self.settings.profiles.items():
-            if profile.warm <= 0:
+            if profile.warm <= 0 and profile.hot <= 0:
                 continue
             try:
                 snapshot = await self.engine.snapshot(profile, _progress_logger(name))
             except SnapfleetError as exc:
-                log.error("warm pool disabled", profile=name, error=str(exc))
+                log.error("pools disabled", profile=name, error=str(exc))
                 continue
-            self.engine.warm(name, profile, snapshot)
-            log.info("warm pool started", profile=name, size=profile.warm)
+            if profile.warm > 0:
+                self.engine.warm(name, profile, snapshot)
+            if profile.hot > 0:
+                self.engine.keep_hot(profile, snapshot)
+            log.info("pools started", profile=name, warm=profile.warm, hot=profile.hot)
 
     def _healthy(self) -> bool:
         # The scheduler loop wakes at least every few seconds; if it stalls, stop pinging.
@@ -370,7 +374,9 @@ class Daemon:
                 log.exception("a job source failed on a job's end", job_id=job.id)
         self.metrics.job_finished(outcome.metric)
         if restored is not None:
-            self.metrics.observe_restore(restored.restore_s, warm=restored.warm)
+            self.metrics.observe_restore(
+                restored.restore_s, pool="hot" if restored.hot else
+                "warm" if restored.warm else "cold")
         self._update_gauges()
 
     async def _drain(self) -> None:
@@ -431,7 +437,8 @@ class Daemon:
     def _update_gauges(self) -> None:
         self.metrics.set_jobs(queued=len(self.queue), running=len(self.tasks))
         pool = self.engine.pool
-        self.metrics.set_vms(max(0, len(self.engine.hypervisor.live) - pool.held()))
+        pooled = pool.held() + self.engine.hot.held()
+        self.metrics.set_vms(max(0, len(self.engine.hypervisor.live) - pooled))
         for profile, idle in pool.idle_by_slot().items():
             self.metrics.set_pool_idle(profile, idle)
         self.metrics.set_capacity(self.total, self.used, self.settings.capacity.max_concurrency,

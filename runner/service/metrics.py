@@ -139,9 +139,9 @@ class Metrics:
         """How long one job waited before it was started."""
         self.queue_wait.observe(max(0.0, seconds))
 
-    def observe_restore(self, seconds: float, *, warm: bool) -> None:
-        """How long one restore took, from a warm pool VMM or a freshly spawned one."""
-        self.restore.labels(pool="warm" if warm else "cold").observe(seconds)
+    def observe_restore(self, seconds: float, *, pool: str) -> None:
+        """How long one restore took: ``hot`` (assigned), ``warm`` (a waiting VMM) or ``cold``."""
+        self.restore.labels(pool=pool).observe(seconds)
 
     def set_vms(self, running: int) -> None:
         """VMs alive right now (jobs' VMs; warm pool VMMs are ``pool_idle``)."""

@@ -145,7 +145,9 @@ class Machine(ABC):
     prepared_for: str | None
     """The snapshot key a machine made by `Hypervisor.prepare` is waiting for."""
     pooled: bool = False
-    """It waited in a warm pool, prepared, before a job took it."""
+    """It waited in a pool (warm: prepared; hot: restored) before a job took it."""
+    hot: bool = False
+    """It waited restored and answering (the hot pool), and was assigned to its job."""
 
     @property
     def state(self) -> VMState:
@@ -235,6 +237,14 @@ class Hypervisor(ABC):
         """Load ``snapshot`` into a prepared machine: configured (clock, RNG, hostname,
         env, resolvers) and READY, its network open as far as ``policy`` allows
         (default: egress none). On failure the machine is destroyed."""
+
+    @abstractmethod
+    async def assign(
+        self, machine: Machine, *, hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Make a READY machine that waited (hot) this job's: set the clock, reseed the
+        guest's RNGs (kernel and agent), set hostname, resolvers and env."""
 
     async def restore(
         self,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import disk
-from runner.errors import RestoreError, VMError
+from runner.errors import AgentError, RestoreError, VMError
 from runner.host import qemu_version
 from runner.net.policy import EgressPolicy
 from runner.vm.backend import BackendContext, Hypervisor, Machine, MachineSpec
@@ -109,6 +109,24 @@ class QemuHypervisor(Hypervisor):
         await _build_or_destroy(machine, build(), RestoreError, "restore failed")
         machine.mark_ready()
         return machine
+
+    async def assign(
+        self, machine: Machine, *, hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(machine, QemuMachine) or machine.agent is None:
+            raise RestoreError("not a running QEMU machine", vm_id=machine.vm_id)
+        try:
+            await machine.agent.configure(
+                hostname=hostname or f"snapfleet-{machine.vm_id}",
+                env=env,
+                nameservers=self._nameservers(machine),
+            )
+        except AgentError as exc:
+            error = await machine.died_error(exc)
+            await machine.destroy()
+            raise RestoreError(f"hot clone failed at assignment: {error}",
+                               vm_id=machine.vm_id) from exc
 
     async def boot(
         self,

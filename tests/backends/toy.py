@@ -236,6 +236,13 @@ class ToyHypervisor(Hypervisor):
         self.restores += 1
         return machine
 
+    async def assign(
+        self, machine: Machine, *, hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        assert isinstance(machine, ToyMachine)
+        machine.env = dict(env or {})
+
     async def boot(
         self,
         spec: MachineSpec,
