@@ -282,10 +282,24 @@ class Daemon:
             "running": sorted(self.tasks),
             "queued": list(self.queue),
             "vms": sorted(self.engine.hypervisor.live),
+            "pools": self._pools(),
         }
         for source in self.sources.values():
             status.update(source.status())
         return status
+
+    def _pools(self) -> dict[str, dict[str, int]]:
+        """Per profile with a pool: how many clones wait hot and VMMs wait warm."""
+        hot = self.engine.hot.stats()
+        warm = self.engine.pool.idle_by_slot()
+        pools = {}
+        for name, profile in self.settings.profiles.items():
+            if profile.hot or profile.warm:
+                mine = hot.get(self.engine.hot_key(profile))
+                pools[name] = {"hot": 0 if mine is None else mine.idle,
+                               "hot_target": profile.hot, "warm": warm.get(name, 0),
+                               "warm_target": profile.warm}
+        return pools
 
     # -- scheduling -----------------------------------------------------------
 

@@ -36,6 +36,7 @@ log = structlog.get_logger("snapfleet.leases")
 
 _KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SOURCE = "gitlab"
+STAGE_MARGIN_S = 1.0
 NEVER_FAILS_JOB = frozenset({"after_script"})
 """Stages whose failure GitLab records but never lets fail the job."""
 
@@ -157,7 +158,9 @@ class LeaseBook:
         machine, job = lease.machine, lease.job
         if lease.ended is not None or machine is None or lease.released.is_set():
             raise VMError(f"the VM held for {key} is gone: {lease.ended or 'released'}")
-        remaining = lease.deadline - time.monotonic()
+        # A second less than the job has left, so the stage's own timeout (and its
+        # report to the driver) comes before the job's ends the VM under it.
+        remaining = lease.deadline - time.monotonic() - STAGE_MARGIN_S
         sent = 0
 
         async def tee(stream: str, data: bytes) -> None:

@@ -71,6 +71,7 @@ class LogStore:
         self.directory = directory
         self.limit = limit
         self.live: dict[str, JobLog] = {}
+        self._opened: dict[str, asyncio.Event] = {}  # followers waiting for a job to start
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path(self, job_id: str) -> Path:
@@ -79,12 +80,16 @@ class LogStore:
     def open(self, job_id: str) -> JobLog:
         log = JobLog(self.path(job_id), self.limit)
         self.live[job_id] = log
+        if (opened := self._opened.pop(job_id, None)) is not None:
+            opened.set()
         return log
 
     def close(self, job_id: str) -> None:
         log = self.live.pop(job_id, None)
         if log is not None:
             log.close()
+        if (opened := self._opened.pop(job_id, None)) is not None:
+            opened.set()  # ended without starting (cancelled while queued)
 
     async def follow(
         self, job_id: str, offset: int = 0, *, finished: Callable[[], bool] | None = None
@@ -94,8 +99,18 @@ class LogStore:
         With ``finished``, keep following (through a job still queued, whose log
         does not exist yet) until it returns True and the log is read to its end.
         """
+        try:
+            async for data in self._follow(job_id, offset, finished):
+                yield data
+        finally:
+            opened = self._opened.get(job_id)
+            if opened is not None and not opened.is_set():
+                self._opened.pop(job_id)  # the job never started (or we stopped watching)
+
+    async def _follow(
+        self, job_id: str, position: int, finished: Callable[[], bool] | None
+    ) -> AsyncIterator[bytes]:
         path = self.path(job_id)
-        position = offset
         while True:
             done = finished is None or finished()
             data = await asyncio.to_thread(_read_from, path, position)
@@ -106,8 +121,10 @@ class LogStore:
             if done:
                 return
             live = self.live.get(job_id)
-            if live is None:
-                await asyncio.sleep(0.1)  # not started yet
+            if live is None:  # not started yet: woken when it is (or looks again in 1 s)
+                opened = self._opened.setdefault(job_id, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(opened.wait(), 1.0)
             else:
                 await live.changed(timeout=1.0)
 
