@@ -1,5 +1,8 @@
 """The daemon under load, measured from outside like a user sees it.
 
+0. The daemon's own overhead: queue (the API call) → the engine's restore call,
+   on the in-process toy VM backend (tests/backends/toy.py), so no VM's time
+   hides it.
 1. Queue → first output of a local job, with the warm pool and without, in one
    run (two profiles of the same shape, one with `warm = 2`), interleaved.
 2. Jobs per minute the daemon sustains with trivial jobs.
@@ -14,12 +17,14 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._daemon import percentiles, running_daemon
 from runner.api.client import ApiClient
+from runner.service.notify import Notifier
 
 
 def rss_mib(pid: int) -> float:
@@ -48,7 +53,51 @@ async def wait_all(api: ApiClient, ids: list[str]) -> None:
         await asyncio.sleep(0.25)
 
 
+class _Ready(Notifier):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.is_ready = asyncio.Event()
+
+    def ready(self, status: str | None = None) -> bool:
+        self.is_ready.set()
+        return True
+
+
+async def daemon_overhead(runs: int) -> dict[str, float]:
+    """Queue → engine restore call, ms, on the toy backend (p50/p95)."""
+    from runner import compose
+    from tests.backends import toy
+
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="sf-overhead-") as tmp:
+        settings = toy.toy_settings(Path(tmp))
+        notifier = _Ready()
+        daemon = compose.daemon(settings, notifier=notifier)
+        serving = asyncio.create_task(daemon.serve())
+        await notifier.is_ready.wait()
+        hv = daemon.engine.hypervisor
+        assert isinstance(hv, toy.ToyHypervisor)
+        ended = asyncio.Event()
+        daemon.subscribe(lambda _job: ended.set())
+        try:
+            async with ApiClient(settings.daemon.api_socket) as api:
+                for _ in range(runs + 3):  # the first few warm up imports and caches
+                    hv.called.clear()
+                    ended.clear()
+                    started = time.monotonic()
+                    await api.submit({"script": "true"})
+                    await hv.called.wait()
+                    samples.append((hv.calls[-1] - started) * 1000)
+                    await ended.wait()
+        finally:
+            daemon.stop()
+            await serving
+    return percentiles(samples[3:])
+
+
 async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    log(f"daemon overhead: {args.latency_runs * 5} jobs on the toy backend")
+    overhead = await daemon_overhead(args.latency_runs * 5)
     with running_daemon(args.cache_dir, args.concurrency, log) as (root, proc):
         async with ApiClient(root / "api.sock") as api:
             log("warming up (the first job builds the snapshot if needed)")
@@ -71,6 +120,7 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             rss_200 = rss_mib(proc.pid)
     return {
+        "daemon_overhead_ms": overhead,
         "queue_to_first_output_ms": {"warm_pool": percentiles(warm), "no_pool": percentiles(cold)},
         "jobs_per_minute": round((args.jobs - 10) / elapsed * 60, 1),
         "concurrency": args.concurrency,
@@ -94,6 +144,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
+    over = result["daemon_overhead_ms"]
+    print(f"daemon overhead (queue → engine call): p50 {over['p50']} ms, p95 {over['p95']} ms, "
+          f"n {over['n']}")
     lat = result["queue_to_first_output_ms"]
     print(f"{'queue → first output':24}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
     for name in ("warm_pool", "no_pool"):

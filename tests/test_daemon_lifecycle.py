@@ -16,7 +16,7 @@ import pytest
 
 from runner import compose
 from runner.api.client import ApiClient
-from runner.config import Settings, load_settings
+from runner.config import Settings
 from runner.errors import VMError
 from runner.execution import Command
 from runner.service.daemon import Daemon
@@ -26,6 +26,7 @@ from runner.service.notify import Notifier
 from runner.service.scheduler import Resources
 from runner.service.store import Store
 from tests.backends import toy
+from tests.backends.toy import toy_settings
 
 
 class ReadyNotifier(Notifier):
@@ -38,26 +39,6 @@ class ReadyNotifier(Notifier):
     def ready(self, status: str | None = None) -> bool:
         self.is_ready.set()
         return True
-
-
-def toy_settings(tmp_path: Path, **extra: object) -> Settings:
-    """A config whose profile is its own tiny "image" and whose VMs are toys."""
-    image = tmp_path / "image"
-    image.mkdir()
-    for name in ("vmlinux", "initramfs", "rootfs.ext4"):
-        (image / name).write_bytes(b"toy\n")
-    profile = {"kernel": image / "vmlinux", "initramfs": image / "initramfs",
-               "rootfs": image / "rootfs.ext4", "vcpus": 1, "memory_mib": 128}
-    return load_settings(
-        None,
-        paths={"state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache"},
-        net={"enabled": False},
-        vm={"backend": "tests.backends.toy", "cgroup": False, "run_as": None},
-        daemon={"api_socket": tmp_path / "api.sock", "metrics_listen": ""},
-        profiles={"default": profile},
-        gitlab={"allowed_profiles": ["default"]},
-        **extra,
-    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from runner.config import Settings, load_settings
 from runner.errors import AgentError, RestoreError, SnapfleetError, VMError
 from runner.net.policy import EgressPolicy
 from runner.snapshots import Snapshot
@@ -195,6 +196,8 @@ class ToyHypervisor(Hypervisor):
         self.fail_restore = 0
         self.restores = 0
         self.destroyed: list[str] = []
+        self.calls: list[float] = []  # monotonic time of each restore's start (bench.daemon)
+        self.called = asyncio.Event()  # set at each restore's start
         self._next = 0
 
     async def version(self) -> str:
@@ -207,6 +210,8 @@ class ToyHypervisor(Hypervisor):
         return {}
 
     async def prepare(self, snapshot: Snapshot) -> Machine:
+        self.calls.append(time.monotonic())
+        self.called.set()
         machine = self._new()
         machine.prepared_for = snapshot.key
         return machine
@@ -269,3 +274,23 @@ class ToyHypervisor(Hypervisor):
         machine = ToyMachine(vm_id, self.vms_dir / vm_id, self)
         self.live[vm_id] = machine
         return machine
+
+
+def toy_settings(tmp_path: Path, **extra: object) -> Settings:
+    """A config whose profile is its own tiny "image" and whose VMs are toys."""
+    image = tmp_path / "image"
+    image.mkdir()
+    for name in ("vmlinux", "initramfs", "rootfs.ext4"):
+        (image / name).write_bytes(b"toy\n")
+    profile = {"kernel": image / "vmlinux", "initramfs": image / "initramfs",
+               "rootfs": image / "rootfs.ext4", "vcpus": 1, "memory_mib": 128}
+    return load_settings(
+        None,
+        paths={"state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache"},
+        net={"enabled": False},
+        vm={"backend": "tests.backends.toy", "cgroup": False, "run_as": None},
+        daemon={"api_socket": tmp_path / "api.sock", "metrics_listen": ""},
+        profiles={"default": profile},
+        gitlab={"allowed_profiles": ["default"]},
+        **extra,
+    )
