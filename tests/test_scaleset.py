@@ -129,6 +129,58 @@ async def until(predicate: Callable[[], object], timeout: float = 10, what: str 
         await asyncio.sleep(0.02)
 
 
+# -- intake decisions (pure) ------------------------------------------------------------
+
+
+def event(kind: proto.MessageType, rid: int, runner: str | None = None) -> proto.JobMessage:
+    return proto.JobMessage(kind, rid, f"job-{rid}", REPO, ("linux",), runner)
+
+
+def batch(mid: int, *jobs: proto.JobMessage, assigned: int = 0) -> proto.Batch:
+    return proto.Batch(mid, proto.Statistics(assigned=assigned), tuple(jobs))
+
+
+AVAILABLE, ASSIGNED = proto.MessageType.AVAILABLE, proto.MessageType.ASSIGNED
+STARTED, COMPLETED = proto.MessageType.STARTED, proto.MessageType.COMPLETED
+
+
+@pytest.mark.parametrize(("free", "max_runners", "offers", "want"), [
+    (0, 10, [1, 2], ()),
+    (1, 10, [1, 2], (1,)),
+    (5, 10, [3, 1, 2], (1, 2, 3)),
+    (5, 2, [1, 2, 3], (1, 2)),
+])
+def test_intake_acquires_within_free_capacity_and_max_runners(
+    free: int, max_runners: int, offers: list[int], want: tuple[int, ...]
+) -> None:
+    intake = proto.Intake(max_runners=max_runners)
+    assert intake.receive(batch(1, *(event(AVAILABLE, r) for r in offers)))
+    assert intake.to_acquire(free) == want
+
+
+def test_intake_starts_runners_for_assigned_jobs_before_acquiring_more() -> None:
+    intake = proto.Intake(max_runners=10)
+    intake.receive(batch(1, event(ASSIGNED, 1), event(ASSIGNED, 2), event(AVAILABLE, 3)))
+    assert intake.to_start(free=2) == 2
+    assert intake.to_acquire(free=2) == ()  # both slots go to the assigned jobs
+    intake.runner_started("r1")
+    intake.runner_started("r2")
+    assert intake.to_start(free=0) == 0
+    assert not intake.receive(batch(1, event(ASSIGNED, 9)))  # redelivered: ignored
+    intake.receive(batch(2, event(STARTED, 1, "r1"), event(COMPLETED, 2)))  # 2 cancelled
+    assert intake.surplus() == 1  # r2 waits for a job that will not come
+    assert intake.runner_ended("r1") is True
+    assert intake.runner_ended("r2") is False  # ended without a job
+
+
+def test_intake_after_a_restart_runs_the_jobs_already_assigned() -> None:
+    intake = proto.Intake(max_runners=10)
+    intake.resume(proto.Statistics(assigned=3, running=1))
+    assert intake.to_start(free=5) == 2
+    intake.receive(batch(1, event(STARTED, 77, "someone")))  # one of the backlog started
+    assert intake.to_start(free=5) == 1
+
+
 # -- the client on its own ---------------------------------------------------------------
 
 
