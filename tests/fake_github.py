@@ -497,6 +497,12 @@ class FakeGitHub:
                 r for r in self.runs.get(scope, []) if query.get("status") in (None, r["status"])
             ]
             return self._page(request, query, "workflow_runs", runs)
+        if name == "actions/get-job-for-workflow-run":
+            for jobs in self.jobs.values():
+                for job in jobs:
+                    if job["id"] == params["job_id"]:
+                        return Reply(200, job)
+            return Reply(404, {"message": "Not Found"})
         if name == "actions/list-jobs-for-workflow-run":
             return self._page(request, query, "jobs", self.jobs.get(params["run_id"], []))
         return Reply(501, {"message": f"the fake does not implement {name}"})

@@ -168,6 +168,20 @@ class GitHubClient:
                     jobs.append(job)
         return jobs
 
+    async def job_status(self, repo: Scope | str, job_id: int) -> str:
+        """A workflow job's status (``queued``, ``in_progress``, ``completed``...).
+
+        A job that is gone (404) reads as ``completed``: nothing will run it.
+        """
+        repo = _scope(repo)
+        try:
+            resp = await self._call("GET", f"{repo.path}/actions/jobs/{job_id}")
+        except ForgeError as exc:
+            if exc.status == 404:
+                return "completed"
+            raise
+        return _shape(lambda d: str(d["status"]), resp.data, "job")
+
     async def _call(
         self,
         method: str,
