@@ -213,18 +213,19 @@ async def test_queued_jobs_survive_a_restart_and_are_checked_against_the_api(
     fake: FakeGitHub, tmp_path: Path
 ) -> None:
     _run, org_job = fake.add_job("octo-org/other", LABELS)  # a repository nobody polls
+    _run, done = fake.add_job("octo-org/done", LABELS, job_status="completed")
     source, daemon = make_source(fake, tmp_path)
     async with source.open():
         daemon.stopping.set()  # heard during a shutdown: nothing is started for it
         source.on_event(queued(org_job, repo="octo-org/other"))
-        source.on_event(queued(105, repo="octo-org/gone"))
+        source.on_event(queued(done, repo="octo-org/done"))
     assert registrations(fake) == 0
     # The next daemon remembers both; the API says one is gone, the other still queued.
     again, _ = make_source(fake, tmp_path)
     async with again.open():
         await until(lambda: registrations(fake) == 1)
         assert set(again.queued) == {org_job}
-        assert 105 in again.finished
+        assert done in again.finished
 
 
 async def test_queued_after_completed_is_not_served(fake: FakeGitHub, tmp_path: Path) -> None:

@@ -168,17 +168,18 @@ class GitHubClient:
                     jobs.append(job)
         return jobs
 
-    async def job_status(self, repo: Scope | str, job_id: int) -> str:
+    async def job_status(self, repo: Scope | str, job_id: int) -> str | None:
         """A workflow job's status (``queued``, ``in_progress``, ``completed``...).
 
-        A job that is gone (404) reads as ``completed``: nothing will run it.
+        ``None`` when GitHub answers 404: the job is gone, or this token may not
+        read the repository (GitHub answers both the same way).
         """
         repo = _scope(repo)
         try:
             resp = await self._call("GET", f"{repo.path}/actions/jobs/{job_id}")
         except ForgeError as exc:
             if exc.status == 404:
-                return "completed"
+                return None
             raise
         return _shape(lambda d: str(d["status"]), resp.data, "job")
 

@@ -60,6 +60,8 @@ CLEANUP_S = 10.0
 CHECKS_PER_PASS = 10
 """Jobs looked up one by one per polling pass (those no repository poll covers)."""
 FINISHED_KEPT = 10_000
+QUEUE_LIMIT_S = 24 * 3600.0
+"""GitHub cancels a job queued this long; one we cannot look up is forgotten after it."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,8 @@ class GitHubSource:
                 errors.append(exc)
                 continue
             self._checked[job_id] = time.time()
+            if status is None and entry.seen_at > time.time() - QUEUE_LIMIT_S:
+                continue  # 404: gone, or a repository this token cannot read; keep it a while
             if status != "queued":
                 log.info("queued job is no longer queued", github_job=job_id, status=status)
                 self._finish(job_id)
