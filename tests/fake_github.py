@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -49,6 +49,7 @@ WEBHOOK_SPEC = SPECS / "github-workflow-job-webhooks.openapi.json"
 GENERIC_STATUSES = {401, 403, 404, 429, 500, 502, 503}
 BASIC_ERROR = {"type": "object", "properties": {"message": {"type": "string"}}}
 Json = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def oas30_to_jsonschema(node: Any) -> Any:
@@ -194,6 +195,8 @@ class FakeGitHub:
         self.jobs: dict[int, list[Json]] = {}
         self.jit_configs: dict[int, str] = {}
         self.faults: list[Fault] = []
+        self.registration_tokens: dict[str, float] = {}
+        self.mounts: list[tuple[str, Handler]] = []
         self._ids = iter(range(1000, 10**9))
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -212,6 +215,11 @@ class FakeGitHub:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    def mount(self, path_prefix: str, handler: Handler) -> None:
+        """Serve requests under ``path_prefix`` with ``handler``: another service on this
+        server (the Actions service behind scale sets), outside the REST spec's checks."""
+        self.mounts.append((path_prefix, handler))
 
     # -- state set-up for tests -------------------------------------------------
 
@@ -299,6 +307,9 @@ class FakeGitHub:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        for prefix, handler in self.mounts:
+            if path.startswith(prefix):
+                return await handler(request)
         self.requests.append((request.method, path))
         op: Operation | None = None
         try:
@@ -436,6 +447,12 @@ class FakeGitHub:
             self.tokens[token] = self.clock() + self.token_ttl_s
             expires = datetime.fromtimestamp(self.tokens[token], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             return Reply(201, {"token": token, "expires_at": expires})
+        if name.startswith("actions/create-registration-token-for"):
+            token = "AABB" + secrets.token_hex(12).upper()
+            self.registration_tokens[token] = self.clock() + 3600
+            until = datetime.fromtimestamp(self.registration_tokens[token], UTC)
+            return Reply(201, {"token": token,
+                               "expires_at": until.strftime("%Y-%m-%dT%H:%M:%SZ")})
         if name.startswith("actions/generate-runner-jitconfig"):
             if any(r["name"] == body["name"] for r in self.runners.get(scope, {}).values()):
                 return Reply(
@@ -480,6 +497,12 @@ class FakeGitHub:
                 r for r in self.runs.get(scope, []) if query.get("status") in (None, r["status"])
             ]
             return self._page(request, query, "workflow_runs", runs)
+        if name == "actions/get-job-for-workflow-run":
+            for jobs in self.jobs.values():
+                for job in jobs:
+                    if job["id"] == params["job_id"]:
+                        return Reply(200, job)
+            return Reply(404, {"message": "Not Found"})
         if name == "actions/list-jobs-for-workflow-run":
             return self._page(request, query, "jobs", self.jobs.get(params["run_id"], []))
         return Reply(501, {"message": f"the fake does not implement {name}"})

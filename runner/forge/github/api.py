@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from runner.errors import ConfigError, ForgeAuthError, ForgeError
@@ -54,6 +55,11 @@ class GitHubClient:
         transport_options.setdefault("timeout_s", config.request_timeout_s)
         return cls(credentials, Transport(config.api_url, **transport_options))
 
+    @property
+    def transport(self) -> Transport:
+        """The transport to the REST API (the scale-set client posts its registration there)."""
+        return self._transport
+
     async def close(self) -> None:
         """Close the HTTP session."""
         await self._transport.close()
@@ -99,6 +105,24 @@ class GitHubClient:
 
         return _shape(parse, resp.data, "generate-jitconfig")
 
+    async def registration_token(self, scope: Scope | str) -> tuple[Secret, float]:
+        """A runner registration token for ``scope`` and when it expires (epoch seconds).
+
+        The scale-set client trades it for the Actions service's admin token.
+        """
+        scope = _scope(scope)
+        resp = await self._call(
+            "POST", f"{scope.path}/actions/runners/registration-token", ok=(201,)
+        )
+
+        def parse(data: Any) -> tuple[Secret, float]:
+            token, expires = data["token"], data["expires_at"]
+            if not isinstance(token, str) or not isinstance(expires, str):
+                raise TypeError("token, expires_at")
+            return Secret(token), datetime.fromisoformat(expires).timestamp()
+
+        return _shape(parse, resp.data, "registration-token")
+
     async def list_runners(self, scope: Scope | str, *, name: str | None = None) -> list[Runner]:
         """Every self-hosted runner registered in ``scope`` (all pages), or those named ``name``."""
         scope = _scope(scope)
@@ -143,6 +167,21 @@ class GitHubClient:
                 if job is not None:
                     jobs.append(job)
         return jobs
+
+    async def job_status(self, repo: Scope | str, job_id: int) -> str | None:
+        """A workflow job's status (``queued``, ``in_progress``, ``completed``...).
+
+        ``None`` when GitHub answers 404: the job is gone, or this token may not
+        read the repository (GitHub answers both the same way).
+        """
+        repo = _scope(repo)
+        try:
+            resp = await self._call("GET", f"{repo.path}/actions/jobs/{job_id}")
+        except ForgeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _shape(lambda d: str(d["status"]), resp.data, "job")
 
     async def _call(
         self,

@@ -16,8 +16,10 @@ import dataclasses
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -30,9 +32,10 @@ from runner.errors import (
     WebhookError,
     WebhookSignatureError,
 )
-from runner.forge.github import reconcile
+from runner.forge.github import persist, reconcile
 from runner.forge.github.api import GitHubClient
 from runner.forge.github.config import GitHubConfig
+from runner.forge.github.health import LIKELY_CAUSE, ProfileHealth
 from runner.forge.github.types import Runner, Scope
 from runner.forge.github.webhook import (
     DeliveryDedupe,
@@ -52,6 +55,13 @@ log = structlog.get_logger("snapfleet.github")
 RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
 JIT_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 FRESH_S = 30.0
+CLEANUP_S = 10.0
+"""Time allowed for deleting our unused registrations at start and at shutdown."""
+CHECKS_PER_PASS = 10
+"""Jobs looked up one by one per polling pass (those no repository poll covers)."""
+FINISHED_KEPT = 10_000
+QUEUE_LIMIT_S = 24 * 3600.0
+"""GitHub cancels a job queued this long; one we cannot look up is forgotten after it."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,9 @@ class Queued:
     profile: str
     repo: str
     seen_at: float
+    """Wall-clock time first heard of (kept across restarts)."""
     polled: bool = False  # learnt from the API (not a webhook)
+    labels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,9 +109,16 @@ class GitHubSource:
         self.queued: dict[int, Queued] = {}  # by GitHub job id
         self.runners: dict[str, RunnerVM] = {}  # by runner name
         self.dedupe = DeliveryDedupe()
+        self.health = ProfileHealth()
+        self.finished: OrderedDict[int, None] = OrderedDict()  # jobs no longer queued
+        self.state_file: Path | None = None  # set in open() unless a test set it
+        self._ended: dict[str, RunnerVM] = {}  # VMs gone; did their runner take a job?
+        self._checked: dict[int, float] = {}  # job id -> last looked up by id
         self._unserved: set[tuple[str, ...]] = set()
         self._wake = asyncio.Event()
         self._poll_next = False  # the next pass must ask GitHub what is still queued
+        self._dirty = False  # queued/finished changed since last saved
+        self._shut = False
         daemon.subscribe(self._job_ended)
 
     @property
@@ -120,6 +139,10 @@ class GitHubSource:
                 self._client = await stack.enter_async_context(
                     GitHubClient.from_config(self.config)
                 )
+            if self.state_file is None:
+                self.state_file = self.daemon.settings.paths.state_dir / "github-queued.json"
+            self._load()
+            await self._delete_unused(self.scopes, when="start")
             if self.config.webhook_secret is not None:
                 where = await stack.enter_async_context(
                     serve_webhooks(self, self.config.webhook_listen)
@@ -132,9 +155,15 @@ class GitHubSource:
                 loop.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop
+                await self.shutdown()
 
     def status(self) -> dict[str, Any]:
-        return {"github": {"queued": len(self.queued), "runners": len(self.runners)}}
+        return {"github": {"queued": len(self.queued), "runners": len(self.runners),
+                           "unhealthy_profiles": self.unhealthy_profiles()}}
+
+    def unhealthy_profiles(self) -> dict[str, str]:
+        """Profiles whose last runners all ended without a job, with the reason."""
+        return self.health.unhealthy()
 
     # -- webhook --------------------------------------------------------------
 
@@ -170,15 +199,23 @@ class GitHubSource:
         """Record a workflow_job event (no I/O); queued ones wake the loop."""
         bound = log.bind(github_job=event.job_id, repo=event.repo, forge="github")
         if event.action == "queued":
+            if event.job_id in self.finished:
+                # Deliveries arrive out of order: this job already started or ended.
+                bound.info("ignoring a late queued delivery")
+                return
             routed = self._route(event.repo, event.labels)
             if routed is not None:
                 self.queued[event.job_id] = routed
+                self._dirty = True
                 self._wake.set()
         elif event.action in ("in_progress", "completed"):
-            self.queued.pop(event.job_id, None)
+            self._finish(event.job_id)
             runner = self.runners.get(event.runner_name or "")
             if runner is not None:
                 runner.took_job = True
+            ended = self._ended.pop(event.runner_name or "", None)
+            if ended is not None:
+                self.health.succeeded(ended.profile)
             bound.info(f"job {event.action}", runner=event.runner_name,
                        conclusion=event.conclusion)
 
@@ -207,7 +244,17 @@ class GitHubSource:
                 self._unserved.add(key)
                 log.info("ignoring jobs with labels no profile serves", labels=list(key))
             return None
-        return Queued(scope, profile, repo, time.monotonic())
+        return Queued(scope, profile, repo, time.time(), labels=tuple(labels))
+
+    def _finish(self, job_id: int) -> None:
+        """``job_id`` is no longer queued; remember that against late deliveries."""
+        self.queued.pop(job_id, None)
+        self._checked.pop(job_id, None)
+        self.finished[job_id] = None
+        self.finished.move_to_end(job_id)
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        self._dirty = True
 
     def _scope_for(self, repo: str) -> Scope | None:
         owner = repo.split("/")[0]
@@ -227,7 +274,8 @@ class GitHubSource:
         heard of one): that keeps API round trips off the path to a new runner.
         """
         poll = True
-        while True:
+        stopping = self.daemon.stopping
+        while not stopping.is_set():
             try:
                 await self.reconcile_once(poll=poll)
             except asyncio.CancelledError:
@@ -236,12 +284,25 @@ class GitHubSource:
                 log.warning("github reconcile failed; will retry", error=str(exc))
             except Exception:
                 log.exception("github reconcile crashed; will retry")
+            self._save()
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval_s)
+            wake = asyncio.ensure_future(self._wake.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            done, _ = await asyncio.wait({wake, stop}, timeout=self._next_pass_in(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            stop.cancel()
+            if wake in done:
                 poll, self._poll_next = self._poll_next, False
-            except TimeoutError:
+            else:
                 poll = True
+        # Shutdown began: register nothing more, and leave nothing of ours behind.
+        await self.shutdown()
+
+    def _next_pass_in(self) -> float:
+        """The interval, or sooner when a profile with queued jobs ends its backoff."""
+        pauses = [self.health.wait_s(q.profile) for q in self.queued.values()]
+        return min([self.config.reconcile_interval_s, *(p for p in pauses if p > 0)])
 
     async def reconcile_once(self, *, poll: bool = True) -> None:
         """One pass over every polled repository and every scope.
@@ -257,6 +318,7 @@ class GitHubSource:
             try:
                 ours = [r for r in await self.client.list_runners(scope)
                         if r.name.startswith(self.prefix)]
+                self._judge_ended(scope, ours)
                 plan = reconcile.plan(
                     queued=[reconcile.RoutedJob(job_id, q.profile) for job_id, q
                             in self.queued.items() if q.scope == scope],
@@ -285,16 +347,46 @@ class GitHubSource:
             except SnapfleetError as exc:
                 errors.append(exc)
                 continue
-            fresh = time.monotonic() - FRESH_S
+            fresh = time.time() - FRESH_S
             for job_id, entry in list(self.queued.items()):
                 stale = entry.polled or entry.seen_at < fresh
                 if entry.repo == name and job_id not in listed and stale:
-                    del self.queued[job_id]
+                    self._finish(job_id)
             for job_id, job in listed.items():
-                if job_id not in self.queued:
+                if job_id not in self.queued and job_id not in self.finished:
                     routed = self._route(job.repo, job.labels)
                     if routed is not None:
                         self.queued[job_id] = dataclasses.replace(routed, polled=True)
+                        self._dirty = True
+        await self._check_by_id(errors, polled={f"{r.owner}/{r.repo}" for r in
+                                                self.config.repos_to_poll()})
+
+    async def _check_by_id(self, errors: list[SnapfleetError], polled: set[str]) -> None:
+        """Ask the API about queued jobs no repository poll vouched for, a few per pass.
+
+        Those are jobs of repositories not polled (an organisation scope's) and
+        webhook jobs too fresh for the list: each is looked up by id, least
+        recently checked first, at most ``CHECKS_PER_PASS`` per pass.
+        """
+        fresh = time.time() - FRESH_S
+        unvouched = [job_id for job_id, q in self.queued.items()
+                     if q.repo not in polled or (not q.polled and q.seen_at >= fresh)]
+        unvouched.sort(key=lambda job_id: self._checked.get(job_id, 0.0))
+        for job_id in unvouched[:CHECKS_PER_PASS]:
+            entry = self.queued.get(job_id)
+            if entry is None:
+                continue
+            try:
+                status = await self.client.job_status(entry.repo, job_id)
+            except SnapfleetError as exc:
+                errors.append(exc)
+                continue
+            self._checked[job_id] = time.time()
+            if status is None and entry.seen_at > time.time() - QUEUE_LIMIT_S:
+                continue  # 404: gone, or a repository this token cannot read; keep it a while
+            if status != "queued":
+                log.info("queued job is no longer queued", github_job=job_id, status=status)
+                self._finish(job_id)
 
     def _live_vm(self, runner: RunnerVM, now: float) -> reconcile.LiveVM:
         job = self.daemon.unfinished(runner.job_id or "")
@@ -305,7 +397,11 @@ class GitHubSource:
 
     async def _apply(self, scope: Scope, plan: reconcile.Plan, ours: list[Runner]) -> None:
         for profile, count in plan.start.items():
+            if self.health.wait_s(profile) > 0:
+                continue  # backing off: the loop comes back when the pause ends
             for _ in range(count):
+                if self.daemon.stopping.is_set():
+                    return
                 await self.start_runner(scope, profile)
         for runner_id in plan.delete_runners:
             log.info("deleting orphaned runner registration", runner_id=runner_id)
@@ -324,7 +420,9 @@ class GitHubSource:
                 await self.daemon.cancel(runner.job_id)
 
     async def start_runner(self, scope: Scope, profile: str) -> None:
-        """Register a JIT runner and queue a VM for it."""
+        """Register a JIT runner and queue a VM for it (nothing once shutdown began)."""
+        if self.daemon.stopping.is_set():
+            return
         name = f"{self.prefix}{secrets.token_hex(4)}"
         runner = RunnerVM(name, scope, profile, time.time())
         self.runners[name] = runner  # before registering: never mistaken for an orphan
@@ -351,9 +449,105 @@ class GitHubSource:
             if runner.job_id == job.id:
                 del self.runners[name]
                 log.info("runner VM ended", runner=name, job_id=job.id, state=str(job.state))
+                if runner.took_job:
+                    self.health.succeeded(runner.profile)
+                else:
+                    self._ended[name] = runner  # the next pass asks GitHub
                 # Did its job get taken? Only GitHub knows: poll before starting another.
                 self._poll_next = True
                 self._wake.set()
+
+    def _judge_ended(self, scope: Scope, ours: list[Runner]) -> None:
+        """Did runners whose VM ended take a job? GitHub removes an ephemeral runner
+        after its job; a registration still there, idle, means it never took one."""
+        listed = {r.name: r for r in ours}
+        for name, runner in list(self._ended.items()):
+            if runner.scope != scope:
+                continue
+            del self._ended[name]
+            registration = listed.get(name)
+            if registration is None or registration.busy:
+                self.health.succeeded(runner.profile)
+                continue
+            pause = self.health.failed(runner.profile)
+            log.warning("runner VM ended without taking a job; backing off the profile",
+                        runner=name, profile=runner.profile, pause_s=pause,
+                        in_a_row=self.health.streak(runner.profile), cause=LIKELY_CAUSE,
+                        forge="github")
+
+    # -- start and shutdown -------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Delete the registrations of our runners that took no job and end their VMs.
+
+        Runs once, as soon as shutdown begins (bounded by ``CLEANUP_S``); runners
+        busy with a job are left to finish within the daemon's grace.
+        """
+        if self._shut:
+            return
+        self._shut = True
+        self._save()
+        if self._client is None:
+            return
+        try:
+            async with asyncio.timeout(CLEANUP_S):
+                for runner in list(self.runners.values()):
+                    if runner.took_job:
+                        continue
+                    if runner.runner_id is not None:
+                        try:
+                            await self.client.delete_runner(runner.scope, runner.runner_id)
+                        except ForgeError as exc:
+                            if exc.status == 422:  # it took a job just now: let it run
+                                continue
+                            raise
+                    self.runners.pop(runner.name, None)
+                    if runner.job_id is not None:
+                        with contextlib.suppress(KeyError, SnapfleetError):
+                            await self.daemon.cancel(runner.job_id)
+                    log.info("deleted unused runner at shutdown", runner=runner.name)
+        except (TimeoutError, SnapfleetError) as exc:
+            log.warning("could not delete every unused runner at shutdown; the next start will",
+                        error=str(exc) or "timed out", forge="github")
+
+    async def _delete_unused(self, scopes: list[Scope], *, when: str) -> None:
+        """Delete our registrations that no job holds (at start: none has a VM yet)."""
+        try:
+            async with asyncio.timeout(CLEANUP_S):
+                for scope in scopes:
+                    for runner in await self.client.list_runners(scope):
+                        if runner.name.startswith(self.prefix) and not runner.busy:
+                            await self.client.delete_runner(scope, runner.id)
+                            log.info(f"deleted unused runner at {when}", runner=runner.name)
+        except (TimeoutError, SnapfleetError) as exc:
+            log.warning(f"could not delete every unused runner at {when}",
+                        error=str(exc) or "timed out", forge="github")
+
+    # -- queued jobs kept across restarts --------------------------------------------
+
+    def _load(self) -> None:
+        if self.state_file is None:
+            return
+        jobs, finished = persist.load(self.state_file)
+        self.finished.update((job_id, None) for job_id in finished)
+        for saved in jobs:
+            routed = self._route(saved.repo, saved.labels)
+            if routed is not None and saved.job_id not in self.finished:
+                self.queued[saved.job_id] = dataclasses.replace(
+                    routed, seen_at=saved.seen_at, polled=saved.polled)
+        if self.queued:
+            log.info("queued jobs restored", count=len(self.queued), forge="github")
+
+    def _save(self) -> None:
+        if self.state_file is None or not self._dirty:
+            return
+        jobs = [persist.SavedJob(job_id, q.repo, q.labels, q.seen_at, q.polled)
+                for job_id, q in self.queued.items()]
+        try:
+            persist.save(self.state_file, jobs, list(self.finished)[-1000:])
+            self._dirty = False
+        except OSError as exc:
+            log.warning("could not save queued GitHub jobs", error=str(exc))
 
 
 @contextlib.asynccontextmanager
