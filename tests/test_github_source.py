@@ -257,3 +257,22 @@ async def test_a_fresh_webhook_job_the_api_says_started_gets_no_runner(
     assert source2.queued == {}
     assert registrations(fake) == 0
     assert run_id in fake.jobs
+
+
+async def test_the_vm_is_queued_before_the_runner_is_registered_and_a_failed_registration_cancels_it(  # noqa: E501
+    fake: FakeGitHub, tmp_path: Path
+) -> None:
+    """JIT config and restore overlap: the runner VM's job is queued first, so its VM
+    restores while GitHub answers; if GitHub refuses, the VM's job is cancelled."""
+    source, daemon = make_source(fake, tmp_path)
+    fake.inject("POST", f"/repos/{REPO}/actions/runners/generate-jitconfig", 403)
+    async with source.open():
+        with pytest.raises(ForgeError):
+            await source.start_runner(Scope.parse(REPO), "gh")
+        assert len(daemon.jobs) == 1  # queued before GitHub was asked
+        assert daemon.cancelled == list(daemon.jobs)  # and cancelled when GitHub said no
+        assert source.runners == {}
+        await source.start_runner(Scope.parse(REPO), "gh")
+        assert registrations(fake) == 1
+        assert len(daemon.jobs) == 2
+        assert len(daemon.cancelled) == 1

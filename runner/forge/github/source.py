@@ -32,6 +32,7 @@ from runner.errors import (
     WebhookError,
     WebhookSignatureError,
 )
+from runner.execution import Command, Outcome, Work, execute
 from runner.forge.github import persist, reconcile
 from runner.forge.github.api import GitHubClient
 from runner.forge.github.config import GitHubConfig
@@ -45,11 +46,13 @@ from runner.forge.github.webhook import (
     verify_signature,
 )
 from runner.listen import TCPListen, describe, parse_listen
+from runner.secret import Secret
 from runner.service.jobs import Job, JobSpec
 from runner.service.scheduler import choose_profile
 
 if TYPE_CHECKING:
     from runner.service.port import JobPort
+    from runner.vm.backend import Machine
 
 log = structlog.get_logger("snapfleet.github")
 RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
@@ -420,27 +423,55 @@ class GitHubSource:
                 await self.daemon.cancel(runner.job_id)
 
     async def start_runner(self, scope: Scope, profile: str) -> None:
-        """Register a JIT runner and queue a VM for it (nothing once shutdown began)."""
+        """Queue a VM for a new JIT runner and register the runner while the VM restores
+        (nothing once shutdown began). The VM runs the runner as soon as both are done:
+        with a hot clone, as soon as GitHub answers."""
         if self.daemon.stopping.is_set():
             return
         name = f"{self.prefix}{secrets.token_hex(4)}"
         runner = RunnerVM(name, scope, profile, time.time())
         self.runners[name] = runner  # before registering: never mistaken for an orphan
+        config: asyncio.Future[Secret] = asyncio.get_running_loop().create_future()
+        spec = JobSpec(script=RUNNER_SCRIPT, profile=profile, name=f"github runner {name}")
+        try:
+            job = await self.daemon.submit(spec, source="github",
+                                           work=self._runner_work(name, config))
+        except BaseException:
+            self.runners.pop(name, None)
+            raise
+        runner.job_id = job.id
         try:
             labels = self.daemon.settings.profile(profile).labels
             jit = await self.client.generate_jitconfig(
                 scope, name=name, labels=labels, runner_group_id=self.config.runner_group_id
             )
-            runner.runner_id = jit.runner_id
-            spec = JobSpec(script=RUNNER_SCRIPT, profile=profile, name=f"github runner {name}")
-            job = await self.daemon.submit(
-                spec, source="github", secret_env={JIT_ENV: jit.encoded_jit_config}
-            )
         except BaseException:
-            self.runners.pop(name, None)
+            self.runners.pop(name, None)  # its VM ending is no news about the runner
+            config.cancel()
+            await self.daemon.cancel(job.id)
             raise
-        runner.job_id = job.id
+        runner.runner_id = jit.runner_id
+        config.set_result(jit.encoded_jit_config)
         log.info("runner started", runner=name, profile=profile, job_id=job.id, forge="github")
+
+    def _runner_work(self, name: str, config: asyncio.Future[Secret]) -> Work:
+        """The runner VM's work: wait for the JIT config (kept in memory only), run it."""
+
+        async def work(machine: Machine, remaining: float) -> Outcome:
+            started = time.monotonic()
+            jit = await config
+            runner = self.runners.get(name)
+            job_log = self.daemon.job_log(runner.job_id or "") if runner else None
+
+            def sink(_stream: str, data: bytes) -> None:
+                if job_log is not None:
+                    job_log.write(data)
+
+            left = max(1.0, remaining - (time.monotonic() - started))
+            command = Command(script=RUNNER_SCRIPT, env={JIT_ENV: jit.reveal()})
+            return await execute(machine, command, sink, left)
+
+        return work
 
     def _job_ended(self, job: Job) -> None:
         if job.source != "github":
