@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from runner.config import Settings
 from runner.errors import VMError
 from runner.execution import Command
 from runner.service.daemon import Daemon
-from runner.service.jobs import Job, JobSpec, JobState
+from runner.service.jobs import Job, JobSpec, JobState, new_job_id
 from runner.service.leases import LeaseBook
 from runner.service.notify import Notifier
 from runner.service.scheduler import Resources
@@ -235,3 +237,30 @@ async def test_an_internal_failure_still_ends_running_jobs_and_records_them(
     assert recorded is not None
     assert recorded.state is JobState.CANCELLED
     assert recorded.reason == "cancelled: the daemon hit an internal error"
+
+
+async def test_a_queued_job_stored_by_a_laxer_version_fails_clearly_at_restart(
+    tmp_path: Path
+) -> None:
+    """A spec today's checks refuse (here an env key with "=", which older versions
+    stored) must not stop the daemon from starting, nor run: it fails with the reason."""
+    settings = toy_settings(tmp_path)
+    store = Store(settings.paths.state_dir / "snapfleet.db")
+    await store.open()
+    job = Job(id=new_job_id(), spec=JobSpec(script="true"), profile="default", source="local")
+    try:
+        await store.add_job(job)
+    finally:
+        await store.close()
+    db = sqlite3.connect(settings.paths.state_dir / "snapfleet.db")
+    with db:
+        db.execute("UPDATE jobs SET spec=? WHERE id=?",
+                   (json.dumps({"script": "true", "env": {"A=B": "x"}}), job.id))
+    db.close()
+    async with serving(settings) as running:
+        recorded = await running.daemon.job(job.id)
+        assert recorded is not None
+        assert recorded.state is JobState.SYSTEM_FAILURE
+        assert str(recorded.reason).startswith("this job was queued by an older version")
+        assert "env" in str(recorded.reason)
+        assert [j.id for j in await running.daemon.recent_jobs(10)] == [job.id]  # listable

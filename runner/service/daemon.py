@@ -50,6 +50,7 @@ def _progress_logger(profile: str) -> Callable[[str], None]:
 
 RESTART_REASON = "the daemon restarted before this job started; its forge will retry"
 UNKNOWN_SOURCE_REASON = "the daemon restarted without the job source that queued this job"
+INVALID_SPEC_REASON = "this job was queued by an older version and fails today's checks"
 
 
 class Daemon:
@@ -123,6 +124,10 @@ class Daemon:
                 # with it (its driver, its JIT config); the forge side starts anew.
                 why = RESTART_REASON if source is not None else UNKNOWN_SOURCE_REASON
                 await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=why)
+                continue
+            if job.spec_problem is not None:
+                await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=(
+                    f"{INVALID_SPEC_REASON}: {job.spec_problem}"))
                 continue
             if (lost := recovery.secrets_lost(job)) is not None:
                 await self.store.transition(job, JobState.SYSTEM_FAILURE, reason=lost)

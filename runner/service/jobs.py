@@ -182,6 +182,9 @@ class Job:
     """Names of the secret environment: stored, so a restarted daemon knows what it lost."""
     env_keys: tuple[str, ...] = ()
     """Names of the plain environment: stored, kept after the job ends (the values are not)."""
+    spec_problem: str | None = None
+    """Why the stored spec no longer passes today's checks (stored by an older version):
+    such a job can still be listed, but a queued one must not run."""
 
     def __post_init__(self) -> None:
         self.secret_keys = self.secret_keys or tuple(sorted(self.secret_env))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from pydantic import ValidationError
 
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, check_transition
 
@@ -284,8 +285,16 @@ def _row(job: Job) -> tuple[Any, ...]:
 
 
 def _job(row: tuple[Any, ...]) -> Job:
+    raw = json.loads(row[3])
+    problem = None
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        # Stored by an older, laxer version: list it as it is; a queued one will not run.
+        spec = JobSpec.model_construct(**raw)
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     return Job(
-        id=row[0], source=row[1], profile=row[2], spec=JobSpec.model_validate(json.loads(row[3])),
+        id=row[0], source=row[1], profile=row[2], spec=spec, spec_problem=problem,
         state=JobState(row[4]), created_at=row[5], started_at=row[6], finished_at=row[7],
         exit_code=row[8], reason=row[9], vm_id=row[10], log_bytes=row[11],
         env_keys=tuple(json.loads(row[12])), secret_keys=tuple(json.loads(row[13])),
