@@ -20,6 +20,7 @@ from runner.errors import ImageError, RestoreError, SnapshotError
 from runner.host import AccelChoice, host_tsc_khz, resolve_accel
 from runner.hotpool import HotPool
 from runner.images import WARMUP_GUEST_PATH, Image, build_image, find_image, load_image_dir
+from runner.images.recipe import DEFAULT_CMDLINE
 from runner.net.dns import Resolvers
 from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
@@ -302,7 +303,7 @@ def _own_image(profile: Profile) -> Image:
         kernel=profile.kernel,
         initramfs=profile.initramfs,
         rootfs=profile.rootfs,
-        cmdline="console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/snapfleet-init panic=-1",
+        cmdline=DEFAULT_CMDLINE,
         manifest={},
     )
 

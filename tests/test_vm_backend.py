@@ -58,7 +58,7 @@ def test_exec_on_destroyed_is_an_error() -> None:
 def _rt(**kw: object) -> QemuRuntime:
     base: dict[str, object] = dict(
         disk=Path("/d"), disk_format="raw", console_fd=4, qmp_fd=5, agent_fd=6,
-        pidfile=Path("/vms/v1/qemu.pid"),
+        pidfile=Path("/vms/v1/qemu.pid"), tap="tap0",
     )
     base.update(kw)
     return QemuRuntime(**base)  # type: ignore[arg-type]

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from runner.agent.channel import PORT_NAME
 from runner.vm.backend import MachineSpec
 
-AGENT_PORT_NAME = "org.snapfleet.agent"
 # Every clone resumes with the template's MAC; namespaces keep clones apart.
 GUEST_MAC = "52:54:00:5f:00:02"
-TAP_NAME = "tap0"
 LAYOUT_VERSION = 2
 CONSOLE_FDSET = 2  # set 1 is the disk
 # No vmgenid: QEMU 7.2's microvm does not describe it in ACPI, so the guest never
@@ -43,6 +42,7 @@ class QemuRuntime:
     # Descriptors of the disk (read-write, read-only) handed to QEMU as an fd set:
     # an incoming migration reopens its disk after QEMU dropped to run_as.
     disk_fds: tuple[int, ...] = ()
+    tap: str | None = None  # the clone network's tap (CloneNetwork.tap), when networked
 
 
 def device_layout(spec: MachineSpec) -> dict[str, object]:
@@ -104,9 +104,11 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
         "virtio-blk-device,drive=root",
     ]
     if spec.network:
+        if rt.tap is None:
+            raise ValueError("a networked VM needs its clone network's tap")
         args += [
             "-netdev",
-            f"tap,id=net0,ifname={TAP_NAME},script=no,downscript=no",
+            f"tap,id=net0,ifname={rt.tap},script=no,downscript=no",
             "-device",
             f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
         ]
@@ -116,7 +118,7 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
         "-chardev",
         f"socket,id=agent,fd={rt.agent_fd}",
         "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        f"virtserialport,chardev=agent,name={PORT_NAME}",
         "-object",
         "rng-random,id=rng0,filename=/dev/urandom",
         "-device",

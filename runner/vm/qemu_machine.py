@@ -211,6 +211,7 @@ class QemuMachine(Machine):
             mem_shared=mem_shared,
             incoming=incoming,
             run_as=self._settings.run_as,
+            tap=None if self.network is None else self.network.tap,
             disk_fds=tuple(disk_fds),
         )
         argv = qemu_argv(self._settings.qemu_binary, spec, rt)
