@@ -51,6 +51,7 @@ def engine(settings: Settings) -> Engine:
 def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
     """The daemon with the job sources ``settings`` enable."""
     from runner.api.server import LocalApi
+    from runner.forge.github.scaleset_source import ScaleSetSource
     from runner.forge.github.source import GitHubSource
     from runner.service.daemon import Daemon
     from runner.service.leases import LeaseBook
@@ -64,7 +65,9 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
     )
     built.add_source(leases)
     built.add_source(LocalApi(built, leases))
-    if settings.github is not None:
+    if settings.github is not None and settings.github.mode == "scaleset":
+        built.add_source(ScaleSetSource(settings.github, built))
+    elif settings.github is not None:
         built.add_source(GitHubSource(settings.github, built))
     return built
 

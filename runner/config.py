@@ -237,6 +237,8 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.gitlab.allowed_profiles) - set(self.profiles))
         if unknown:
             raise ValueError(f"gitlab.allowed_profiles names unknown profiles: {unknown}")
+        if self.github is not None:
+            self.github.check_profiles({n: p.labels for n, p in self.profiles.items()})
         return self
 
     @classmethod

@@ -36,6 +36,7 @@ from runner.service.scheduler import (
     host_capacity,
     pick,
     refusal,
+    room,
 )
 from runner.service.store import Store
 from runner.vm.backend import Machine
@@ -257,6 +258,13 @@ class Daemon:
 
     async def job(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id) or await self.store.get(job_id)
+
+    def free_slots(self, profile: str) -> int:
+        if not self.accepting:
+            return 0
+        queued = [demand(self.settings.profile(self.jobs[j].profile)) for j in self.queue]
+        return room(demand(self.settings.profile(profile)), self.total - self.used,
+                    self.settings.capacity.max_concurrency - len(self.tasks), queued)
 
     def unfinished(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)

@@ -57,6 +57,11 @@ class JobPort(Protocol):
         """Call ``listener`` with each job that ends."""
         ...
 
+    def free_slots(self, profile: str) -> int:
+        """How many more jobs of ``profile`` this host could start now, after the queued
+        ones (0 once shutdown began): what a source that acquires work may take."""
+        ...
+
     def unfinished(self, job_id: str) -> Job | None:
         """A job of this daemon that has not ended yet."""
         ...

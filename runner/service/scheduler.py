@@ -92,3 +92,22 @@ def pick(
         free = free - need
         free_slots -= 1
     return chosen
+
+
+def room(
+    need: Resources, free: Resources, free_slots: int, queued: Sequence[Resources]
+) -> int:
+    """How many more jobs needing ``need`` could start, after the queued jobs ahead of them.
+
+    The queue runs first in, first out, so what it asks for comes off first; then
+    count how many ``need`` fit in what is left. A source that asks before taking
+    work (GitHub's scale sets) takes no more than this.
+    """
+    for ahead in queued:
+        free = free - ahead
+        free_slots -= 1
+    count = 0
+    while count < free_slots and need.fits_in(free):
+        free = free - need
+        count += 1
+    return count

@@ -77,6 +77,7 @@ class ScaleSetListener:
         state_file: Path | None = None,
         health: ProfileHealth | None = None,
         sleep: Sleep = asyncio.sleep,
+        acquire_lock: asyncio.Lock | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -85,6 +86,9 @@ class ScaleSetListener:
         self._state_file = state_file
         self.health = health or ProfileHealth()
         self._sleep = sleep
+        self._acquiring = acquire_lock or asyncio.Lock()
+        """Held from reading capacity to recording what was won; listeners sharing a
+        host share it, so two never spend the same free slot."""
         self.intake = proto.Intake(max_runners=config.max_runners)
         self.scale_set: proto.ScaleSet | None = None
         self.session: MessageSession | None = None
@@ -212,13 +216,14 @@ class ScaleSetListener:
         out again, and offers are only ever acquired once.
         """
         if self.intake.receive(batch):
-            wanted = self.intake.to_acquire(self._free())
-            if wanted and not self._stopping:
-                won = await session.acquire(wanted)
-                self.intake.acquired(wanted, won)
-                self.acquired_total += len(set(won) & set(wanted))
-                log.info("acquired jobs", asked=len(wanted), won=len(won),
-                         scale_set=session.scale_set_id, forge=FORGE)
+            async with self._acquiring:
+                wanted = self.intake.to_acquire(self._free())
+                if wanted and not self._stopping:
+                    won = await session.acquire(wanted)
+                    self.intake.acquired(wanted, won)
+                    self.acquired_total += len(set(won) & set(wanted))
+                    log.info("acquired jobs", asked=len(wanted), won=len(won),
+                             scale_set=session.scale_set_id, forge=FORGE)
         await session.delete_message(batch.message_id)
 
     async def _recover(self, session: MessageSession, exc: SnapfleetError, failures: int) -> None:
