@@ -57,13 +57,15 @@ async def fake() -> AsyncIterator[Fake]:
 
 
 def scaleset_settings(tmp_path: Path, fake: Fake, *, host: str, concurrency: int) -> Settings:
-    """Toy VMs; one profile serving GitHub jobs through a scale set."""
+    """Toy VMs; one profile serving GitHub jobs through a scale set that would take up to
+    five runners (so only the host's capacity holds it back)."""
     (tmp_path / host).mkdir()
     data = toy_settings(tmp_path / host).model_dump()
     data["profiles"]["default"]["labels"] = LABELS
     data["capacity"]["max_concurrency"] = concurrency
     data["github"] = {"mode": "scaleset", "api_url": fake.github.url, "scopes": [ORG],
-                      "token": "ghs_test_token", "host": host}
+                      "token": "ghs_test_token", "host": host,
+                      "scale_sets": {"default": {"max_runners": 5}}}
     return load_settings(None, **data)
 
 
@@ -114,6 +116,10 @@ async def until(predicate: Callable[[], object], timeout: float = 15, what: str 
         await asyncio.sleep(0.02)
 
 
+def count(items: list[Any], n: int) -> Callable[[], bool]:
+    return lambda: len(items) == n
+
+
 def acquired(service: FakeScaleSetService) -> list[int]:
     return [rid for rid, owner in service.acquired_by().items() if owner is not None]
 
@@ -129,8 +135,7 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
         await until(lambda: service.sessions, what="a message session")
         jobs = [service.add_job(REPO, ["self-hosted", "linux"]) for _ in range(3)]
         for n in range(1, 4):
-            await until(lambda n=n: len(service.registered) == n,  # type: ignore[misc]
-                        what=f"runner {n}")
+            await until(count(service.registered, n), what=f"runner {n}")
             name = service.registered[-1]
             await asyncio.sleep(1.0)  # several re-offers: the host is full, it takes none
             assert len(acquired(service)) == n
@@ -142,11 +147,11 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
             assert JIT_ENV not in unfinished[0].spec.env
             # Play GitHub: the runner takes the job, the job ends, then its VM ends.
             rid = service.take_job(name)
-            await until(lambda name=name: listener.intake.runners.get(name)  # type: ignore[misc]
+            await until(lambda: listener.intake.runners.get(name)  # noqa: B023
                         is proto.RunnerState.BUSY, what="JobStarted")
             service.finish_job(rid)
             host.toy.gate.set()
-            await until(lambda n=n: len(host.ended) == n, what=f"runner VM {n} to end")
+            await until(count(host.ended, n), what=f"runner VM {n} to end")
         assert sorted(acquired(service)) == sorted(jobs)
         won = [rid for _, _, got in service.acquire_calls for rid in got]
         assert sorted(won) == sorted(jobs)  # each acquired once
@@ -205,6 +210,24 @@ async def test_a_job_of_another_source_holds_the_slot(tmp_path: Path, fake: Fake
         assert host.daemon.free_slots("default") == 0
         await until(lambda: acquired(service), 10, "the job acquired once the slot freed")
         assert any(j.id == local.id for j in host.ended)
+
+
+async def test_a_runner_whose_vm_ends_without_a_job_is_deregistered_and_backs_off(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=2)
+    async with serving(settings) as host:
+        await until(lambda: service.sessions, what="a message session")
+        service.add_job(REPO, ["linux"])
+        await until(lambda: service.runners, what="a runner")
+        host.toy.gate.set()  # the toy cannot run GitHub's runner: it exits with no job
+        await until(lambda: host.ended, what="the runner VM to end")
+        await until(lambda: not service.runners, 5, "its registration removed")
+        assert host.source.health.failures_total["default"] == 1
+        # The job is still GitHub's to run here: a new runner, after the backoff pause.
+        assert host.source.health.wait_s("default") > 0
+        assert len(service.registered) == 1
 
 
 async def _stored(settings: Settings, job_id: str) -> Any:

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("snapfleet.github.scaleset")
 CLEANUP_S = 10.0
 """Time allowed at shutdown for deregistering runners that took no job."""
+CLOSE_S = ListenerConfig.close_timeout_s
+"""Time a listener allows for deleting its session."""
 RESTART = RetryPolicy(base_delay_s=2.0, max_delay_s=120.0)
 """Pauses before a listener that failed (GitHub down, bad credentials) starts again."""
 _RNG = random.Random()
@@ -75,6 +77,7 @@ class ScaleSetSource:
         self._runners: dict[str, _Runner] = {}  # by daemon job id
         self._submitting = 0  # runners registered whose job is not queued yet
         self._acquiring = asyncio.Lock()
+        self._cleanups: set[asyncio.Task[None]] = set()
         port.subscribe(self._job_ended)
 
     # -- the JobSource -----------------------------------------------------------------
@@ -99,11 +102,18 @@ class ScaleSetSource:
             try:
                 yield
             finally:
-                # Normally shutdown began long ago and the tasks ended; not so when the
-                # daemon failed: end them now (each still closes its session).
+                # Shutdown began: the listeners are closing their sessions and retiring
+                # idle runners (each bounded in time); let them finish. When the daemon
+                # failed instead, end them now (each still closes its session).
+                if tasks and self.port.stopping.is_set():
+                    await asyncio.wait(tasks, timeout=2 * CLEANUP_S + CLOSE_S)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if self._cleanups:
+                    await asyncio.wait(self._cleanups, timeout=CLEANUP_S)
+                    for task in self._cleanups:
+                        task.cancel()
 
     def status(self) -> dict[str, Any]:
         scale_sets = {}
@@ -172,9 +182,24 @@ class ScaleSetSource:
     def _job_ended(self, job: Job) -> None:
         """A runner VM ended (did it take a job?); any job ending may free room."""
         if job.source == self.name and (runner := self._runners.pop(job.id, None)):
-            runner.listener.runner_ended(runner.jit.name)
+            name = runner.jit.name
+            idle = runner.listener.intake.runners.get(name) is proto.RunnerState.WAITING
+            runner.listener.runner_ended(name)
+            if idle:
+                # Its VM is gone, so it never will take a job: GitHub would list it as
+                # an offline runner for good. (One that did run a job GitHub removes.)
+                task = asyncio.get_running_loop().create_task(self._deregister(runner))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
         for listener in self.listeners:
             listener.wake()
+
+    async def _deregister(self, runner: _Runner) -> None:
+        try:
+            await runner.listener.client.remove_runner(runner.jit.runner_id)
+        except SnapfleetError as exc:
+            log.warning("could not remove the registration of a runner that took no job",
+                        runner=runner.jit.name, error=str(exc), forge=FORGE)
 
     # -- running a listener -------------------------------------------------------------
 
@@ -226,6 +251,8 @@ class ScaleSetSource:
                         log.info("runner kept: it could not be removed", runner=jit.name,
                                  error=str(exc), forge=FORGE)
                         continue
+                    self._runners.pop(job_id, None)  # deregistered already
+                    listener.intake.runner_ended(jit.name)  # no news about its health
                     with contextlib.suppress(KeyError, SnapfleetError):
                         await self.port.cancel(job_id)
                     log.info("deleted unused runner at shutdown", runner=jit.name, forge=FORGE)
