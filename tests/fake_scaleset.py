@@ -91,8 +91,8 @@ class FakeScaleSetService:
         self.jobs: dict[int, FakeJob] = {}
         self.runners: dict[int, Json] = {}
         self.jit_configs: dict[int, str] = {}
-        self.registered: list[str] = []
-        """Names of every runner registered, in order (ended ones included)."""
+        self.registered: dict[str, int] = {}
+        """Every runner registered, name to id, in order (ended ones included)."""
         self.acquire_calls: list[tuple[int, list[int], list[int]]] = []
         self.rejected: list[str] = []
         """Requests answered 401, as ``"METHOD path"``."""
@@ -295,7 +295,7 @@ class FakeScaleSetService:
         rid = next(self._ids) + 90000
         self.runners[rid] = {"id": rid, "name": body["name"], "runnerScaleSetId": sid,
                              "busy": False}
-        self.registered.append(body["name"])
+        self.registered[body["name"]] = rid
         blob = {"runner_id": rid, "secret": secrets.token_hex(16), "work": body.get("workFolder")}
         config = base64.b64encode(json.dumps(blob).encode()).decode()
         self.jit_configs[rid] = config

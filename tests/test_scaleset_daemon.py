@@ -116,7 +116,7 @@ async def until(predicate: Callable[[], object], timeout: float = 15, what: str 
         await asyncio.sleep(0.02)
 
 
-def count(items: list[Any], n: int) -> Callable[[], bool]:
+def count(items: Any, n: int) -> Callable[[], bool]:
     return lambda: len(items) == n
 
 
@@ -136,7 +136,7 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
         jobs = [service.add_job(REPO, ["self-hosted", "linux"]) for _ in range(3)]
         for n in range(1, 4):
             await until(count(service.registered, n), what=f"runner {n}")
-            name = service.registered[-1]
+            name = list(service.registered)[-1]
             await asyncio.sleep(1.0)  # several re-offers: the host is full, it takes none
             assert len(acquired(service)) == n
             assert len(service.registered) == n
