@@ -138,11 +138,63 @@ class Operation:
         return {p["name"]: p for p in self.spec.get("parameters", []) if p["in"] == where}
 
 
+# Webhook listing is not in the published actions-runners description: these two
+# operations are shaped by hand from GitHub's REST docs ("List repository webhooks",
+# "List organization webhooks"; the `hook` / `org-hook` objects), fields Snapfleet reads
+# and their documented siblings, so requests and answers are still checked.
+_HOOK_CONFIG = {
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "format": "uri"},
+        "content_type": {"type": "string", "enum": ["json", "form"]},
+        "secret": {"type": "string"},
+        "insecure_ssl": {"type": "string", "enum": ["0", "1"]},
+    },
+}
+_HOOK = {
+    "type": "object",
+    "required": ["type", "id", "name", "active", "events", "config", "updated_at",
+                 "created_at", "url", "ping_url"],
+    "properties": {
+        "type": {"type": "string", "enum": ["Repository", "Organization"]},
+        "id": {"type": "integer"},
+        "name": {"type": "string", "const": "web"},
+        "active": {"type": "boolean"},
+        "events": {"type": "array", "items": {"type": "string"}},
+        "config": _HOOK_CONFIG,
+        "updated_at": {"type": "string", "format": "date-time"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "url": {"type": "string"},
+        "ping_url": {"type": "string"},
+        "test_url": {"type": "string"},
+        "deliveries_url": {"type": "string"},
+        "last_response": {"type": "object"},
+    },
+}
+_PAGING = [
+    {"name": "per_page", "in": "query", "schema": {"type": "integer", "maximum": 100}},
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+]
+_LISTED = {"200": {"content": {"application/json": {"schema": {"type": "array",
+                                                               "items": _HOOK}}}}}
+HOOK_OPERATIONS: Json = {
+    "/repos/{owner}/{repo}/hooks": {"get": {
+        "operationId": "repos/list-webhooks", "responses": _LISTED,
+        "parameters": [{"name": "owner", "in": "path", "schema": {"type": "string"}},
+                       {"name": "repo", "in": "path", "schema": {"type": "string"}},
+                       *_PAGING]}},
+    "/orgs/{org}/hooks": {"get": {
+        "operationId": "orgs/list-webhooks", "responses": _LISTED,
+        "parameters": [{"name": "org", "in": "path", "schema": {"type": "string"}},
+                       *_PAGING]}},
+}
+
+
 @cache
 def operations() -> list[Operation]:
     ops = [
         Operation(method.upper(), path, op)
-        for path, item in rest_spec()["paths"].items()
+        for path, item in [*rest_spec()["paths"].items(), *HOOK_OPERATIONS.items()]
         for method, op in item.items()
     ]
     # Literal segments first: ".../runners/downloads" is not runner "downloads".
@@ -172,7 +224,8 @@ class Fault:
 
 class Reply(Exception):
     def __init__(
-        self, status: int, body: Json | None = None, headers: dict[str, str] | None = None
+        self, status: int, body: Json | list[Json] | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(status)
         self.status, self.body, self.headers = status, body, headers or {}
@@ -196,6 +249,15 @@ class FakeGitHub:
         self.jit_configs: dict[int, str] = {}
         self.faults: list[Fault] = []
         self.registration_tokens: dict[str, float] = {}
+        self.installations: dict[int, Json] = {}
+        """Installation id -> ``{"account": login, "permissions": {...}}``."""
+        self.runner_groups: dict[str, list[Json]] = {}
+        """Organization -> its runner groups (``Default``, id 1, unless set)."""
+        self.hooks: dict[str, list[Json]] = {}
+        """Scope (``owner/repo`` or ``org``) -> its webhooks."""
+        self.pygithub = False
+        """Accept what PyGithub sends and GitHub takes: no ``X-GitHub-Api-Version``
+        header is the documented default version, any ``Accept``, ``token`` auth."""
         self.mounts: list[tuple[str, Handler]] = []
         self._ids = iter(range(1000, 10**9))
         self._runner: web.AppRunner | None = None
@@ -226,8 +288,40 @@ class FakeGitHub:
     def add_token(self, token: str) -> None:
         self.tokens[token] = float("inf")
 
-    def add_installation(self, installation_id: int, app_id: int, public_key_pem: bytes) -> None:
+    def add_installation(
+        self, installation_id: int, app_id: int, public_key_pem: bytes, *,
+        account: str = "octo-org", permissions: dict[str, str] | None = None,
+    ) -> None:
         self.apps[installation_id] = (str(app_id), public_key_pem)
+        self.installations[installation_id] = {
+            "account": account,
+            "permissions": permissions if permissions is not None else {
+                "administration": "write", "organization_self_hosted_runners": "write",
+                "actions": "read", "metadata": "read"},
+        }
+
+    def add_hook(self, scope: str, url: str, *, events: tuple[str, ...] = ("workflow_job",),
+                 secret: bool = True, active: bool = True, content_type: str = "json") -> int:
+        hook_id = next(self._ids)
+        kind = "Organization" if "/" not in scope else "Repository"
+        base = f"{self.url}/{'orgs' if kind == 'Organization' else 'repos'}/{scope}/hooks/{hook_id}"
+        config = {"url": url, "content_type": content_type, "insecure_ssl": "0"}
+        if secret:
+            config["secret"] = "********"  # as GitHub shows a set secret
+        self.hooks.setdefault(scope, []).append({
+            "type": kind, "id": hook_id, "name": "web", "active": active, "events": list(events),
+            "config": config, "updated_at": "2024-05-01T12:00:00Z",
+            "created_at": "2024-05-01T12:00:00Z", "url": base, "ping_url": f"{base}/pings",
+            "test_url": f"{base}/test", "deliveries_url": f"{base}/deliveries",
+            "last_response": {"code": None, "status": "unused", "message": None},
+        })
+        return hook_id
+
+    def add_runner_group(self, org: str, name: str) -> int:
+        groups = self.runner_groups.setdefault(org, [_runner_group(1, "Default")])
+        group_id = next(self._ids)
+        groups.append(_runner_group(group_id, name))
+        return group_id
 
     def add_runner(
         self,
@@ -349,6 +443,9 @@ class FakeGitHub:
     async def _check_request(self, request: web.Request, op: Operation) -> Any:
         where = f"{op.method} {op.template}"
         wanted = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
+        if self.pygithub:
+            wanted = {} if request.headers.get("X-GitHub-Api-Version") in (
+                None, "2022-11-28") else {"X-GitHub-Api-Version": "2022-11-28"}
         for name, value in wanted.items():
             if request.headers.get(name) != value:
                 raise self._violation(f"{where}: header {name} is {request.headers.get(name)!r}")
@@ -407,11 +504,22 @@ class FakeGitHub:
 
     def _authenticate(self, request: web.Request, op: Operation) -> None:
         scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        if scheme != "Bearer":
+        # GitHub takes `token <t>` too (PyGithub's way); our own client must say Bearer.
+        if scheme != "Bearer" and not (self.pygithub and scheme == "token"):
             raise Reply(401, {"message": "Requires authentication"})
         if op.template.startswith("/app/"):
-            installation = int(request.match_info["tail"].split("/")[-2])
+            parts = request.match_info["tail"].split("/")
+            found = parts[parts.index("installations") + 1] if "installations" in parts else ""
+            installation = int(found) if found.isdigit() else 0
             app_id, public_key = self.apps.get(installation, ("", b""))
+            if not public_key:  # not an installation we know: the JWT still names its App
+                try:
+                    issuer = str(jwt.decode(credential, options={"verify_signature": False})
+                                 .get("iss", ""))
+                except jwt.PyJWTError:
+                    issuer = ""
+                app_id, public_key = next(((a, k) for a, k in self.apps.values()
+                                           if a == issuer), ("", b""))
             try:
                 # Times are checked below against the fake's clock, not the real one.
                 claims = jwt.decode(
@@ -443,10 +551,28 @@ class FakeGitHub:
         scope = f"{params['owner']}/{params['repo']}" if "repo" in params else params.get("org", "")
         name = op.spec["operationId"]
         if name == "apps/create-installation-access-token":
+            if params["installation_id"] not in self.apps:
+                return Reply(404, {"message": "Not Found"})
             token = "ghs_" + secrets.token_hex(16)
             self.tokens[token] = self.clock() + self.token_ttl_s
             expires = datetime.fromtimestamp(self.tokens[token], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             return Reply(201, {"token": token, "expires_at": expires})
+        if name == "apps/get-installation":
+            return self._installation(op, params["installation_id"])
+        if name == "rate-limit/get":
+            return Reply(200, synthesize(
+                op.spec["responses"]["200"]["content"]["application/json"]["schema"]))
+        if name == "actions/list-self-hosted-runner-groups-for-org":
+            groups = self.runner_groups.get(scope, [_runner_group(1, "Default")])
+            return self._page(request, query, "runner_groups", groups)
+        if name == "actions/get-self-hosted-runner-group-for-org":
+            for group in self.runner_groups.get(scope, [_runner_group(1, "Default")]):
+                if group["id"] == params["runner_group_id"]:
+                    return Reply(200, group)
+            return Reply(404, {"message": "Not Found"})
+        if name in ("repos/list-webhooks", "orgs/list-webhooks"):
+            per_page, page = int(query.get("per_page", 30)), int(query.get("page", 1))
+            return Reply(200, self.hooks.get(scope, [])[(page - 1) * per_page:page * per_page])
         if name.startswith("actions/create-registration-token-for"):
             token = "AABB" + secrets.token_hex(12).upper()
             self.registration_tokens[token] = self.clock() + 3600
@@ -507,6 +633,19 @@ class FakeGitHub:
             return self._page(request, query, "jobs", self.jobs.get(params["run_id"], []))
         return Reply(501, {"message": f"the fake does not implement {name}"})
 
+    def _installation(self, op: Operation, installation_id: int) -> Reply:
+        known = self.installations.get(installation_id)
+        if known is None:
+            return Reply(404, {"message": "Not Found"})
+        schema = op.spec["responses"]["200"]["content"]["application/json"]["schema"]
+        body = synthesize(schema)
+        account = synthesize(schema["properties"]["account"])  # a Simple User's shape
+        account.update(login=known["account"], type="Organization")
+        body.update(id=installation_id, app_id=int(self.apps[installation_id][0]),
+                    account=account, permissions=known["permissions"],
+                    target_type="Organization")
+        return Reply(200, body)
+
     def _page(
         self, request: web.Request, query: dict[str, str], key: str, items: list[Json]
     ) -> Reply:
@@ -518,6 +657,13 @@ class FakeGitHub:
             next_url = request.url.update_query(page=page + 1)
             headers["Link"] = f'<{next_url}>; rel="next"'
         return Reply(200, {"total_count": len(items), key: chunk}, headers)
+
+
+def _runner_group(group_id: int, name: str) -> Json:
+    return {"id": group_id, "name": name, "visibility": "all", "default": group_id == 1,
+            "runners_url": f"https://api.github.com/orgs/x/actions/runner-groups/{group_id}"
+                           "/runners",
+            "inherited": False, "allows_public_repositories": True}
 
 
 def _example(path: str, method: str) -> Json:

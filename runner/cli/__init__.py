@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="also cold-boot the default image to prove the accelerator works")
     doctor.add_argument("--net", action="store_true",
                         help="show each profile's network policy and this instance's nft rules")
+    gh = commands(sub.add_parser("github", help="GitHub Actions"), "action")
+    gh_check = gh.add_parser("check", help="check credentials, permissions, runner group and"
+                                           " webhook or scale sets; print each fix")
+    gh_check.add_argument("--webhook-url", help="the public webhook URL (default:"
+                                                " github.webhook_url)")
     config = commands(sub.add_parser("config", help="configuration"), "action")
     check = config.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "cancel": daemon_cmds.cancel,
         "status": daemon_cmds.status,
         "gitlab-executor": daemon_cmds.gitlab_executor,
+        "github": _github,
     }
     try:
         return asyncio.run(_guarded(handlers[args.command](args)))
@@ -149,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, GuestEnded) and exc.console:
             print(f"the guest's last console lines:\n{exc.console}", file=sys.stderr)
         return EXIT_SYSTEM
+
+
+async def _github(args: argparse.Namespace) -> int:
+    from runner.cli import github_cmds  # PyGithub loads only for this command
+
+    return await github_cmds.github(args)
 
 
 async def _guarded(work: Coroutine[Any, Any, int]) -> int:

@@ -72,6 +72,9 @@ class GitHubConfig(BaseModel):
     """Tries per request (5xx, connection errors, rate limits)."""
     max_wait_s: Annotated[float, Field(ge=0)] = 120.0
     """Total time one request may spend waiting between tries."""
+    webhook_url: str | None = None
+    """The public URL GitHub delivers webhooks to (your TLS proxy's); only `snapfleet
+    github check` reads it, to find the webhook."""
     webhook_listen: str = "127.0.0.1:8089"
     """Where `POST /webhooks/github` is served (`host:port`); put a TLS proxy in front."""
     reconcile_interval_s: Annotated[float, Field(gt=0)] = 30.0
@@ -102,8 +105,9 @@ class GitHubConfig(BaseModel):
                 raise ValueError("scale_sets and runner_group are for mode = \"scaleset\";"
                                  " webhook mode uses runner_group_id")
             return
-        if self.webhook_secret is not None or self.poll_repos:
-            raise ValueError("webhook_secret and poll_repos are for mode = \"webhook\";"
+        if self.webhook_secret is not None or self.poll_repos or self.webhook_url:
+            raise ValueError("webhook_secret, webhook_url and poll_repos are for mode ="
+                             " \"webhook\";"
                              " scale-set mode needs no webhook (remove them)")
         if self.runner_group_id != 1:
             raise ValueError("scale-set mode names its runner group: set runner_group"
