@@ -100,3 +100,49 @@ def test_secrets_come_from_credential_files(tmp_path: Path, monkeypatch: pytest.
     assert settings.github.token is not None
     assert settings.github.token.get_secret_value() == "ghp_from_a_file"
     assert "ghp_from_a_file" not in repr(settings)
+
+
+GH = {"scopes": ["octo-org"], "token": "t"}
+LABELLED = {"default": {}, "gh": {"labels": ["self-hosted", "linux"]}}
+
+
+@pytest.mark.parametrize(("github", "profiles", "key", "says"), [
+    ({**GH, "mode": "scaleset"}, {"default": {}}, "", "no profile has labels"),
+    ({**GH, "mode": "scaleset", "webhook_secret": "s"}, LABELLED, "github",
+     "webhook_secret, webhook_url and poll_repos are for mode = \"webhook\""),
+    ({**GH, "mode": "scaleset", "runner_group_id": 3}, LABELLED, "github",
+     "set runner_group (a name)"),
+    ({**GH, "runner_group": "ci"}, LABELLED, "github", "are for mode = \"scaleset\""),
+    ({**GH, "mode": "scaleset", "scale_sets": {"gpu": {}}}, LABELLED, "",
+     "github.scale_sets names unknown profiles: ['gpu']"),
+    ({**GH, "mode": "scaleset", "scale_sets": {"default": {}}}, LABELLED, "",
+     "profiles ['default'] have no labels"),
+    ({**GH, "mode": "scaleset", "scale_sets": {"gh": {"name": "a/b"}}}, LABELLED,
+     "github.scale_sets.gh", "scale set name 'a/b'"),
+    ({**GH, "mode": "scaleset", "scale_sets": {"gh": {"max_runners": 0}}}, LABELLED,
+     "github.scale_sets.gh.max_runners", "greater than or equal to 1"),
+    ({**GH, "mode": "poll"}, LABELLED, "github.mode", "'webhook' or 'scaleset'"),
+])
+def test_github_mode_settings_are_checked_once_with_a_clear_reason(
+    github: dict[str, object], profiles: dict[str, object], key: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, github=github, profiles=profiles)
+    problems = dict(info.value.problems)
+    assert says in problems.get(key, "") or says in problems.get("(top level)", ""), problems
+
+
+def test_scale_set_mode_serves_the_labelled_profiles_with_per_host_names() -> None:
+    settings = load_settings(None, github={**GH, "mode": "scaleset", "host": "h1"},
+                             profiles=LABELLED)
+    assert settings.github is not None
+    assert settings.github.runner_group == "default"
+    labels = {n: p.labels for n, p in settings.profiles.items()}
+    assert settings.github.scale_set_profiles(labels) == ["gh"]
+    assert settings.github.scale_set_name("gh", "h1") == "snapfleet-h1-gh"
+    named = load_settings(None, github={**GH, "mode": "scaleset",
+                                        "scale_sets": {"gh": {"name": "big-boxes"}}},
+                          profiles=LABELLED)
+    assert named.github is not None
+    assert named.github.scale_set_name("gh", "h1") == "big-boxes"
+    assert load_settings(None, github=GH).github.mode == "webhook"  # type: ignore[union-attr]
