@@ -1,9 +1,14 @@
-"""GitHub Actions: webhook received → runner process started in the guest.
+"""GitHub Actions: job event received → runner process started in the guest.
 
-A fake GitHub (tests/fake_github.py, schema-checked) and the real daemon;
-signed `queued` deliveries alternate between a profile with a warm pool and
-one without, ≥20 each. The clock stops at the first line the (stand-in)
-runner prints inside its VM.
+A fake GitHub (tests/fake_github.py, schema-checked) and the real daemon.
+Webhook path: signed `queued` deliveries alternate between a profile with a
+warm pool and one without, ≥20 each; the clock starts as the delivery is
+posted. Scale-set path (a second daemon, `mode = "scaleset"`, the same warm
+profile, the fake scale-set service of tests/fake_scaleset.py): the clock
+starts when the fake hands the job's `JobAvailable` message to the daemon's
+long poll, and runs through acquire, `JobAssigned`, the JIT registration and
+the VM. Either clock stops at the first line the (stand-in) runner prints
+inside its VM.
 
     .venv/bin/python -m bench.github [--runs 20] [--json]
 """
@@ -26,6 +31,7 @@ from bench._daemon import percentiles, running_daemon
 from runner.api.client import ApiClient
 from runner.images import build_image
 from tests.fake_github import FakeGitHub
+from tests.fake_scaleset import FakeScaleSetService
 from tests.test_github_webhook import job_payload, sign
 from tests.test_images import standin_runner_tarball
 
@@ -68,6 +74,71 @@ async def one(api: ApiClient, url: str, fake: FakeGitHub, job_id: int, labels: l
         if b"jit ok" in chunk:
             return (time.monotonic() - started) * 1000
     raise RuntimeError(f"runner job {fresh[0]['id']} never started its runner")
+
+
+async def one_scaleset(api: ApiClient, service: FakeScaleSetService, labels: list[str]
+                       ) -> float:
+    """One job through the scale set: offered, acquired, its runner started in a VM."""
+    known = set(service.registered)
+    rid = service.add_job(REPO, labels)
+    while True:  # the runner registered for it (the fake runs on this loop)
+        fresh = [n for n in service.registered if n not in known]
+        if fresh:
+            break
+        await asyncio.sleep(0.005)
+    name = fresh[0]
+    service.take_job(name)  # as GitHub would once the runner connects
+    while True:
+        mine = [j for j in await api.jobs(limit=1000) if j["name"] == f"github runner {name}"]
+        if mine:
+            break
+        await asyncio.sleep(0.005)
+    elapsed = None
+    async for chunk in api.logs(mine[0]["id"], follow=True):
+        if elapsed is None and b"jit ok" in chunk:
+            elapsed = (time.monotonic() - service.delivered_at[rid]) * 1000
+    service.finish_job(rid)  # the runner's VM ended with its job
+    if elapsed is None:
+        raise RuntimeError(f"runner job {mine[0]['id']} never started its runner")
+    return elapsed
+
+
+async def bench_scaleset(runs: int, cache_dir: Path, log: Any, tarball: Path) -> list[float]:
+    github = FakeGitHub(prefix="/api/v3")
+    await github.start()
+    github.add_token("ghs_bench")
+    service = FakeScaleSetService(github)
+
+    def toml(_root: Path) -> str:
+        return f"""
+[github]
+mode = "scaleset"
+api_url = "{github.url}"
+scopes = ["octo-org"]
+token = "ghs_bench"
+host = "bench"
+[profiles.gh-warm]
+image = "github-runner"
+labels = ["self-hosted", "warm"]
+warm = 2
+"""
+
+    times: list[float] = []
+    try:
+        with running_daemon(cache_dir, 4, log, extra_toml=toml,
+                            env={"SNAPFLEET_RUNNER_TARBALL": str(tarball)}) as (root, _proc):
+            async with ApiClient(root / "api.sock") as api:
+                await one_scaleset(api, service, ["self-hosted", "warm"])  # snapshot, pool
+                await asyncio.sleep(8)
+                for i in range(runs):
+                    times.append(await one_scaleset(api, service, ["self-hosted", "warm"]))
+                    await asyncio.sleep(1.0)  # refill
+                    log(f"scale set run {i + 1}/{runs}: {times[-1]:.0f} ms")
+    finally:
+        await github.close()
+    assert not github.violations, github.violations
+    assert not service.violations, service.violations
+    return times
 
 
 async def bench(runs: int, cache_dir: Path, log: Any) -> dict[str, Any]:
@@ -117,8 +188,10 @@ labels = ["self-hosted", "cold"]
     finally:
         await fake.close()
     assert not fake.violations, fake.violations
+    scaleset = await bench_scaleset(runs, cache_dir, log, tarball)
     return {"webhook_to_runner_ms": {"warm_pool": percentiles(times["warm"]),
-                                     "no_pool": percentiles(times["cold"])}}
+                                     "no_pool": percentiles(times["cold"])},
+            "scaleset_ms": percentiles(scaleset)}
 
 
 def main() -> None:
@@ -132,9 +205,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{'webhook → runner started':26}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for name, r in result["webhook_to_runner_ms"].items():
-        print(f"{name.replace('_', ' '):26}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print(f"{'event → runner started':32}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
+    rows = {f"webhook, {k.replace('_', ' ')}": r
+            for k, r in result["webhook_to_runner_ms"].items()}
+    rows["scale set message, warm pool"] = result["scaleset_ms"]
+    for name, r in rows.items():
+        print(f"{name:32}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
 
 
 if __name__ == "__main__":

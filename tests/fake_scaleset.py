@@ -94,6 +94,8 @@ class FakeScaleSetService:
         self.registered: dict[str, int] = {}
         """Every runner registered, name to id, in order (ended ones included)."""
         self.acquire_calls: list[tuple[int, list[int], list[int]]] = []
+        self.delivered_at: dict[int, float] = {}
+        """When each job was first handed to a listener (``time.monotonic()``), by request id."""
         self.rejected: list[str] = []
         """Requests answered 401, as ``"METHOD path"``."""
         self.faults: list[Fault] = []
@@ -334,6 +336,10 @@ class FakeScaleSetService:
                 session.last_poll = self.clock()
                 pending = [m for m in self.queues[sid] if m.id > last and not m.deleted]
                 if pending:
+                    for event in pending[0].events:
+                        if event["messageType"] == "JobAvailable":
+                            self.delivered_at.setdefault(event["runnerRequestId"],
+                                                         time.monotonic())
                     return web.json_response(self._message_json(sid, pending[0]))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.sessions.get(sid) is not session:
