@@ -67,7 +67,12 @@ async def one(api: ApiClient, url: str, fake: FakeGitHub, job_id: int, labels: l
         if fresh:
             break
         await asyncio.sleep(0.005)
-    new_runner = next(iter(set(fake.jit_configs) - issued))
+    while True:  # the VM is queued before its runner is registered
+        new = set(fake.jit_configs) - issued
+        if new:
+            break
+        await asyncio.sleep(0.005)
+    new_runner = next(iter(new))
     name = next(r["name"] for r in fake.runners[REPO].values() if r["id"] == new_runner)
     await post(url, "in_progress", job_id, labels, runner=name)  # as GitHub would
     async for chunk in api.logs(fresh[0]["id"], follow=True):
