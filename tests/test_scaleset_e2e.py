@@ -142,6 +142,14 @@ async def test_two_hosts_share_jobs_within_capacity_and_leave_nothing_at_sigterm
             log = b"".join([c async for c in api.logs(job["id"])]).decode()
         assert f"jit ok runner_id={service.registered[name]}" in log, log
 
+    # The JIT configs reached the guests through memory only: no file of either host
+    # holds one (database, logs, state files).
+    for d in hosts:
+        for path in d.root.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                data = path.read_bytes()
+                assert not any(c.encode() in data for c in service.jit_configs.values()), path
+
     sessions = {s.id for s in service.sessions.values()}
     # SIGTERM both (off the loop: the fake serves their last requests on it).
     codes = await asyncio.gather(*(asyncio.to_thread(d.stop) for d in hosts))

@@ -10,7 +10,7 @@ from runner.config import load_settings
 from runner.errors import ConfigError, InvalidStateError
 from runner.service.jobs import JobSpec, JobState, check_transition
 from runner.service.recovery import LOST_JOB_REASON, Observed, plan
-from runner.service.scheduler import Resources, choose_profile, pick, refusal
+from runner.service.scheduler import Resources, choose_profile, pick, refusal, room
 
 R1 = Resources(1, 512)
 R4 = Resources(4, 4096)
@@ -32,6 +32,25 @@ def test_pick_is_strict_fifo_within_capacity(
     queue: list[tuple[str, Resources]], free: Resources, slots: int, expected: list[str]
 ) -> None:
     assert pick(queue, free, slots) == expected
+
+
+SMALL, BIG = Resources(1, 512), Resources(4, 4096)
+
+
+@pytest.mark.parametrize(("need", "free", "slots", "queued", "want"), [
+    (SMALL, Resources(4, 8192), 8, [], 4),  # vCPUs run out first
+    (SMALL, Resources(4, 8192), 2, [], 2),  # slots run out first
+    (SMALL, Resources(4, 8192), 8, [SMALL, SMALL], 2),  # the queue goes first
+    (SMALL, Resources(4, 8192), 3, [SMALL, SMALL, SMALL], 0),  # its slots too
+    (SMALL, Resources(4, 8192), 8, [BIG], 0),  # a big job ahead takes it all
+    (BIG, Resources(8, 8192), 8, [], 2),
+    (BIG, Resources(3, 8192), 8, [], 0),  # never fits now
+    (SMALL, Resources(4, 8192, 0), 0, [], 0),  # shutting down: no slots
+])
+def test_room_counts_what_fits_after_the_queue(
+    need: Resources, free: Resources, slots: int, queued: list[Resources], want: int
+) -> None:
+    assert room(need, free, slots, queued) == want
 
 
 def test_refusal_names_what_does_not_fit() -> None:

@@ -73,7 +73,7 @@ class ScaleSetSource:
         self.listeners: list[ScaleSetListener] = []
         self.errors: dict[str, str] = {}
         """The last failure of each listener that is waiting to start again, by scale set."""
-        self._scopes: dict[str, Scope] = {}  # scale set name -> scope
+        self._scopes: dict[int, Scope] = {}  # by id() of the listener
         self._runners: dict[str, _Runner] = {}  # by daemon job id
         self._submitting = 0  # runners registered whose job is not queued yet
         self._acquiring = asyncio.Lock()
@@ -119,10 +119,11 @@ class ScaleSetSource:
         scale_sets = {}
         for listener in self.listeners:
             entry = listener.status()
-            entry["scope"] = str(self._scopes[listener.config.scale_set_name])
+            scope = self._scopes[id(listener)]
+            entry["scope"] = str(scope)
             entry["profile"] = listener.config.profile
-            entry["error"] = self.errors.get(listener.config.scale_set_name)
-            scale_sets[listener.config.scale_set_name] = entry
+            entry["error"] = self.errors.get(self._key(listener))
+            scale_sets[self._key(listener)] = entry
         return {"github": {"mode": "scaleset", "scale_sets": scale_sets,
                            "runners": len(self._runners),
                            "unhealthy_profiles": self.health.unhealthy()}}
@@ -141,7 +142,6 @@ class ScaleSetSource:
             runner_prefix=runner_prefix(self.config.runner_name_prefix, self.host),
             max_runners=max_runners,
         )
-        self._scopes[name] = client.service.scope
         scope = str(client.service.scope).replace("/", "_")
         state = self.port.settings.paths.state_dir / f"github-scalesets-{scope}.json"
         listener: ScaleSetListener | None = None
@@ -157,7 +157,13 @@ class ScaleSetSource:
         listener = ScaleSetListener(client, config, capacity=capacity, start_runner=start_runner,
                                     state_file=Path(state), health=self.health,
                                     acquire_lock=self._acquiring)
+        self._scopes[id(listener)] = client.service.scope
         return listener
+
+    def _key(self, listener: ScaleSetListener) -> str:
+        """The scale set's name (with its scope when several scopes could share names)."""
+        name = listener.config.scale_set_name
+        return name if len(self.config.scopes) == 1 else f"{self._scopes[id(listener)]}:{name}"
 
     def _capacity(self, listener: ScaleSetListener) -> int:
         """Room for ``listener``: the daemon's free slots for its profile, less the jobs
@@ -207,7 +213,7 @@ class ScaleSetSource:
         """Run ``listener`` until shutdown, starting it again after failures."""
         stopping = self.port.stopping
         failures = 0
-        name = listener.config.scale_set_name
+        name = self._key(listener)
         try:
             while not stopping.is_set():
                 try:
