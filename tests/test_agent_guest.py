@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from runner.errors import AgentDisconnected, AgentError, AgentTimeout
 from runner.vm.agent_client import (
     OUTPUT_BUFFER_LIMIT,
     AgentClient,
+    Command,
     ExecResult,
     ExecSession,
     HybridVsockTransport,
@@ -121,8 +123,12 @@ async def collect(session: ExecSession) -> tuple[list[tuple[str, bytes]], ExecRe
     return chunks, await session.wait()
 
 
+def sh(script: str, **kw: Any) -> Command:
+    return Command(argv=["sh", "-c", script], **kw)
+
+
 async def run(client: AgentClient, argv: Sequence[str], **kw: Any) -> tuple[bytes, ExecResult]:
-    chunks, result = await collect(await client.exec(argv, **kw))
+    chunks, result = await collect(await client.exec(Command(argv=argv, **kw)))
     return b"".join(data for stream, data in chunks if stream == "stdout"), result
 
 
@@ -138,13 +144,13 @@ async def test_stdout_and_stderr_keep_arrival_order(client: AgentClient) -> None
     # The sleeps make the order observable: with both pipes ready at once no
     # reader could tell which was written first.
     script = "echo a; sleep 0.1; echo b >&2; sleep 0.1; echo c"
-    chunks, result = await collect(await client.exec(["sh", "-c", script]))
+    chunks, result = await collect(await client.exec(sh(script)))
     assert chunks == [("stdout", b"a\n"), ("stderr", b"b\n"), ("stdout", b"c\n")]
     assert result == ExecResult(0, None, timed_out=False, cancelled=False)
 
 
 async def test_output_streams_before_exit(client: AgentClient) -> None:
-    session = await client.exec(["sh", "-c", "echo first; sleep 2; echo second"])
+    session = await client.exec(sh("echo first; sleep 2; echo second"))
     started = time.monotonic()
     chunk = await asyncio.wait_for(anext(session), 1.5)
     assert chunk.data == b"first\n"
@@ -160,7 +166,9 @@ async def test_exit_code_passes_through(client: AgentClient) -> None:
 
 
 async def test_script_runs_with_shell_and_stdin(client: AgentClient) -> None:
-    session = await client.exec(script='read line; echo "got $line from $0"', stdin=b"hi\n")
+    session = await client.exec(
+        Command(script='read line; echo "got $line from $0"', stdin=b"hi\n")
+    )
     chunks, result = await collect(session)
     assert result.exit_code == 0
     assert chunks[0][1].startswith(b"got hi from /")
@@ -170,7 +178,7 @@ async def test_script_runs_with_shell_and_stdin(client: AgentClient) -> None:
 
 async def test_timeout_kills_the_whole_group(client: AgentClient) -> None:
     started = time.monotonic()
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30 & sleep 30"], timeout=1)
+    session = await client.exec(sh("echo $$; sleep 30 & sleep 30", timeout=1))
     pgid = await first_line_pid(session)
     for _ in range(50):  # sh forks the sleeps after the echo
         if len(group_members(pgid)) == 3:
@@ -185,7 +193,7 @@ async def test_timeout_kills_the_whole_group(client: AgentClient) -> None:
 
 async def test_timeout_escalates_to_sigkill(client: AgentClient) -> None:
     started = time.monotonic()
-    session = await client.exec(["sh", "-c", "trap '' TERM; echo $$; sleep 30"], timeout=0.5)
+    session = await client.exec(sh("trap '' TERM; echo $$; sleep 30", timeout=0.5))
     pgid = await first_line_pid(session)
     result = await session.wait()
     elapsed = time.monotonic() - started
@@ -195,7 +203,7 @@ async def test_timeout_escalates_to_sigkill(client: AgentClient) -> None:
 
 
 async def test_cancel(client: AgentClient) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30 & sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30 & sleep 30"))
     pgid = await first_line_pid(session)
     started = time.monotonic()
     await session.cancel()
@@ -239,7 +247,7 @@ async def test_put_file(client: AgentClient, tmp_path: Path) -> None:
 async def test_failed_requests_get_errors_and_agent_keeps_serving(client: AgentClient) -> None:
     with pytest.raises(AgentError, match="agent error"):
         await client.put_file("/dev/null/not-a-dir/x", b"")
-    session = await client.exec(["echo", "nul\x00byte"])  # the host refuses these first
+    session = await client.exec(Command(argv=["echo", "nul\x00byte"]))  # the guest cannot run it
     with pytest.raises(AgentError, match="ValueError"):
         await session.wait()
     out, _ = await run(client, ["echo", "still here"])
@@ -259,7 +267,7 @@ async def test_failed_requests_get_errors_and_agent_keeps_serving(client: AgentC
 async def test_a_job_that_cannot_start_ends_like_a_shell_says(
     client: AgentClient, argv: list[str], cwd: str | None, code: int, reason: str
 ) -> None:
-    chunks, result = await collect(await client.exec(argv, cwd=cwd))
+    chunks, result = await collect(await client.exec(Command(argv=argv, cwd=cwd)))
     assert result == ExecResult(code, None, timed_out=False, cancelled=False)
     assert chunks == [("stderr", f"snapfleet: {reason}\n".encode())]
     out, _ = await run(client, ["echo", "still here"])
@@ -285,6 +293,8 @@ async def test_bad_frames_get_error_replies(agent: AgentProcess) -> None:
         assert isinstance(hello, proto.Hello)
         assert hello.version == proto.PROTOCOL_VERSION
         for payload in (b'{"type": "launch", "id": 77}', b'{"type": "ping", "id": 78, "x": 1}'):
+            rid = json.loads(payload)["id"]
+            conn.send(proto.Ping(rid))  # our end records request rid; the guest gets garbage
             writer.write(struct.pack(">IB", len(payload) + 1, 1) + payload)
         writer.write(conn.send(proto.Ping(79)))
         events = await read_events(reader, conn, 3)
@@ -309,7 +319,7 @@ async def test_reconnect_keeps_agent_and_state(agent: AgentProcess) -> None:
     transport = UnixSocketTransport(agent.socket, timeout=10)
     first = await AgentClient.connect(transport)
     await first.configure(env={"KEPT": "yes"})
-    await first.exec(["sh", "-c", "sleep 0.3; echo orphaned output"])  # outlives its host
+    await first.exec(sh("sleep 0.3; echo orphaned output"))  # outlives its host
     await first.close()
     for _ in range(3):  # like clones restored from one snapshot, one after another
         second = await AgentClient.connect(transport, timeout=10)
@@ -337,7 +347,7 @@ async def test_concurrent_execs(client: AgentClient) -> None:
 
 async def test_unread_output_is_bounded_and_exact(client: AgentClient) -> None:
     size = 3 * OUTPUT_BUFFER_LIMIT
-    session = await client.exec(["head", "-c", str(size), "/dev/zero"])
+    session = await client.exec(Command(argv=["head", "-c", str(size), "/dev/zero"]))
     await asyncio.sleep(1.0)  # read nothing: the client must stop buffering
     assert session._buffered <= OUTPUT_BUFFER_LIMIT + proto.MAX_OUTPUT_DATA
     assert not session.done
@@ -351,7 +361,8 @@ async def test_unread_output_is_bounded_and_exact(client: AgentClient) -> None:
 
 
 async def test_wait_without_reading_discards_output(client: AgentClient) -> None:
-    session = await client.exec(["head", "-c", str(3 * OUTPUT_BUFFER_LIMIT), "/dev/zero"])
+    size = 3 * OUTPUT_BUFFER_LIMIT
+    session = await client.exec(Command(argv=["head", "-c", str(size), "/dev/zero"]))
     result = await asyncio.wait_for(session.wait(), 20)
     assert result.exit_code == 0
     assert session._buffered == 0
@@ -371,7 +382,7 @@ async def test_orphans_are_reaped(agent: AgentProcess, client: AgentClient) -> N
 async def test_killing_the_agent_fails_the_session(
     agent: AgentProcess, client: AgentClient
 ) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30"))
     pgid = await first_line_pid(session)
     try:
         agent.proc.kill()
@@ -402,7 +413,7 @@ async def test_pending_request_fails_on_disconnect(
 async def test_shutdown_exits_agent_that_is_not_pid1(
     agent: AgentProcess, client: AgentClient
 ) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30"))
     pgid = await first_line_pid(session)
     await client.shutdown()
     assert await asyncio.to_thread(agent.proc.wait, 5) == 0
