@@ -277,9 +277,10 @@ class Connection:
             raise AgentProtocolError(self._unexpected(name, rid, request), message_id=rid)
         if isinstance(event, Cancel):
             target = self._requests.get(event.exec_id)
-            if target is not None and target.kind != "exec":
+            if target is not None and target.state is not RequestState.RUNNING:
                 raise AgentProtocolError(
-                    f"cancel.exec_id: request {event.exec_id} is a {target.kind}, not an exec",
+                    f"cancel.exec_id: request {event.exec_id} is not a running exec"
+                    f" ({target.kind}, {target.state.value})",
                     message_id=rid,
                 )
         if new is RequestState.DONE:
