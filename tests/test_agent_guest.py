@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from runner.agent import messages as proto_messages
 from runner.agent import protocol as proto
-from runner.errors import AgentDisconnected, AgentError, AgentTimeout
+from runner.errors import AgentDisconnected, AgentError, AgentProtocolError, AgentTimeout
 from runner.vm.agent_client import (
+    MAX_LOGGED_PROTOCOL_ERRORS,
     OUTPUT_BUFFER_LIMIT,
     AgentClient,
     Command,
@@ -281,7 +284,9 @@ async def read_events(
     while len(events) < count:
         data = await asyncio.wait_for(reader.read(65536), 5)
         assert data, "agent closed the connection"
-        events += conn.receive_data(data)
+        conn.receive_data(data)
+        while (event := conn.next_event()) is not None:
+            events.append(event)
     return events
 
 
@@ -332,6 +337,25 @@ async def test_reconnect_keeps_agent_and_state(agent: AgentProcess) -> None:
             assert await second.ping() < 1
         finally:
             await second.close()
+
+
+async def test_an_earlier_hosts_exec_never_talks_to_the_next_host(agent: AgentProcess) -> None:
+    """Both hosts number their requests from 1: the first host's exec 2 and the
+    second's exec 2 run at once, and only the second's output reaches it."""
+    transport = UnixSocketTransport(agent.socket, timeout=10)
+    first = await AgentClient.connect(transport)
+    orphan = await first.exec(sh("sleep 0.5; echo orphan; sleep 0.2; echo orphan again"))
+    await first.close()
+    second = await AgentClient.connect(transport, timeout=10)
+    try:
+        mine = await second.exec(sh("sleep 1.2; echo mine"))
+        assert mine.id == orphan.id
+        out = b"".join([chunk.data async for chunk in mine])
+        assert out == b"mine\n"
+        assert (await mine.wait()).exit_code == 0
+        assert second.protocol_errors == 0
+    finally:
+        await second.close()
 
 
 async def test_concurrent_execs(client: AgentClient) -> None:
@@ -501,3 +525,140 @@ async def test_hybrid_vsock_transport(agent: AgentProcess) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
         os.unlink(path)
+
+
+# --- a misbehaving agent: what the client makes of replies it did not expect ---
+
+
+class FakeAgent:
+    """A unix socket whose "agent" answers each request with whatever ``answer`` returns."""
+
+    def __init__(self, path: str, answer: Any) -> None:
+        self.path = path
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeAgent:
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = proto.Connection(proto.Role.GUEST)
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                conn.receive_data(data)
+                while (request := conn.next_event()) is not None:
+                    assert isinstance(request, proto.Message)
+                    if isinstance(request, proto.Ping) and request.id == 1:
+                        frames = [conn.send(proto.Pong(1))]  # let connect() succeed
+                    else:
+                        frames = [raw_event(e) for e in self.answer(request)]
+                    writer.write(b"".join(frames))
+                    await writer.drain()
+        writer.close()
+
+
+def raw_event(event: proto.Event) -> bytes:
+    """A frame for ``event`` whatever the conversation says (a guest gone wrong)."""
+    if isinstance(event, proto.Output):
+        return proto.encode_output(event.exec_id, event.stream, event.data)
+    payload = proto_messages._encode_message(event)
+    return struct.pack(">IB", len(payload) + 1, proto.FrameKind.MESSAGE) + payload
+
+
+@contextlib.asynccontextmanager
+async def misbehaving(answer: Any) -> AsyncIterator[AgentClient]:
+    path = tempfile.mktemp(prefix="sfa-bad-", suffix=".sock")
+    async with FakeAgent(path, answer):
+        client = await AgentClient.connect(UnixSocketTransport(path), timeout=5)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+def exited(rid: int, code: int = 0) -> proto.Exited:
+    return proto.Exited(rid, exit_code=code, signal=None, timed_out=False, cancelled=False)
+
+
+async def test_a_reply_of_the_wrong_kind_fails_the_request_and_is_logged() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Ping):
+            return [proto.Ok(request.id)]  # a ping wants a pong
+        return [proto.Ok(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            wrong_kind = r"ok for request 2 \(ping, awaiting pong\)"
+            with pytest.raises(AgentProtocolError, match=wrong_kind):
+                await client.ping(timeout=5)
+            await client.configure(env={"SECRET": "hunter2"})  # the channel still works
+        assert [(e["event"], e["request"]) for e in logs] == [("agent_protocol_error", 2)]
+        assert "hunter2" not in repr(logs)
+        assert client.protocol_errors == 1
+
+
+async def test_replies_to_nothing_are_logged_not_dropped() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Ping):
+            return [proto.Pong(request.id)]
+        return [
+            proto.Output(77, proto.STDOUT, b"stray"),  # no exec 77
+            exited(78),  # nor 78
+            proto.Error(0, "message is not a JSON object"),  # the agent rejected something
+            proto.Output(request.id, proto.STDOUT, b"real\n"),
+            exited(request.id, 3),
+            exited(request.id, 4),  # exited twice
+            proto.Output(request.id, proto.STDOUT, b"after the end"),
+        ]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            session = await client.exec(Command(argv=["anything"]))
+            chunks, result = await collect(session)
+            await client.ping()  # everything sent before its pong has been read
+        assert chunks == [("stdout", b"real\n")]
+        assert result.exit_code == 3
+        assert [(e["event"], e["request"]) for e in logs] == [
+            ("agent_protocol_error", 77),
+            ("agent_protocol_error", 78),
+            ("agent_rejected_a_message", None),
+            ("agent_protocol_error", session.id),
+            ("agent_protocol_error", session.id),
+        ]
+        assert "which is not outstanding" in logs[-1]["reason"]
+
+
+async def test_an_exec_answered_wrongly_fails_its_session() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Exec):
+            return [proto.Output(request.id, proto.STDOUT, b"partial"), proto.Pong(request.id)]
+        return [proto.Pong(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs():
+            session = await client.exec(Command(argv=["anything"]))
+            with pytest.raises(AgentProtocolError, match=r"pong for request \d+ \(exec, running\)"):
+                await session.wait()
+        assert session.done
+        assert await client.ping() < 5  # one bad exec does not end the channel
+
+
+async def test_protocol_errors_are_logged_up_to_a_limit() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        stray: list[proto.Event] = [proto.Ok(9000 + i) for i in range(50)]
+        return [*stray, proto.Pong(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            await client.ping()
+        assert client.protocol_errors == 50
+        assert len(logs) == MAX_LOGGED_PROTOCOL_ERRORS + 1  # and one line saying it stops
+        assert logs[-1]["event"] == "agent_protocol_errors_muted"

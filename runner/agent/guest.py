@@ -123,20 +123,21 @@ class Agent:
         return session
 
     def _receive(self, session: HostSession, data: bytes) -> HostSession:
-        """Handle what ``data`` completes; returns the session to go on with."""
+        """Handle, in order, every request ``data`` completes; returns the session to go on with."""
+        with self._lock:
+            session.conn.receive_data(data)
         while True:
             try:
                 with self._lock:
-                    events = session.conn.receive_data(data)
+                    request = session.conn.next_event()
             except AgentProtocolError as exc:
                 self.send(session, Error(exc.message_id or 0, str(exc)))
                 if session.conn.broken:  # the stream cannot resync: start afresh
                     return self._begin()
-                data = b""
                 continue
-            for event in events:
-                self._handle(session, event)
-            return session
+            if request is None:
+                return session
+            self._handle(session, request)
 
     def _handle(self, session: HostSession, request: Event) -> None:
         if isinstance(request, Output):

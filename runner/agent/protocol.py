@@ -17,14 +17,15 @@ after its ``Output`` frames) or ``Error``. Id 0 is the connection's own: the
 guest sends ``Hello`` (id 0) whenever it gains a host, and ``Error`` with id
 0 about a message whose id it could not read.
 
-`Connection` turns received bytes into typed events and typed messages into
-bytes, and tracks the conversation: every outstanding request and where it
-stands, moved by one table (`TRANSITIONS`) for messages sent and received
-alike, so both ends hold the same view. It checks every incoming message
-strictly (unknown type, unknown, missing or mistyped field, wrong direction,
-a reply or output the conversation does not expect) and raises
-`AgentProtocolError` naming the type, field or request id, never echoing a
-value (env values are secrets).
+`Connection` turns received bytes into typed events (`Connection.receive_data`,
+then `Connection.next_event` until it returns None, as h11 does) and typed
+messages into bytes (`Connection.send`), and tracks the conversation: every
+outstanding request and where it stands, moved by one table (`TRANSITIONS`)
+for messages sent and received alike, so both ends hold the same view. It
+checks every incoming message strictly (unknown type, unknown, missing or
+mistyped field, wrong direction, a reply or output the conversation does not
+expect) and raises `AgentProtocolError` naming the type, field or request id,
+never echoing a value (env values are secrets).
 This module imports only the standard library: it is copied into guest images.
 """
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -180,9 +180,9 @@ class Connection:
     """One end of the agent protocol: bytes in → events out, messages in → bytes out.
 
     ``role`` is the end this object is: a ``Role.GUEST`` connection receives
-    host messages and sends guest messages. Both `send` and `receive_data`
+    host messages and sends guest messages. Both `send` and `next_event`
     move the requests they concern through `TRANSITIONS`; a message that
-    breaks the table is refused (`send`) or raised (`receive_data`).
+    breaks the table is refused (`send`) or raised (`next_event`).
     No I/O, no logging, no threads: callers that send from several threads
     hold one lock around every call.
     """
@@ -191,7 +191,6 @@ class Connection:
         self.role = role
         self._peer = Role.HOST if role is Role.GUEST else Role.GUEST
         self._buffer = bytearray()
-        self._ready: deque[Event] = deque()
         self._broken: AgentProtocolError | None = None
         self._requests: dict[int, _Request] = {}
 
@@ -215,13 +214,18 @@ class Connection:
         """Every request that has not ended, by id (a copy)."""
         return {rid: request.state for rid, request in self._requests.items()}
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Buffer ``data`` and return every event completed so far, in order.
+    def receive_data(self, data: bytes) -> None:
+        """Buffer ``data``; `next_event` then returns what it completes."""
+        if self._broken is not None:
+            raise self._broken
+        self._buffer += data
 
-        An invalid message is consumed and raises `AgentProtocolError`; events
-        decoded before it are kept and returned by the next call (pass ``b""``
-        to continue). Its ``message_id`` is the offending message's id when it
-        could be read, and that request has failed: on a host connection it
+    def next_event(self) -> Event | None:
+        """The next event received, in stream order; None until more data arrives.
+
+        An invalid message is consumed and raises `AgentProtocolError` (call
+        again to go on). Its ``message_id`` is the offending message's id when
+        it could be read, and that request has failed: on a host connection it
         is no longer outstanding (it gets no other reply); on a guest
         connection it is `RequestState.REJECTED`, awaiting the guest's
         `Error`. A framing error (oversize, bad kind) breaks the connection:
@@ -229,12 +233,7 @@ class Connection:
         """
         if self._broken is not None:
             raise self._broken
-        self._buffer += data
-        while (event := self._next_event()) is not None:
-            self._ready.append(event)
-        events = list(self._ready)
-        self._ready.clear()
-        return events
+        return self._next_event()
 
     def send(self, message: Event) -> bytes:
         """Encode one message (or `Output`) of this end as a frame.
@@ -299,7 +298,7 @@ class Connection:
         return f"{name} for request {rid} ({request.kind}, {request.state.value})"
 
     def _fail(self, exc: AgentProtocolError) -> AgentProtocolError:
-        """Fail the request a received message broke the rules for: see `receive_data`."""
+        """Fail the request a received message broke the rules for: see `next_event`."""
         rid = exc.message_id
         if rid is None or rid == 0:
             return exc

@@ -362,20 +362,21 @@ class AgentClient:
             self._fail(AgentDisconnected(f"agent channel failed: {type(exc).__name__}"))
 
     async def _receive(self, data: bytes) -> None:
+        """Dispatch, in stream order, every event and protocol error ``data`` completes."""
+        self._conn.receive_data(data)
         while True:
             try:
-                events = self._conn.receive_data(data)
+                event = self._conn.next_event()
             except proto.AgentProtocolError as exc:
-                if self._conn.broken:
+                if self._conn.broken:  # a framing error: nothing after it can be read
                     raise AgentProtocolError(
                         f"agent sent an invalid frame: {exc}", message_id=exc.message_id
                     ) from exc
                 self._violation(exc)
-                data = b""
                 continue
-            for event in events:
-                await self._dispatch(event)
-            return
+            if event is None:
+                return
+            await self._dispatch(event)
 
     async def _dispatch(self, event: proto.Event) -> None:
         """Hand a reply the connection accepted to whoever waits for its id (maybe nobody:
