@@ -90,9 +90,9 @@ class Configure:
     SENDER: ClassVar[Role] = Role.HOST
     id: int
     clock_ns: int
-    entropy: bytes
+    entropy: bytes = field(repr=False)
     hostname: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # secrets
     nameservers: list[str] = field(default_factory=list)
     """Resolvers for /etc/resolv.conf; empty leaves the file alone."""
 
@@ -202,7 +202,7 @@ class PutFile:
     SENDER: ClassVar[Role] = Role.HOST
     id: int
     path: str
-    data: bytes
+    data: bytes = field(repr=False)  # may be a secret (a runner's JIT config)
     mode: int = 0o644
 
     def _check(self) -> None:

@@ -176,6 +176,16 @@ def _event_name(event: Event) -> str:
     return "output" if isinstance(event, Output) else event.TYPE
 
 
+def _unexpected(event: Event, rid: int, request: _Request | None) -> str:
+    """Why ``event`` has no move from where request ``rid`` stands (ids and types only)."""
+    name = _event_name(event)
+    if request is None:
+        return f"{name} for request {rid}, which is not outstanding"
+    if (RequestState.IDLE, type(event)) in TRANSITIONS:  # it starts a request
+        return f"{name} reuses id {rid} of an outstanding {request.kind}"
+    return f"{name} for request {rid} ({request.kind}, {request.state.value})"
+
+
 class Connection:
     """One end of the agent protocol: bytes in → events out, messages in → bytes out.
 
@@ -273,7 +283,7 @@ class Connection:
         state = RequestState.IDLE if request is None else request.state
         new = TRANSITIONS.get((state, type(event)))
         if new is None:
-            raise AgentProtocolError(self._unexpected(name, rid, request), message_id=rid)
+            raise AgentProtocolError(_unexpected(event, rid, request), message_id=rid)
         if isinstance(event, Cancel):
             target = self._requests.get(event.exec_id)
             if target is not None and target.state is not RequestState.RUNNING:
@@ -288,14 +298,6 @@ class Connection:
             self._requests[rid] = _Request(name, new)
         elif new is not state:
             self._requests[rid] = _Request(request.kind, new)
-
-    @staticmethod
-    def _unexpected(name: str, rid: int, request: _Request | None) -> str:
-        if request is None:
-            return f"{name} for request {rid}, which is not outstanding"
-        if name in ("ping", "configure", "exec", "put_file", "cancel", "shutdown"):
-            return f"{name} reuses id {rid} of an outstanding {request.kind}"
-        return f"{name} for request {rid} ({request.kind}, {request.state.value})"
 
     def _fail(self, exc: AgentProtocolError) -> AgentProtocolError:
         """Fail the request a received message broke the rules for: see `next_event`."""
