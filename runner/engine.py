@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from runner.agent.messages import Command
 from runner.config import Profile, Settings
 from runner.errors import ImageError, RestoreError, SnapshotError
 from runner.host import AccelChoice, host_tsc_khz, resolve_accel
@@ -181,10 +182,10 @@ class Engine:
             output = b""
             try:
                 async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
-                    warmup = await machine.exec(
+                    warmup = await machine.exec(Command(
                         script=f"[ ! -e {WARMUP_GUEST_PATH} ] || exec /bin/sh {WARMUP_GUEST_PATH}",
                         timeout=timeout,
-                    )
+                    ))
                     async for chunk in warmup:
                         output = (output + chunk.data)[-2000:]
                     status = await warmup.wait()
@@ -201,7 +202,7 @@ class Engine:
                     f"the image's warm-up {WARMUP_GUEST_PATH} failed ({how}): {detail}"
                 )
             # Run one command so the exec path is already warm in every clone.
-            session = await machine.exec(["/bin/true"])
+            session = await machine.exec(Command(argv=["/bin/true"]))
             await session.wait()
             await machine.save_snapshot(state)
         finally:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
+from runner.agent.messages import Command as Command  # one value from the job to the guest
 from runner.errors import AgentError, GuestEnded, SnapfleetError
 from runner.service.jobs import JobState
 
@@ -37,17 +39,6 @@ EXIT_CANCELLED = 130
 
 OutputSink = Callable[[str, bytes], Awaitable[None] | None]
 Note = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Command:
-    """What to run in the guest: an argv, or a script for ``shell``."""
-
-    argv: Sequence[str] | None = None
-    script: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
-    cwd: str | None = None
-    shell: str = "/bin/sh"
 
 
 @dataclass(frozen=True)
@@ -133,7 +124,8 @@ async def execute(
 ) -> Outcome:
     """Run ``command`` in a READY machine within ``remaining`` seconds.
 
-    The agent enforces the limit in the guest; a backstop covers a hung guest.
+    The agent enforces the limit (or the command's own ``timeout``, if
+    shorter) in the guest; a backstop covers a hung guest.
     ``timeout_s`` is the limit to name when it is hit (the job's, not what was left).
     Setting ``cancel`` stops the command (SIGTERM to its process group, then SIGKILL).
     """
@@ -141,10 +133,8 @@ async def execute(
     watcher: asyncio.Task[None] | None = None
     try:
         async with asyncio.timeout(remaining + TIMEOUT_GRACE_S):
-            session = await machine.exec(
-                command.argv, script=command.script, shell=command.shell, env=command.env,
-                cwd=command.cwd, timeout=remaining,
-            )
+            limit = remaining if command.timeout is None else min(command.timeout, remaining)
+            session = await machine.exec(dataclasses.replace(command, timeout=limit))
             if cancel is not None:
                 watcher = asyncio.create_task(_cancel_when(cancel, session))
             async for chunk in session:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from runner.errors import InvalidStateError, SnapfleetError
 
 if TYPE_CHECKING:
+    from runner.agent.messages import Command
     from runner.config import VMSettings
     from runner.net import CloneNetwork, NetworkManager
     from runner.net.policy import EgressPolicy
@@ -164,17 +165,8 @@ class Machine(ABC):
         """The VMM's exit status once it has exited, else None."""
 
     @abstractmethod
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> Session:
-        """Start a command in the guest; output streams from the returned session."""
+    async def exec(self, command: Command) -> Session:
+        """Start ``command`` in the guest; output streams from the returned session."""
 
     @abstractmethod
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:

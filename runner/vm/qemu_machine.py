@@ -15,14 +15,14 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runner.config import VMSettings
 from runner.errors import AgentError, GuestEnded, SnapfleetError, VMDied, VMError
 from runner.vm import cgroup
-from runner.vm.agent_client import AgentClient, ExecSession
+from runner.vm.agent_client import AgentClient, Command, ExecSession
 from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
 from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
 from runner.vm.ownership import VMLock
@@ -79,22 +79,11 @@ class QemuMachine(Machine):
     def console_log(self) -> Path:
         return self.directory / "console.log"
 
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> ExecSession:
+    async def exec(self, command: Command) -> ExecSession:
         self.lifecycle.require("exec", VMState.READY)
         assert self.agent is not None
         try:
-            return await self.agent.exec(
-                argv, script=script, shell=shell, env=env, cwd=cwd, timeout=timeout
-            )
+            return await self.agent.exec(command)
         except AgentError as exc:
             raise await self.died_error(exc) from exc
 

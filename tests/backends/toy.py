@@ -19,10 +19,11 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from runner.agent.messages import Command
 from runner.config import Settings, load_settings
 from runner.errors import AgentError, RestoreError, SnapfleetError, VMError
 from runner.net.policy import EgressPolicy
@@ -134,27 +135,23 @@ class ToyMachine(Machine):
     def exit_status(self) -> int | None:
         return -9 if self.died else None
 
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> Session:
+    async def exec(self, command: Command) -> Session:
         self.lifecycle.require("exec", VMState.READY)
-        command = [shell, "-c", script] if script is not None else list(argv or [])
-        workdir = self.directory / (cwd or "").lstrip("/")
+        argv = (command.shell, "-c", command.script) if command.script is not None else command.argv
+        assert argv is not None
+        workdir = self.directory / (command.cwd or "").lstrip("/")
         if not workdir.is_dir():
-            raise AgentError(f"no directory {cwd}")
+            raise AgentError(f"no directory {command.cwd}")
         proc = await asyncio.create_subprocess_exec(
-            *command, cwd=workdir, env={"PATH": os.environ["PATH"], **self.env, **(env or {})},
+            *argv, cwd=workdir, env={"PATH": os.environ["PATH"], **self.env, **command.env},
+            stdin=asyncio.subprocess.DEVNULL if command.stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        session = ToySession(proc, timeout)
+        if proc.stdin is not None and command.stdin is not None:
+            proc.stdin.write(command.stdin)  # buffered by the transport, like the agent's feeder
+            proc.stdin.close()
+        session = ToySession(proc, command.timeout)
         self._sessions.append(session)
         return session
 
