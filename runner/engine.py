@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -26,7 +27,10 @@ from runner.net.dns import Resolvers
 from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
 from runner.snapshots import Snapshot, SnapshotStore, Vmm
-from runner.vm.backend import Hypervisor, Machine, MachineSpec
+from runner.vm.backend import Devices, Hypervisor, Machine, MachineSpec
+
+if TYPE_CHECKING:
+    from runner.gpu import GpuAllocator
 
 log = structlog.get_logger("snapfleet.engine")
 
@@ -37,8 +41,11 @@ TIMEOUT_GRACE_S = 10.0
 class Engine:
     """Images, snapshots and VMs on one host. Use ``async with``."""
 
-    def __init__(self, settings: Settings, hypervisor: Hypervisor, resolvers: Resolvers) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, resolvers: Resolvers,
+                 *, gpus: GpuAllocator | None = None) -> None:
         self.settings = settings
+        self.gpus = gpus
+        """The host's GPU allocator, when `[gpu]` hands out devices."""
         self.accel: AccelChoice = resolve_accel(settings.vm.accel)
         self.hypervisor = hypervisor
         self.instance = hypervisor.instance
@@ -123,6 +130,8 @@ class Engine:
             cmdline += f" tsc_early_khz={self._tsc_khz}"
         if self.net is not None:
             cmdline += " " + self.net.config.guest_kernel_args()
+        if profile.gpus:
+            cmdline += " " + self.settings.gpu.guest_cmdline
         return MachineSpec(
             vcpus=profile.vcpus,
             memory_mib=profile.memory_mib,
@@ -133,7 +142,21 @@ class Engine:
             cpu=self.accel.cpu,
             network=self.net is not None,
             tcg_tb_size_mib=self.settings.vm.tcg_tb_size_mib if self.accel.accel == "tcg" else 0,
+            # One empty root port per GPU: the devices are plugged after the restore.
+            pcie_root_ports=profile.gpus,
         )
+
+    async def boot(
+        self, profile: Profile, image: Image, *, devices: Devices | None = None,
+        policy: EgressPolicy | None = None,
+    ) -> Machine:
+        """Cold-boot a VM of ``profile`` on ``image`` (no snapshot) with ``devices``
+        attached from the start: a GPU profile's `coldboot` mode."""
+        started = time.monotonic()
+        machine = await self.hypervisor.boot(self.spec(profile, image), image.rootfs,
+                                             policy=policy, devices=devices)
+        machine.timings["total"] = time.monotonic() - started
+        return machine
 
     async def snapshot(
         self, profile: Profile, progress: Progress, *, create: bool = True, force: bool = False

@@ -26,11 +26,13 @@ from typing import Literal
 from runner.agent.messages import Command
 from runner.config import Settings, load_settings
 from runner.errors import AgentError, RestoreError, SnapfleetError, VMError
+from runner.gpu.sysfs import GpuUnit
 from runner.net.policy import EgressPolicy
 from runner.snapshots import Snapshot
 from runner.vm.agent_client import ExecResult, OutputChunk
 from runner.vm.backend import (
     BackendContext,
+    Devices,
     Hypervisor,
     Lifecycle,
     Machine,
@@ -126,6 +128,7 @@ class ToyMachine(Machine):
         self._sessions: list[ToySession] = []
         self.env: dict[str, str] = {}
         self.died = False
+        self.devices: list[GpuUnit] = []  # attached (recorded only: a toy has no PCI bus)
 
     @property
     def pid(self) -> int | None:
@@ -154,6 +157,10 @@ class ToyMachine(Machine):
         session = ToySession(proc, command.timeout)
         self._sessions.append(session)
         return session
+
+    async def attach(self, devices: Devices) -> None:
+        self.lifecycle.require("attach", VMState.READY)
+        self.devices.extend(devices.units)
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         target = self.directory / path.lstrip("/")
@@ -252,8 +259,11 @@ class ToyHypervisor(Hypervisor):
         *,
         hostname: str | None = None,
         policy: EgressPolicy | None = None,
+        devices: Devices | None = None,
     ) -> Machine:
         machine = self._new()
+        if devices is not None:
+            machine.devices.extend(devices.units)
         machine.lifecycle.move(VMState.READY)
         return machine
 
