@@ -88,7 +88,8 @@ class Report:
     duration_s: float = 0.0
 
 
-def _gpu_claim(engine: Engine, profile: Profile) -> GpuClaim | None:
+def _gpu_claim(engine: Engine, profile: Profile, units: Sequence[str] | None
+               ) -> GpuClaim | None:
     """The GPUs ``profile`` asks for, to take from the engine's allocator (None: none)."""
     request = profile.gpu_request()
     if request is None:
@@ -96,7 +97,7 @@ def _gpu_claim(engine: Engine, profile: Profile) -> GpuClaim | None:
     if engine.gpus is None:
         raise GpuError(f"the profile asks for {request}, but this host hands out none"
                        " (set [gpu] devices)")
-    return GpuClaim(engine.gpus, request,
+    return GpuClaim(engine.gpus, request, units=units,
                     hotplug_timeout_s=engine.settings.gpu.hotplug_timeout_s)
 
 
@@ -193,11 +194,16 @@ async def run(
     note: Note,
     on_ready: OnReady | None = None,
     context: Mapping[str, object] | None = None,
+    gpus: Sequence[str] | None = None,
 ) -> Report:
     """Restore a clone of ``profile``'s snapshot, do ``work`` in it, destroy it.
 
     ``timeout_s`` bounds restore and work together; ``note`` gets progress
     lines for the job's log; ``context`` is logged with "job finished".
+    A GPU profile's devices (``gpus``: the scheduler's choice of units, else
+    any free ones) are plugged in once the VM is up, or put on its command line
+    in `coldboot` mode; the job starts once the guest shows them, and they are
+    given back after the VM is destroyed.
     Failures become the report's outcome; CancelledError propagates after the
     VM is destroyed.
     """
@@ -207,7 +213,7 @@ async def run(
     claim: GpuClaim | None = None
     started = time.monotonic()
     try:
-        claim = _gpu_claim(engine, profile)
+        claim = _gpu_claim(engine, profile, gpus)
         coldboot = claim is not None and profile.gpu_mode == "coldboot"
         if coldboot:
             image = await engine.image(profile, note)
@@ -241,11 +247,9 @@ async def run(
                    else " from the warm pool" if machine.pooled else "")
                 + f" (vm {machine.vm_id})"
             )
-            gpus: tuple[str, ...] = ()
             if claim is not None:
                 verdict = await claim.attach(machine, plug=not coldboot)
                 note(describe(verdict, claim.attach_s))
-                gpus = claim.unit_ids
             report.restored = restored = Restored(
                 vm_id=machine.vm_id,
                 snapshot=key,
@@ -253,7 +257,7 @@ async def run(
                 hot=machine.hot,
                 restore_s=restore_s,
                 timings=dict(machine.timings),
-                gpus=gpus,
+                gpus=() if claim is None else claim.unit_ids,
             )
             if on_ready is not None:
                 await on_ready(machine, restored)

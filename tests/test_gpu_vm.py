@@ -4,21 +4,24 @@ for the GPU: the same allocator, seam, hot-plug and guest check a VFIO GPU takes
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runner import compose
 from runner.config import Settings, load_settings
 from runner.engine import Engine
-from runner.errors import VMError
+from runner.errors import ConfigError, VMError
 from runner.execution import Command, Report, command_work
 from runner.execution import run as run_job
 from runner.gpu import EduSource
-from runner.service.jobs import JobState
+from runner.service.jobs import Job, JobSpec, JobState
+from runner.service.notify import Notifier
 from runner.vm.backend import Devices
 from tests.conftest import CACHE_DIR, leftovers, qemu_processes
 from tests.test_vm import Collector
@@ -29,7 +32,8 @@ LIST_PCI = "for d in /sys/bus/pci/devices/*; do echo $(cat $d/vendor):$(cat $d/d
 EDU = "0x1234:0x11e8"
 
 
-def gpu_settings(state_dir: Path, **gpu: object) -> Settings:
+def gpu_settings(state_dir: Path, *, extra: dict[str, Any] | None = None,
+                 **gpu: object) -> Settings:
     return load_settings(
         None,
         paths={"cache_dir": CACHE_DIR, "state_dir": state_dir},
@@ -39,7 +43,9 @@ def gpu_settings(state_dir: Path, **gpu: object) -> Settings:
             "default": {},
             "gpu": {"gpus": 1},
             "gpucold": {"gpus": 1, "gpu_mode": "coldboot"},
+            "h100": {"gpu": "10de:2330"},
         },
+        **(extra or {}),
     )
 
 
@@ -157,3 +163,66 @@ async def test_a_hot_plug_the_guest_never_takes_fails_the_job_and_frees_the_devi
         assert report.teardown is not None
         assert_free(engine)
     assert leftovers(gpu_state) == {k: [] for k in leftovers(gpu_state)}
+
+
+class ReadyNotifier(Notifier):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.is_ready = asyncio.Event()
+
+    def ready(self, status: str | None = None) -> bool:
+        self.is_ready.set()
+        return True
+
+
+async def test_the_daemon_queues_gpu_jobs_for_free_devices_and_recovers_stale_leases(
+    gpu_state: Path,
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="sfgd-", dir="/tmp"))
+    # A daemon that died mid-job left edu1 leased to a VM that no longer exists.
+    (root / "gpu-leases.json").write_text(json.dumps({
+        "version": 1, "quarantined": {},
+        "leases": [{"owner": "run-dead", "unit": "edu1", "plan": []}]}))
+    settings = gpu_settings(root, extra={
+        "daemon": {"api_socket": root / "api.sock", "metrics_listen": ""},
+        "capacity": {"vcpus": 4, "max_concurrency": 4}})
+    notifier = ReadyNotifier()
+    daemon = compose.daemon(settings, notifier=notifier)
+    serve = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(notifier.is_ready.wait(), 60)
+        gpus = daemon.engine.gpus
+        assert gpus is not None
+        assert gpus.stats()["leased"] == 0  # recovered at start
+        assert daemon.total.gpus == 2
+        with pytest.raises(ConfigError, match="hands out 0 of that model"):
+            await daemon.submit(JobSpec(script="true", profile="h100"), source="local")
+        finished: dict[str, JobState] = {}
+        all_done = asyncio.Event()
+
+        def heard(job: Job) -> None:
+            finished[job.id] = job.state
+            if len(finished) == 3:
+                all_done.set()
+
+        daemon.subscribe(heard)
+        jobs = [await daemon.submit(JobSpec(script=LIST_PCI + "; sleep 3", profile="gpu"),
+                                    source="local") for _ in range(3)]
+        most = 0
+        while not all_done.is_set():
+            # Never more jobs started than devices: the third waits in the queue.
+            assert len(daemon.tasks) <= 2
+            most = max(most, gpus.stats()["leased"])
+            await asyncio.sleep(0.05)
+        assert set(finished.values()) == {JobState.SUCCEEDED}, finished
+        assert most == 2  # both devices were in use at once
+        for job in jobs:
+            log = (root / "logs" / f"{job.id}.log").read_bytes().decode()
+            assert EDU in log.split(), log
+        assert gpus.stats()["leased"] == 0
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(serve, 60)
+        left = leftovers(root)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not any(left.values()), left

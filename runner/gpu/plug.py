@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Sequence
 
 import structlog
 
@@ -31,9 +32,10 @@ class GpuClaim:
     """The devices of one run, from acquire to release. Not reusable."""
 
     def __init__(self, allocator: GpuAllocator, request: GpuRequest, *,
-                 hotplug_timeout_s: float) -> None:
+                 hotplug_timeout_s: float, units: Sequence[str] | None = None) -> None:
         self.allocator = allocator
         self.request = request
+        self.units = units  # the scheduler's choice, when it made one
         self.hotplug_timeout_s = hotplug_timeout_s
         # Not a VM id: the devices are taken while the VM is still being made.
         self.owner = f"run-{secrets.token_hex(4)}"
@@ -44,7 +46,7 @@ class GpuClaim:
     def start(self) -> None:
         """Begin taking the devices (concurrently with the restore)."""
         if self._task is None:
-            self._task = asyncio.create_task(self.allocator.acquire(self.owner, self.request),
+            self._task = asyncio.create_task(self.allocator.acquire(self.owner, self.request, self.units),
                                              name=f"gpu-acquire-{self.owner}")
 
     async def lease(self) -> GpuLease:
