@@ -44,6 +44,7 @@ def gpu_settings(state_dir: Path, *, extra: dict[str, Any] | None = None,
             "gpu": {"gpus": 1},
             "gpucold": {"gpus": 1, "gpu_mode": "coldboot"},
             "h100": {"gpu": "10de:2330"},
+            "gpuimage": {"gpus": 1, "image": "gpu"},
         },
         **(extra or {}),
     )
@@ -91,6 +92,16 @@ async def test_a_restored_clone_gets_the_device_hot_plugged(gpu_engine: Engine) 
                for n in notes), notes
     # Gone with the VM: its QEMU exited and the device is back in the pool.
     assert qemu_processes(report.restored.vm_id) == []
+    assert_free(gpu_engine)
+
+
+async def test_the_gpu_image_boots_and_its_tools_see_the_plugged_device(
+    gpu_engine: Engine,
+) -> None:
+    report, out, notes = await job(gpu_engine, "gpuimage", "lspci -n -d 1234:11e8; lsmod | head -1")
+    assert report.outcome.state is JobState.SUCCEEDED, (report.outcome, notes)
+    assert out.text().splitlines()[0].split()[:3] == ["01:00.0", "00ff:", "1234:11e8"]
+    assert out.text().splitlines()[1].startswith("Module")  # kmod is there for drivers
     assert_free(gpu_engine)
 
 
@@ -220,6 +231,9 @@ async def test_the_daemon_queues_gpu_jobs_for_free_devices_and_recovers_stale_le
             log = (root / "logs" / f"{job.id}.log").read_bytes().decode()
             assert EDU in log.split(), log
         assert gpus.stats()["leased"] == 0
+        samples = daemon.metrics.registry.get_sample_value
+        assert samples("snapfleet_gpus", {"state": "free"}) == 2
+        assert samples("snapfleet_capacity", {"resource": "gpus", "kind": "total"}) == 2
     finally:
         daemon.stop()
         await asyncio.wait_for(serve, 60)

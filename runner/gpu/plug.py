@@ -46,8 +46,8 @@ class GpuClaim:
     def start(self) -> None:
         """Begin taking the devices (concurrently with the restore)."""
         if self._task is None:
-            self._task = asyncio.create_task(self.allocator.acquire(self.owner, self.request, self.units),
-                                             name=f"gpu-acquire-{self.owner}")
+            taking = self.allocator.acquire(self.owner, self.request, self.units)
+            self._task = asyncio.create_task(taking, name=f"gpu-acquire-{self.owner}")
 
     async def lease(self) -> GpuLease:
         """The lease, once taken (GpuUnavailable, GpuBindError)."""

@@ -493,3 +493,5 @@ class Daemon:
             self.metrics.set_pool_idle(profile, idle)
         self.metrics.set_capacity(self.total, self.used, self.settings.capacity.max_concurrency,
                                   len(self.tasks))
+        if self.engine.gpus is not None:
+            self.metrics.set_gpus(self.engine.gpus.stats())
