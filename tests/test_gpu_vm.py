@@ -114,7 +114,7 @@ async def test_the_gpu_snapshot_itself_holds_no_device(gpu_engine: Engine) -> No
     assert plain.key != snapshot.key
     machine = await gpu_engine.restore(snapshot)
     try:
-        session = await machine.exec(script=LIST_PCI)
+        session = await machine.exec(Command(script=LIST_PCI))
         seen = b"".join([c.data async for c in session]).decode()
         assert EDU not in seen.split()
         assert "0x1b36:0x000c" in seen.split()  # the empty pcie-root-port is there

@@ -23,13 +23,8 @@ from runner.config import VMSettings
 from runner.errors import AgentError, GpuError, GuestEnded, SnapfleetError, VMDied, VMError
 from runner.gpu.source import device_option
 from runner.vm import cgroup
-<<<<<<< HEAD
 from runner.vm.agent_client import AgentClient, Command, ExecSession
-from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
-=======
-from runner.vm.agent_client import AgentClient, ExecSession
 from runner.vm.backend import Devices, Lifecycle, Machine, MachineSpec, TeardownReport, VMState
->>>>>>> 00f717f (GPU jobs, VM side: root ports in the device layout, Machine.attach (QMP device_add) and cold-boot devices, GpuClaim in the run path (acquire during restore, plug, guest check, release after teardown); real-VM tests with edu)
 from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
 from runner.vm.ownership import VMLock
 from runner.vm.qemu_args import QemuRuntime, place_devices, qemu_argv, root_ports
