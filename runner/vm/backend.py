@@ -33,7 +33,8 @@ from runner.errors import InvalidStateError, SnapfleetError
 
 if TYPE_CHECKING:
     from runner.config import VMSettings
-    from runner.net import CloneNetwork, NetworkManager
+    from runner.net import CloneNetwork
+    from runner.net.manager import NetworkManager
     from runner.net.policy import EgressPolicy
     from runner.snapshots import Snapshot
     from runner.vm.agent_client import ExecResult, OutputChunk
