@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from runner.api import wire
-from runner.errors import ConfigError, SnapfleetError
+from runner.error_root import ConfigError, SnapfleetError
 
 CONNECT_TIMEOUT_S = 5.0
 _READ = 65536

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from runner import __version__
-from runner.errors import ConfigError, GuestEnded, SnapfleetError
+from runner.error_root import ConfigError, SnapfleetError
 
 EXIT_SYSTEM = 125
 """`runner.execution.EXIT_SYSTEM` (a test holds them equal); importing that module
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SYSTEM
     except SnapfleetError as exc:
         print(f"snapfleet: error: {exc}", file=sys.stderr)
-        if isinstance(exc, GuestEnded) and exc.console:
-            print(f"the guest's last console lines:\n{exc.console}", file=sys.stderr)
+        console = getattr(exc, "console", None)  # a GuestEnded's last console lines
+        if console:
+            print(f"the guest's last console lines:\n{console}", file=sys.stderr)
         return EXIT_SYSTEM
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from runner.errors import ConfigError
+from runner.error_root import ConfigError
 
 
 def parse_env(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:

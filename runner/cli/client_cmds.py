@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from runner.api.local import DaemonClient
 from runner.cli import client_settings
 from runner.cli.args import parse_env
-from runner.errors import ConfigError
+from runner.error_root import ConfigError
 
 if TYPE_CHECKING:
     from runner.service.jobs import JobSpec

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
-from runner.errors import ConfigError
+from runner.error_root import ConfigError
 
 _ENV_PREFIX = "snapfleet_"
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from runner import __version__
 from runner.api.local import DaemonClient
-from runner.errors import ConfigError, SnapfleetError
+from runner.error_root import ConfigError, SnapfleetError
 
 if TYPE_CHECKING:
     from runner.cli.client_settings import ClientSettings
