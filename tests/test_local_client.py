@@ -71,6 +71,8 @@ async def test_errors_become_the_exceptions_the_cli_reports(tmp_path: Path) -> N
                                      status=422)
         if code == 500:
             return web.Response(text="plain failure", status=500)
+        if code == 499:  # a 422 whose problems are not pairs still says something
+            return web.json_response({"error": "odd", "problems": [[1], "x", None]}, status=422)
         return web.json_response({"error": f"refused {code}"}, status=code)
 
     async with serving(tmp_path, [web.get("/v1/jobs/{code}", refuse)]) as api:
@@ -80,6 +82,8 @@ async def test_errors_become_the_exceptions_the_cli_reports(tmp_path: Path) -> N
             await asyncio.to_thread(api.job, "404")
         with pytest.raises(ApiError, match="plain failure"):
             await asyncio.to_thread(api.job, "500")
+        with pytest.raises(ConfigError, match=r"^odd$"):
+            await asyncio.to_thread(api.job, "499")
     assert config.value.problems == [("profile", "unknown"), ("timeout_s", "too long")]
     assert missing.value.status == 404
 

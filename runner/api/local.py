@@ -47,7 +47,9 @@ def error_of(status: int, body: bytes) -> SnapfleetError:
     except (ValueError, AttributeError):
         parsed, message = {}, body.decode(errors="replace") or f"HTTP {status}"
     if status == 422:
-        problems = [(str(p[0]), str(p[1])) for p in parsed.get("problems", [])]
+        listed = parsed.get("problems")
+        problems = [(str(p[0]), str(p[1])) for p in listed if isinstance(p, list) and len(p) == 2
+                    ] if isinstance(listed, list) else []
         problems = problems or [("", message)]
         return ConfigError(problems[0][0], problems[0][1], problems=problems)
     return ApiError(status, message)

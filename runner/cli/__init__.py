@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(importlib.import_module(f"runner.cli.{module}"), name)
     try:
         if module == "client_cmds":
-            signal.signal(signal.SIGTERM, _interrupt)
-            code: int = handler(args)
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                code: int = handler(args)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             return code
         from runner.log import configure_logging
 
