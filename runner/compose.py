@@ -14,9 +14,10 @@ from runner.config import Settings
 from runner.engine import Engine
 from runner.errors import ConfigError
 from runner.gpu import GpuAllocator, Sysfs, make_source
-from runner.net import NetConfig, NetworkManager
+from runner.net import NetConfig
 from runner.net.config import instance_id
 from runner.net.dns import Resolvers, host_resolvers
+from runner.net.manager import NetworkManager
 from runner.vm import load_backend
 from runner.vm.backend import BackendContext
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from runner.config import VMSettings
     from runner.gpu.source import DeviceSource
     from runner.gpu.sysfs import GpuUnit
-    from runner.net import CloneNetwork, NetworkManager
+    from runner.net import CloneNetwork
+    from runner.net.manager import NetworkManager
     from runner.net.policy import EgressPolicy
     from runner.snapshots import Snapshot
     from runner.vm.agent_client import ExecResult, OutputChunk

@@ -32,7 +32,8 @@ from runner.vm.qmp import Qmp
 from runner.vm.transports import SocketTransport
 
 if TYPE_CHECKING:
-    from runner.net import CloneNetwork, NetworkManager
+    from runner.net import CloneNetwork
+    from runner.net.manager import NetworkManager
 
 
 def new_vm_id() -> str:
