@@ -175,7 +175,9 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
     project = layout.project_dir(job)
     out = [f"#!/bin/bash\n# Snapfleet: GitLab job {job.id}", _PRELUDE]
     out.append(f"__sf_work={_q(work)}")
-    out.append('rm -rf "$__sf_work" && mkdir -p -m 0700 "$__sf_work" "$__sf_work/vars" '
+    # deps/ is the host's: it put the dependency archives there before the script.
+    out.append('mkdir -p -m 0700 "$__sf_work" && rm -rf "$__sf_work/vars" "$__sf_work/steps" '
+               '"$__sf_work/artifacts" && mkdir -p -m 0700 "$__sf_work/vars" '
                '"$__sf_work/steps" "$__sf_work/artifacts" "$__sf_work/deps"')
     out += _variables(job, layout, project)
     out += _sources(job, project)
