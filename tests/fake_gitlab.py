@@ -256,6 +256,8 @@ class FakeGitLab:
         self.accepted_after: int = 0
         """``PUT /jobs/:id`` with a final state answers 202 this many times before 200."""
         self.registered: dict[int, Json] = {}
+        self.groups: dict[str, int] = {"acme/platform": 12}
+        self.projects: dict[str, int] = {"acme/platform/app": 34}
         self.queue_value = 1
         self._changed = asyncio.Condition()
         self._pending_accepts: dict[int, int] = {}
@@ -275,6 +277,8 @@ class FakeGitLab:
         r.add_get("/api/v4/jobs/{id}/artifacts", self._download)
         r.add_post("/api/v4/user/runners", self._create_runner)
         r.add_delete("/api/v4/runners", self._delete_runner)
+        r.add_get("/api/v4/groups/{path}", self._namespace)
+        r.add_get("/api/v4/projects/{path}", self._namespace)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -513,6 +517,15 @@ class FakeGitLab:
         return web.json_response(
             {"id": runner_id, "token": token, "token_expires_at": None}, status=201
         )
+
+    async def _namespace(self, request: web.Request) -> web.Response:
+        if request.headers.get("PRIVATE-TOKEN") != self.access_token:
+            return web.json_response({"message": "401 Unauthorized"}, status=401)
+        path = request.match_info["path"]
+        known = self.groups if "/groups/" in request.path else self.projects
+        if path not in known:
+            return web.json_response({"message": "404 Not found"}, status=404)
+        return web.json_response({"id": known[path], "full_path": path})
 
     async def _delete_runner(self, request: web.Request) -> web.Response:
         body = await self._json(request)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__
-from runner.cli import daemon_cmds, engine_cmds
+from runner.cli import daemon_cmds, engine_cmds, gitlab_cmds
 from runner.errors import ConfigError, GuestEnded, SnapfleetError
 from runner.execution import EXIT_SYSTEM
 from runner.log import configure_logging
@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     sub.add_parser("status", help="capacity, running and queued jobs")
 
+    gitlab_cmds.add_parser(sub)
     gitlab = sub.add_parser("gitlab-executor", help="gitlab-runner custom executor steps")
     gitlab.add_argument("action", choices=["config", "prepare", "run", "cleanup"])
     gitlab.add_argument("args", nargs=argparse.REMAINDER, help="run: <script> <stage>")
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "cancel": daemon_cmds.cancel,
         "status": daemon_cmds.status,
         "gitlab-executor": daemon_cmds.gitlab_executor,
+        "gitlab": gitlab_cmds.main,
     }
     try:
         return asyncio.run(_guarded(handlers[args.command](args)))
