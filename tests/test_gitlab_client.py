@@ -481,3 +481,16 @@ async def test_artifacts_upload_multipart_and_dependency_download(
     )
     download = next(r for r in gitlab.requests if r.method == "GET")
     assert download.headers["JOB-TOKEN"] == dep_payload["token"]
+
+
+async def test_first_trace_bytes_go_out_at_once(gitlab: FakeGitLab, client: GitLabClient) -> None:
+    job = await _take(gitlab, client)
+    async with TraceStream.for_job(client, job, update_interval_s=3.0) as trace:
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        trace.write(b"Running with snapfleet\n")
+        while not gitlab.jobs[job.id].trace:
+            await asyncio.sleep(0.01)
+            assert time.monotonic() - started < 1.0
+        await trace.finish(JobOutcome.success())
+    assert bytes(gitlab.jobs[job.id].trace) == b"Running with snapfleet\n"

@@ -227,6 +227,7 @@ class TraceStream:
         self._task: asyncio.Task[None] | None = None
         self._last_contact = clock()
         self._failures = 0
+        self._first = asyncio.Event()
         self.requests = 0
 
     @classmethod
@@ -256,9 +257,15 @@ class TraceStream:
     # -- writing ------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Append job output (masked before it is kept or sent)."""
+        """Append job output (masked before it is kept or sent).
+
+        The first bytes go out at once (a user watching the job sees it start);
+        later ones on GitLab's update interval.
+        """
         if not self.buffer.closed:
             self.buffer.write(data)
+            if self.buffer.size:
+                self._first.set()
 
     def section_start(self, name: str, header: str = "") -> None:
         """Open a collapsible section of the job log (host-side steps)."""
@@ -271,8 +278,13 @@ class TraceStream:
     # -- sending ------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Not wait_for: on 3.11 it can swallow a cancel that races the event.
+        first = asyncio.ensure_future(self._first.wait())
+        try:
+            await asyncio.wait([first], timeout=self.interval)
+        finally:
+            first.cancel()
         while True:
-            await self._sleep(self.interval)
             try:
                 await self._send_pending()
                 if self._clock() - self._last_contact >= self._force_send:
@@ -289,6 +301,7 @@ class TraceStream:
                 return
             if self.aborted.is_set():
                 return
+            await self._sleep(self.interval)
 
     async def _send_pending(self) -> None:
         """Send patches until GitLab has the whole trace so far (or says stop)."""
@@ -327,8 +340,11 @@ class TraceStream:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait: our own caller's cancel still reaches us; the task's does not.
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.error("gitlab trace sender failed", job_id=self.job_id,
+                          error=repr(task.exception()))
 
     async def finish(self, outcome: JobOutcome) -> RemoteState:
         """Send the rest of the trace, then the final state, until GitLab accepts it.
