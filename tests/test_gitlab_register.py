@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.forge.gitlab.config import GitLabRunnerConfig
 from tests.fake_gitlab import FakeGitLab
 
 ACCESS = "glpat-access-token-1234"
@@ -67,6 +68,7 @@ async def test_register_check_unregister(
     section = done.out[done.out.index("[[gitlab.runners]]"):]
     runner = tomllib.loads(section)["gitlab"]["runners"][0]
     assert runner["runner_id"] == runner_id
+    assert GitLabRunnerConfig.model_validate(runner).tags == ["snapfleet", "gpu"]
     assert runner["tags"] == ["snapfleet", "gpu"]
     stored = Path(runner["token_file"])
     assert stored.parent == tmp_path / "state" / "credentials"
