@@ -198,3 +198,19 @@ class GpuBindError(GpuError):
 
 class GpuReleaseError(GpuError):
     """A device could not be reset or given back to its host driver: it is quarantined."""
+
+
+class JobPayloadError(ForgeError):
+    """A job the forge handed us is malformed: it cannot be run, only failed.
+
+    ``job_id`` and ``job_token`` are set when they could still be read, so the
+    caller can report the job failed instead of leaving it running forever.
+    ``job_token`` is a `runner.secret.Secret`; the message never carries it.
+    """
+
+    def __init__(
+        self, message: str, *, forge: str, job_id: int | None = None, job_token: object = None
+    ) -> None:
+        super().__init__(message, forge=forge)
+        self.job_id = job_id
+        self.job_token = job_token

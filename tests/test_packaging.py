@@ -19,7 +19,6 @@ PROVIDES = {
 KEPT = {
     "cryptography": "PyJWT's RS256 needs it at run time; nothing imports it by name",
     "PyGithub": "`snapfleet github check` (issue 12) is its job; drop this line with it",
-    "python-gitlab": "`snapfleet gitlab register` (issue 11) is its job; drop this with it",
 }
 
 

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from runner import __version__
+from runner.cli import gitlab_args
 from runner.error_root import ConfigError, SnapfleetError
 
 EXIT_SYSTEM = 125
@@ -43,6 +44,7 @@ COMMANDS = {
     "cancel": ("client_cmds", "cancel"),
     "status": ("client_cmds", "status"),
     "gitlab-executor": ("client_cmds", "gitlab_executor"),
+    "gitlab": ("gitlab_cmds", "main"),
 }
 
 
@@ -121,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     sub.add_parser("status", help="capacity, running and queued jobs")
 
+    gitlab_args.add_parser(sub)
     gitlab = sub.add_parser("gitlab-executor", help="gitlab-runner custom executor steps")
     gitlab.add_argument("action", choices=["config", "prepare", "run", "cleanup"])
     gitlab.add_argument("args", nargs=argparse.REMAINDER, help="run: <script> <stage>")
