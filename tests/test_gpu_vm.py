@@ -21,8 +21,8 @@ from runner.execution import Command, Report, command_work
 from runner.execution import run as run_job
 from runner.gpu import EduSource
 from runner.service.jobs import Job, JobSpec, JobState
-from runner.service.notify import Notifier
 from runner.vm.backend import Devices
+from tests.backends.toy import ReadyNotifier
 from tests.conftest import CACHE_DIR, leftovers, qemu_processes
 from tests.test_vm import Collector
 
@@ -174,16 +174,6 @@ async def test_a_hot_plug_the_guest_never_takes_fails_the_job_and_frees_the_devi
         assert report.teardown is not None
         assert_free(engine)
     assert leftovers(gpu_state) == {k: [] for k in leftovers(gpu_state)}
-
-
-class ReadyNotifier(Notifier):
-    def __init__(self) -> None:
-        super().__init__({})
-        self.is_ready = asyncio.Event()
-
-    def ready(self, status: str | None = None) -> bool:
-        self.is_ready.set()
-        return True
 
 
 async def test_the_daemon_queues_gpu_jobs_for_free_devices_and_recovers_stale_leases(

@@ -28,6 +28,7 @@ from runner.config import Settings, load_settings
 from runner.errors import AgentError, RestoreError, SnapfleetError, VMError
 from runner.gpu.sysfs import GpuUnit
 from runner.net.policy import EgressPolicy
+from runner.service.notify import Notifier
 from runner.snapshots import Snapshot
 from runner.vm.agent_client import ExecResult, OutputChunk
 from runner.vm.backend import (
@@ -301,3 +302,15 @@ def toy_settings(tmp_path: Path, **extra: object) -> Settings:
         gitlab={"allowed_profiles": ["default"]},
         **extra,
     )
+
+
+class ReadyNotifier(Notifier):
+    """Tells an in-process test or bench when the daemon is READY (as systemd would)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.is_ready = asyncio.Event()
+
+    def ready(self, status: str | None = None) -> bool:
+        self.is_ready.set()
+        return True
