@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench._stats import percentiles
+from runner.api.client import ApiClient
 
-__all__ = ["percentiles", "running_daemon"]
+__all__ = ["first_output_ms", "percentiles", "running_daemon"]
 
 
 CONFIG = """
@@ -75,3 +77,13 @@ def running_daemon(
             proc.wait(timeout=120)
             notify.close()
             shutil.rmtree(root, ignore_errors=True)
+
+
+async def first_output_ms(api: ApiClient, profile: str, *, script: str = "echo ready") -> float:
+    """Queue → the job's first output line, ms (Snapfleet's own notes skipped)."""
+    started = time.monotonic()
+    job = await api.submit({"script": script, "profile": profile})
+    async for chunk in api.logs(job["id"], follow=True):
+        if any(not line.startswith(b"[snapfleet]") for line in chunk.splitlines() if line):
+            return (time.monotonic() - started) * 1000
+    raise RuntimeError(f"job {job['id']} produced no output")

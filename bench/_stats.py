@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from runner.agent.messages import Command
 from runner.vm.backend import Machine
 
 
@@ -18,7 +19,7 @@ def percentiles(samples: list[float]) -> dict[str, float | int]:
 
 async def first_output_ms(machine: Machine, started: float) -> float:
     """Milliseconds from ``started`` until `echo ready` in the guest printed something."""
-    session = await machine.exec(["echo", "ready"])
+    session = await machine.exec(Command(argv=["echo", "ready"]))
     elapsed = float("nan")
     async for _chunk in session:
         elapsed = (time.monotonic() - started) * 1000

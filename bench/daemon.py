@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._daemon import percentiles, running_daemon
+from bench._daemon import first_output_ms, percentiles, running_daemon
 from runner.api.client import ApiClient
-from runner.service.notify import Notifier
 
 
 def rss_mib(pid: int) -> float:
@@ -32,16 +31,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-async def first_output_ms(api: ApiClient, profile: str) -> float:
-    started = time.monotonic()
-    job = await api.submit({"script": "echo ready", "profile": profile})
-    async for chunk in api.logs(job["id"], follow=True):
-        # Skip Snapfleet's own notes ("[snapfleet] restored ..."); wait for the job's output.
-        if any(not line.startswith(b"[snapfleet]") for line in chunk.splitlines() if line):
-            return (time.monotonic() - started) * 1000
-    raise RuntimeError(f"job {job['id']} produced no output")
 
 
 async def wait_all(api: ApiClient, ids: list[str]) -> None:
@@ -53,16 +42,6 @@ async def wait_all(api: ApiClient, ids: list[str]) -> None:
         await asyncio.sleep(0.25)
 
 
-class _Ready(Notifier):
-    def __init__(self) -> None:
-        super().__init__({})
-        self.is_ready = asyncio.Event()
-
-    def ready(self, status: str | None = None) -> bool:
-        self.is_ready.set()
-        return True
-
-
 async def daemon_overhead(runs: int) -> dict[str, float]:
     """Queue → engine restore call, ms, on the toy backend (p50/p95)."""
     from runner import compose
@@ -71,7 +50,7 @@ async def daemon_overhead(runs: int) -> dict[str, float]:
     samples = []
     with tempfile.TemporaryDirectory(prefix="sf-overhead-") as tmp:
         settings = toy.toy_settings(Path(tmp))
-        notifier = _Ready()
+        notifier = toy.ReadyNotifier()
         daemon = compose.daemon(settings, notifier=notifier)
         serving = asyncio.create_task(daemon.serve())
         await notifier.is_ready.wait()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._daemon import percentiles, running_daemon
+from bench._daemon import first_output_ms, percentiles, running_daemon
 from runner.api.client import ApiClient
 
 PROFILES = """
@@ -32,15 +32,6 @@ hot = 2
 [profiles.none]
 """
 NAMES = {"hot": "hot", "warm": "warm", "none": "none"}
-
-
-async def first_output_ms(api: ApiClient, profile: str) -> float:
-    started = time.monotonic()
-    job = await api.submit({"script": "echo hi", "profile": profile})
-    async for chunk in api.logs(job["id"], follow=True):
-        if any(not line.startswith(b"[snapfleet]") for line in chunk.splitlines() if line):
-            return (time.monotonic() - started) * 1000
-    raise RuntimeError(f"job {job['id']} produced no output")
 
 
 async def pools_full(api: ApiClient, timeout: float = 120.0) -> float:
@@ -62,20 +53,20 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     with running_daemon(args.cache_dir, 2, log, extra_toml=lambda _r: PROFILES) as (root, _p):
         async with ApiClient(root / "api.sock") as api:
             log("warming up (the first job builds the snapshot if needed)")
-            await first_output_ms(api, "none")
+            await first_output_ms(api, "none", script="echo hi")
             await pools_full(api, 600)
             order = list(figures)
             for i in range(args.runs):
                 for name in order[i % 3:] + order[:i % 3]:
                     await pools_full(api)
-                    figures[name].append(await first_output_ms(api, NAMES[name]))
+                    figures[name].append(await first_output_ms(api, NAMES[name], script="echo hi"))
                     if name == "hot":
                         refill.append(await pools_full(api) * 1000)
                 log(f"round {i + 1}/{args.runs}: " + ", ".join(
                     f"{k} {v[-1]:.0f} ms" for k, v in figures.items()))
             await pools_full(api)
             for _ in range(max(4, args.runs // 5)):
-                back_to_back.append(await first_output_ms(api, "hot"))
+                back_to_back.append(await first_output_ms(api, "hot", script="echo hi"))
     return {
         "hot_ms": percentiles(figures["hot"]),
         "warm_ms": percentiles(figures["warm"]),

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 from runner.config import Settings
 from runner.engine import Engine
 from runner.errors import ConfigError
-from runner.net import NetConfig, NetworkManager
+from runner.gpu import GpuAllocator, Sysfs, make_source
+from runner.net import NetConfig
 from runner.net.config import instance_id
 from runner.net.dns import Resolvers, host_resolvers
+from runner.net.manager import NetworkManager
 from runner.vm import load_backend
 from runner.vm.backend import BackendContext
 
@@ -45,7 +47,16 @@ def engine(settings: Settings) -> Engine:
     hypervisor = factory(
         BackendContext(settings.vm, settings.paths.state_dir / "vms", net, instance=instance)
     )
-    return Engine(settings, hypervisor, resolvers)
+    return Engine(settings, hypervisor, resolvers, gpus=gpu_allocator(settings))
+
+
+def gpu_allocator(settings: Settings, sysfs: Sysfs | None = None) -> GpuAllocator | None:
+    """The host's GPU allocator, or None when `[gpu]` hands out nothing."""
+    gpu = settings.gpu
+    if not (gpu.devices or gpu.edu_devices):
+        return None
+    source = make_source(gpu, sysfs or Sysfs())
+    return GpuAllocator(source, settings.paths.state_dir / "gpu-leases.json")
 
 
 def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:

@@ -120,7 +120,7 @@ class CapacitySettings(_Section):
     memory_mib: Annotated[int, Field(ge=128)] | None = None
     """Guest memory to hand out; unset = 80% of the host's memory."""
     gpus: Annotated[int, Field(ge=0)] = 0
-    """GPU slots (VFIO devices) to hand out."""
+    """At most this many GPUs lent at once; 0 = every device `[gpu]` hands out."""
     max_concurrency: Annotated[int, Field(ge=1)] = 8
     """Jobs running at once, whatever the capacity says."""
 

@@ -12,9 +12,11 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
+from runner.agent.messages import Command
 from runner.config import Profile, Settings
 from runner.errors import ImageError, RestoreError, SnapshotError
 from runner.host import AccelChoice, host_tsc_khz, resolve_accel
@@ -25,7 +27,10 @@ from runner.net.dns import Resolvers
 from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
 from runner.snapshots import Snapshot, SnapshotStore, Vmm
-from runner.vm.backend import Hypervisor, Machine, MachineSpec
+from runner.vm.backend import Devices, Hypervisor, Machine, MachineSpec
+
+if TYPE_CHECKING:
+    from runner.gpu import GpuAllocator
 
 log = structlog.get_logger("snapfleet.engine")
 
@@ -36,8 +41,11 @@ TIMEOUT_GRACE_S = 10.0
 class Engine:
     """Images, snapshots and VMs on one host. Use ``async with``."""
 
-    def __init__(self, settings: Settings, hypervisor: Hypervisor, resolvers: Resolvers) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, resolvers: Resolvers,
+                 *, gpus: GpuAllocator | None = None) -> None:
         self.settings = settings
+        self.gpus = gpus
+        """The host's GPU allocator, when `[gpu]` hands out devices."""
         self.accel: AccelChoice = resolve_accel(settings.vm.accel)
         self.hypervisor = hypervisor
         self.instance = hypervisor.instance
@@ -122,6 +130,8 @@ class Engine:
             cmdline += f" tsc_early_khz={self._tsc_khz}"
         if self.net is not None:
             cmdline += " " + self.net.config.guest_kernel_args()
+        if profile.gpus:
+            cmdline += " " + self.settings.gpu.guest_cmdline
         return MachineSpec(
             vcpus=profile.vcpus,
             memory_mib=profile.memory_mib,
@@ -132,7 +142,21 @@ class Engine:
             cpu=self.accel.cpu,
             network=self.net is not None,
             tcg_tb_size_mib=self.settings.vm.tcg_tb_size_mib if self.accel.accel == "tcg" else 0,
+            # One empty root port per GPU: the devices are plugged after the restore.
+            pcie_root_ports=profile.gpus,
         )
+
+    async def boot(
+        self, profile: Profile, image: Image, *, devices: Devices | None = None,
+        policy: EgressPolicy | None = None,
+    ) -> Machine:
+        """Cold-boot a VM of ``profile`` on ``image`` (no snapshot) with ``devices``
+        attached from the start: a GPU profile's `coldboot` mode."""
+        started = time.monotonic()
+        machine = await self.hypervisor.boot(self.spec(profile, image), image.rootfs,
+                                             policy=policy, devices=devices)
+        machine.timings["total"] = time.monotonic() - started
+        return machine
 
     async def snapshot(
         self, profile: Profile, progress: Progress, *, create: bool = True, force: bool = False
@@ -181,10 +205,10 @@ class Engine:
             output = b""
             try:
                 async with asyncio.timeout(timeout + TIMEOUT_GRACE_S):
-                    warmup = await machine.exec(
+                    warmup = await machine.exec(Command(
                         script=f"[ ! -e {WARMUP_GUEST_PATH} ] || exec /bin/sh {WARMUP_GUEST_PATH}",
                         timeout=timeout,
-                    )
+                    ))
                     async for chunk in warmup:
                         output = (output + chunk.data)[-2000:]
                     status = await warmup.wait()
@@ -201,7 +225,7 @@ class Engine:
                     f"the image's warm-up {WARMUP_GUEST_PATH} failed ({how}): {detail}"
                 )
             # Run one command so the exec path is already warm in every clone.
-            session = await machine.exec(["/bin/true"])
+            session = await machine.exec(Command(argv=["/bin/true"]))
             await session.wait()
             await machine.save_snapshot(state)
         finally:

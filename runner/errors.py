@@ -10,6 +10,10 @@
 * ``ForgeError``: a forge request was refused; ``ForgeAuthError``: fix credentials;
   ``ForgeUnavailable``: retry later; ``WebhookError``: a bad delivery (answer 4xx).
 
+``SnapfleetError`` and ``ConfigError`` are defined in `runner.error_root` (so the
+CLI's quick commands can raise them without importing the agent protocol) and
+re-exported here.
+
 Third-party exceptions are translated at the adapter that calls them and are
 chained with ``raise ... from exc``; they never leak past the adapter.
 """
@@ -17,25 +21,8 @@ chained with ``raise ... from exc``; they never leak past the adapter.
 from __future__ import annotations
 
 from runner.agent import protocol as _agent_protocol
-
-
-class SnapfleetError(Exception):
-    """Base of every error Snapfleet raises on purpose."""
-
-
-class ConfigError(SnapfleetError):
-    """Configuration or user input is invalid.
-
-    ``key`` names the offending setting or field (dotted path), ``reason`` says why.
-    """
-
-    def __init__(
-        self, key: str, reason: str, *, problems: list[tuple[str, str]] | None = None
-    ) -> None:
-        self.problems = problems or [(key, reason)]
-        super().__init__("; ".join(f"{k}: {r}" if k else r for k, r in self.problems))
-        self.key = key
-        self.reason = reason
+from runner.error_root import ConfigError as ConfigError
+from runner.error_root import SnapfleetError as SnapfleetError
 
 
 class HostError(SnapfleetError):
@@ -211,3 +198,19 @@ class GpuBindError(GpuError):
 
 class GpuReleaseError(GpuError):
     """A device could not be reset or given back to its host driver: it is quarantined."""
+
+
+class JobPayloadError(ForgeError):
+    """A job the forge handed us is malformed: it cannot be run, only failed.
+
+    ``job_id`` and ``job_token`` are set when they could still be read, so the
+    caller can report the job failed instead of leaving it running forever.
+    ``job_token`` is a `runner.secret.Secret`; the message never carries it.
+    """
+
+    def __init__(
+        self, message: str, *, forge: str, job_id: int | None = None, job_token: object = None
+    ) -> None:
+        super().__init__(message, forge=forge)
+        self.job_id = job_id
+        self.job_token = job_token

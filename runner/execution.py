@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
-from runner.errors import AgentError, GuestEnded, SnapfleetError
+from runner.agent.messages import Command as Command  # one value from the job to the guest
+from runner.errors import AgentError, GpuError, GuestEnded, SnapfleetError
+from runner.gpu.plug import GpuClaim, describe
 from runner.service.jobs import JobState
 
 if TYPE_CHECKING:
@@ -40,17 +43,6 @@ Note = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Command:
-    """What to run in the guest: an argv, or a script for ``shell``."""
-
-    argv: Sequence[str] | None = None
-    script: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
-    cwd: str | None = None
-    shell: str = "/bin/sh"
-
-
-@dataclass(frozen=True)
 class Restored:
     """How the job's VM was made."""
 
@@ -63,6 +55,8 @@ class Restored:
     """It came from the hot pool: restored and answering before the job was queued."""
     restore_s: float
     timings: Mapping[str, float]
+    gpus: tuple[str, ...] = ()
+    """The devices (GPU unit ids) attached to it and seen by its guest."""
 
 
 @dataclass
@@ -92,6 +86,19 @@ class Report:
     restored: Restored | None = None
     teardown: TeardownReport | None = None
     duration_s: float = 0.0
+
+
+def _gpu_claim(engine: Engine, profile: Profile, units: Sequence[str] | None
+               ) -> GpuClaim | None:
+    """The GPUs ``profile`` asks for, to take from the engine's allocator (None: none)."""
+    request = profile.gpu_request()
+    if request is None:
+        return None
+    if engine.gpus is None:
+        raise GpuError(f"the profile asks for {request}, but this host hands out none"
+                       " (set [gpu] devices)")
+    return GpuClaim(engine.gpus, request, units=units,
+                    hotplug_timeout_s=engine.settings.gpu.hotplug_timeout_s)
 
 
 def exit_code(outcome: Outcome) -> int:
@@ -133,7 +140,8 @@ async def execute(
 ) -> Outcome:
     """Run ``command`` in a READY machine within ``remaining`` seconds.
 
-    The agent enforces the limit in the guest; a backstop covers a hung guest.
+    The agent enforces the limit (or the command's own ``timeout``, if
+    shorter) in the guest; a backstop covers a hung guest.
     ``timeout_s`` is the limit to name when it is hit (the job's, not what was left).
     Setting ``cancel`` stops the command (SIGTERM to its process group, then SIGKILL).
     """
@@ -141,10 +149,8 @@ async def execute(
     watcher: asyncio.Task[None] | None = None
     try:
         async with asyncio.timeout(remaining + TIMEOUT_GRACE_S):
-            session = await machine.exec(
-                command.argv, script=command.script, shell=command.shell, env=command.env,
-                cwd=command.cwd, timeout=remaining,
-            )
+            limit = remaining if command.timeout is None else min(command.timeout, remaining)
+            session = await machine.exec(dataclasses.replace(command, timeout=limit))
             if cancel is not None:
                 watcher = asyncio.create_task(_cancel_when(cancel, session))
             async for chunk in session:
@@ -188,44 +194,70 @@ async def run(
     note: Note,
     on_ready: OnReady | None = None,
     context: Mapping[str, object] | None = None,
+    gpus: Sequence[str] | None = None,
 ) -> Report:
     """Restore a clone of ``profile``'s snapshot, do ``work`` in it, destroy it.
 
     ``timeout_s`` bounds restore and work together; ``note`` gets progress
     lines for the job's log; ``context`` is logged with "job finished".
+    A GPU profile's devices (``gpus``: the scheduler's choice of units, else
+    any free ones) are plugged in once the VM is up, or put on its command line
+    in `coldboot` mode; the job starts once the guest shows them, and they are
+    given back after the VM is destroyed.
     Failures become the report's outcome; CancelledError propagates after the
     VM is destroyed.
     """
     bound = log.bind(**(context or {}))
     report = Report(Outcome(JobState.SYSTEM_FAILURE, reason="did not finish"))
     machine: Machine | None = None
+    claim: GpuClaim | None = None
     started = time.monotonic()
     try:
-        snapshot = await engine.snapshot(profile, note)
+        claim = _gpu_claim(engine, profile, gpus)
+        coldboot = claim is not None and profile.gpu_mode == "coldboot"
+        if coldboot:
+            image = await engine.image(profile, note)
+            key = ""
+        else:
+            snapshot = await engine.snapshot(profile, note)
+            key = snapshot.key
         started = time.monotonic()
         async with asyncio.timeout(timeout_s):
-            # The pool policy: a profile's own hot clones first, then its warm VMMs; a
-            # profile without a pool of its own leaves other profiles' warm VMs alone.
-            machine = await engine.restore(
-                snapshot, use_pool=profile.warm > 0,
-                hot_key=engine.hot_key(profile) if profile.hot > 0 else None,
-                policy=engine.policy(profile),
-            )
-            report.restored = restored = Restored(
-                vm_id=machine.vm_id,
-                snapshot=snapshot.key,
-                warm=machine.pooled,
-                hot=machine.hot,
-                restore_s=time.monotonic() - started,
-                timings=dict(machine.timings),
-            )
+            if claim is not None:
+                claim.start()  # taking the devices overlaps the restore
+            if coldboot:
+                assert claim is not None
+                machine = await engine.boot(profile, image, devices=await claim.devices(),
+                                            policy=engine.policy(profile))
+            else:
+                # The pool policy: a profile's own hot clones first, then its warm VMMs; a
+                # profile without a pool of its own leaves other profiles' warm VMs alone.
+                machine = await engine.restore(
+                    snapshot, use_pool=profile.warm > 0,
+                    hot_key=engine.hot_key(profile) if profile.hot > 0 else None,
+                    policy=engine.policy(profile),
+                )
+            restore_s = time.monotonic() - started
             bound = bound.bind(vm_id=machine.vm_id)
             note(
-                f"restored {profile.image} from snapshot {snapshot.key[:12]} in "
-                f"{restored.restore_s * 1000:.0f} ms"
-                + (" from the hot pool" if restored.hot
-                   else " from the warm pool" if restored.warm else "")
+                (f"booted {profile.image} cold" if coldboot
+                 else f"restored {profile.image} from snapshot {key[:12]}")
+                + f" in {restore_s * 1000:.0f} ms"
+                + (" from the hot pool" if machine.hot
+                   else " from the warm pool" if machine.pooled else "")
                 + f" (vm {machine.vm_id})"
+            )
+            if claim is not None:
+                verdict = await claim.attach(machine, plug=not coldboot)
+                note(describe(verdict, claim.attach_s))
+            report.restored = restored = Restored(
+                vm_id=machine.vm_id,
+                snapshot=key,
+                warm=machine.pooled,
+                hot=machine.hot,
+                restore_s=restore_s,
+                timings=dict(machine.timings),
+                gpus=() if claim is None else claim.unit_ids,
             )
             if on_ready is not None:
                 await on_ready(machine, restored)
@@ -250,6 +282,11 @@ async def run(
             report.teardown = await machine.destroy()
             for problem in report.teardown.errors:
                 bound.warning("teardown", problem=problem)
+        if claim is not None:
+            # After the VM: VFIO lets go of a device only once its QEMU has exited.
+            sick = await asyncio.shield(claim.release())
+            if sick:
+                note(f"GPU(s) {', '.join(sick)} could not be reset and are quarantined")
         report.duration_s = time.monotonic() - started
         outcome, restored_ = report.outcome, report.restored
         bound.info(

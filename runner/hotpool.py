@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from runner.agent.messages import Command
 from runner.net.policy import EgressPolicy
 from runner.snapshots import Snapshot
 from runner.vm.backend import Hypervisor, Machine, VMState
@@ -35,7 +36,7 @@ log = structlog.get_logger("snapfleet.hotpool")
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
-WARMUP = ["/bin/sh", "-c", "true"]
+WARMUP = Command(argv=["/bin/sh", "-c", "true"])
 HOT_HOSTNAME = "snapfleet-hot"
 
 

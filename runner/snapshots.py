@@ -197,6 +197,7 @@ class SnapshotStore:
                 "cpu": spec.cpu,
                 "network": spec.network,
                 "tcg_tb_size_mib": spec.tcg_tb_size_mib,
+                "pcie_root_ports": spec.pcie_root_ports,
             },
             "sha256": sums,
             "sizes": {name: (tmp / name).stat().st_size for name in FILES},
@@ -244,6 +245,7 @@ def _spec_from_manifest(path: Path, manifest: dict[str, Any]) -> MachineSpec:
         cpu=s["cpu"],
         network=s["network"],
         tcg_tb_size_mib=s.get("tcg_tb_size_mib", 0),
+        pcie_root_ports=s.get("pcie_root_ports", 0),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from runner.agent import messages as proto_messages
 from runner.agent import protocol as proto
-from runner.errors import AgentDisconnected, AgentError, AgentTimeout
+from runner.errors import AgentDisconnected, AgentError, AgentProtocolError, AgentTimeout
 from runner.vm.agent_client import (
+    MAX_LOGGED_PROTOCOL_ERRORS,
     OUTPUT_BUFFER_LIMIT,
     AgentClient,
+    Command,
     ExecResult,
     ExecSession,
     HybridVsockTransport,
@@ -121,8 +126,12 @@ async def collect(session: ExecSession) -> tuple[list[tuple[str, bytes]], ExecRe
     return chunks, await session.wait()
 
 
+def sh(script: str, **kw: Any) -> Command:
+    return Command(argv=["sh", "-c", script], **kw)
+
+
 async def run(client: AgentClient, argv: Sequence[str], **kw: Any) -> tuple[bytes, ExecResult]:
-    chunks, result = await collect(await client.exec(argv, **kw))
+    chunks, result = await collect(await client.exec(Command(argv=argv, **kw)))
     return b"".join(data for stream, data in chunks if stream == "stdout"), result
 
 
@@ -138,13 +147,13 @@ async def test_stdout_and_stderr_keep_arrival_order(client: AgentClient) -> None
     # The sleeps make the order observable: with both pipes ready at once no
     # reader could tell which was written first.
     script = "echo a; sleep 0.1; echo b >&2; sleep 0.1; echo c"
-    chunks, result = await collect(await client.exec(["sh", "-c", script]))
+    chunks, result = await collect(await client.exec(sh(script)))
     assert chunks == [("stdout", b"a\n"), ("stderr", b"b\n"), ("stdout", b"c\n")]
     assert result == ExecResult(0, None, timed_out=False, cancelled=False)
 
 
 async def test_output_streams_before_exit(client: AgentClient) -> None:
-    session = await client.exec(["sh", "-c", "echo first; sleep 2; echo second"])
+    session = await client.exec(sh("echo first; sleep 2; echo second"))
     started = time.monotonic()
     chunk = await asyncio.wait_for(anext(session), 1.5)
     assert chunk.data == b"first\n"
@@ -160,7 +169,9 @@ async def test_exit_code_passes_through(client: AgentClient) -> None:
 
 
 async def test_script_runs_with_shell_and_stdin(client: AgentClient) -> None:
-    session = await client.exec(script='read line; echo "got $line from $0"', stdin=b"hi\n")
+    session = await client.exec(
+        Command(script='read line; echo "got $line from $0"', stdin=b"hi\n")
+    )
     chunks, result = await collect(session)
     assert result.exit_code == 0
     assert chunks[0][1].startswith(b"got hi from /")
@@ -170,7 +181,7 @@ async def test_script_runs_with_shell_and_stdin(client: AgentClient) -> None:
 
 async def test_timeout_kills_the_whole_group(client: AgentClient) -> None:
     started = time.monotonic()
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30 & sleep 30"], timeout=1)
+    session = await client.exec(sh("echo $$; sleep 30 & sleep 30", timeout=1))
     pgid = await first_line_pid(session)
     for _ in range(50):  # sh forks the sleeps after the echo
         if len(group_members(pgid)) == 3:
@@ -185,7 +196,7 @@ async def test_timeout_kills_the_whole_group(client: AgentClient) -> None:
 
 async def test_timeout_escalates_to_sigkill(client: AgentClient) -> None:
     started = time.monotonic()
-    session = await client.exec(["sh", "-c", "trap '' TERM; echo $$; sleep 30"], timeout=0.5)
+    session = await client.exec(sh("trap '' TERM; echo $$; sleep 30", timeout=0.5))
     pgid = await first_line_pid(session)
     result = await session.wait()
     elapsed = time.monotonic() - started
@@ -195,7 +206,7 @@ async def test_timeout_escalates_to_sigkill(client: AgentClient) -> None:
 
 
 async def test_cancel(client: AgentClient) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30 & sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30 & sleep 30"))
     pgid = await first_line_pid(session)
     started = time.monotonic()
     await session.cancel()
@@ -239,7 +250,7 @@ async def test_put_file(client: AgentClient, tmp_path: Path) -> None:
 async def test_failed_requests_get_errors_and_agent_keeps_serving(client: AgentClient) -> None:
     with pytest.raises(AgentError, match="agent error"):
         await client.put_file("/dev/null/not-a-dir/x", b"")
-    session = await client.exec(["echo", "nul\x00byte"])  # the host refuses these first
+    session = await client.exec(Command(argv=["echo", "nul\x00byte"]))  # the guest cannot run it
     with pytest.raises(AgentError, match="ValueError"):
         await session.wait()
     out, _ = await run(client, ["echo", "still here"])
@@ -259,7 +270,7 @@ async def test_failed_requests_get_errors_and_agent_keeps_serving(client: AgentC
 async def test_a_job_that_cannot_start_ends_like_a_shell_says(
     client: AgentClient, argv: list[str], cwd: str | None, code: int, reason: str
 ) -> None:
-    chunks, result = await collect(await client.exec(argv, cwd=cwd))
+    chunks, result = await collect(await client.exec(Command(argv=argv, cwd=cwd)))
     assert result == ExecResult(code, None, timed_out=False, cancelled=False)
     assert chunks == [("stderr", f"snapfleet: {reason}\n".encode())]
     out, _ = await run(client, ["echo", "still here"])
@@ -273,7 +284,9 @@ async def read_events(
     while len(events) < count:
         data = await asyncio.wait_for(reader.read(65536), 5)
         assert data, "agent closed the connection"
-        events += conn.receive_data(data)
+        conn.receive_data(data)
+        while (event := conn.next_event()) is not None:
+            events.append(event)
     return events
 
 
@@ -285,6 +298,8 @@ async def test_bad_frames_get_error_replies(agent: AgentProcess) -> None:
         assert isinstance(hello, proto.Hello)
         assert hello.version == proto.PROTOCOL_VERSION
         for payload in (b'{"type": "launch", "id": 77}', b'{"type": "ping", "id": 78, "x": 1}'):
+            rid = json.loads(payload)["id"]
+            conn.send(proto.Ping(rid))  # our end records request rid; the guest gets garbage
             writer.write(struct.pack(">IB", len(payload) + 1, 1) + payload)
         writer.write(conn.send(proto.Ping(79)))
         events = await read_events(reader, conn, 3)
@@ -309,7 +324,7 @@ async def test_reconnect_keeps_agent_and_state(agent: AgentProcess) -> None:
     transport = UnixSocketTransport(agent.socket, timeout=10)
     first = await AgentClient.connect(transport)
     await first.configure(env={"KEPT": "yes"})
-    await first.exec(["sh", "-c", "sleep 0.3; echo orphaned output"])  # outlives its host
+    await first.exec(sh("sleep 0.3; echo orphaned output"))  # outlives its host
     await first.close()
     for _ in range(3):  # like clones restored from one snapshot, one after another
         second = await AgentClient.connect(transport, timeout=10)
@@ -322,6 +337,25 @@ async def test_reconnect_keeps_agent_and_state(agent: AgentProcess) -> None:
             assert await second.ping() < 1
         finally:
             await second.close()
+
+
+async def test_an_earlier_hosts_exec_never_talks_to_the_next_host(agent: AgentProcess) -> None:
+    """Both hosts number their requests from 1: the first host's exec 2 and the
+    second's exec 2 run at once, and only the second's output reaches it."""
+    transport = UnixSocketTransport(agent.socket, timeout=10)
+    first = await AgentClient.connect(transport)
+    orphan = await first.exec(sh("sleep 0.5; echo orphan; sleep 0.2; echo orphan again"))
+    await first.close()
+    second = await AgentClient.connect(transport, timeout=10)
+    try:
+        mine = await second.exec(sh("sleep 1.2; echo mine"))
+        assert mine.id == orphan.id
+        out = b"".join([chunk.data async for chunk in mine])
+        assert out == b"mine\n"
+        assert (await mine.wait()).exit_code == 0
+        assert second.protocol_errors == 0
+    finally:
+        await second.close()
 
 
 async def test_concurrent_execs(client: AgentClient) -> None:
@@ -337,7 +371,7 @@ async def test_concurrent_execs(client: AgentClient) -> None:
 
 async def test_unread_output_is_bounded_and_exact(client: AgentClient) -> None:
     size = 3 * OUTPUT_BUFFER_LIMIT
-    session = await client.exec(["head", "-c", str(size), "/dev/zero"])
+    session = await client.exec(Command(argv=["head", "-c", str(size), "/dev/zero"]))
     await asyncio.sleep(1.0)  # read nothing: the client must stop buffering
     assert session._buffered <= OUTPUT_BUFFER_LIMIT + proto.MAX_OUTPUT_DATA
     assert not session.done
@@ -351,7 +385,8 @@ async def test_unread_output_is_bounded_and_exact(client: AgentClient) -> None:
 
 
 async def test_wait_without_reading_discards_output(client: AgentClient) -> None:
-    session = await client.exec(["head", "-c", str(3 * OUTPUT_BUFFER_LIMIT), "/dev/zero"])
+    size = 3 * OUTPUT_BUFFER_LIMIT
+    session = await client.exec(Command(argv=["head", "-c", str(size), "/dev/zero"]))
     result = await asyncio.wait_for(session.wait(), 20)
     assert result.exit_code == 0
     assert session._buffered == 0
@@ -371,7 +406,7 @@ async def test_orphans_are_reaped(agent: AgentProcess, client: AgentClient) -> N
 async def test_killing_the_agent_fails_the_session(
     agent: AgentProcess, client: AgentClient
 ) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30"))
     pgid = await first_line_pid(session)
     try:
         agent.proc.kill()
@@ -402,7 +437,7 @@ async def test_pending_request_fails_on_disconnect(
 async def test_shutdown_exits_agent_that_is_not_pid1(
     agent: AgentProcess, client: AgentClient
 ) -> None:
-    session = await client.exec(["sh", "-c", "echo $$; sleep 30"])
+    session = await client.exec(sh("echo $$; sleep 30"))
     pgid = await first_line_pid(session)
     await client.shutdown()
     assert await asyncio.to_thread(agent.proc.wait, 5) == 0
@@ -490,3 +525,140 @@ async def test_hybrid_vsock_transport(agent: AgentProcess) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
         os.unlink(path)
+
+
+# --- a misbehaving agent: what the client makes of replies it did not expect ---
+
+
+class FakeAgent:
+    """A unix socket whose "agent" answers each request with whatever ``answer`` returns."""
+
+    def __init__(self, path: str, answer: Any) -> None:
+        self.path = path
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeAgent:
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = proto.Connection(proto.Role.GUEST)
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                conn.receive_data(data)
+                while (request := conn.next_event()) is not None:
+                    assert isinstance(request, proto.Message)
+                    if isinstance(request, proto.Ping) and request.id == 1:
+                        frames = [conn.send(proto.Pong(1))]  # let connect() succeed
+                    else:
+                        frames = [raw_event(e) for e in self.answer(request)]
+                    writer.write(b"".join(frames))
+                    await writer.drain()
+        writer.close()
+
+
+def raw_event(event: proto.Event) -> bytes:
+    """A frame for ``event`` whatever the conversation says (a guest gone wrong)."""
+    if isinstance(event, proto.Output):
+        return proto.encode_output(event.exec_id, event.stream, event.data)
+    payload = proto_messages._encode_message(event)
+    return struct.pack(">IB", len(payload) + 1, proto.FrameKind.MESSAGE) + payload
+
+
+@contextlib.asynccontextmanager
+async def misbehaving(answer: Any) -> AsyncIterator[AgentClient]:
+    path = tempfile.mktemp(prefix="sfa-bad-", suffix=".sock")
+    async with FakeAgent(path, answer):
+        client = await AgentClient.connect(UnixSocketTransport(path), timeout=5)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+def exited(rid: int, code: int = 0) -> proto.Exited:
+    return proto.Exited(rid, exit_code=code, signal=None, timed_out=False, cancelled=False)
+
+
+async def test_a_reply_of_the_wrong_kind_fails_the_request_and_is_logged() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Ping):
+            return [proto.Ok(request.id)]  # a ping wants a pong
+        return [proto.Ok(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            wrong_kind = r"ok for request 2 \(ping, awaiting pong\)"
+            with pytest.raises(AgentProtocolError, match=wrong_kind):
+                await client.ping(timeout=5)
+            await client.configure(env={"SECRET": "hunter2"})  # the channel still works
+        assert [(e["event"], e["request"]) for e in logs] == [("agent_protocol_error", 2)]
+        assert "hunter2" not in repr(logs)
+        assert client.protocol_errors == 1
+
+
+async def test_replies_to_nothing_are_logged_not_dropped() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Ping):
+            return [proto.Pong(request.id)]
+        return [
+            proto.Output(77, proto.STDOUT, b"stray"),  # no exec 77
+            exited(78),  # nor 78
+            proto.Error(0, "message is not a JSON object"),  # the agent rejected something
+            proto.Output(request.id, proto.STDOUT, b"real\n"),
+            exited(request.id, 3),
+            exited(request.id, 4),  # exited twice
+            proto.Output(request.id, proto.STDOUT, b"after the end"),
+        ]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            session = await client.exec(Command(argv=["anything"]))
+            chunks, result = await collect(session)
+            await client.ping()  # everything sent before its pong has been read
+        assert chunks == [("stdout", b"real\n")]
+        assert result.exit_code == 3
+        assert [(e["event"], e["request"]) for e in logs] == [
+            ("agent_protocol_error", 77),
+            ("agent_protocol_error", 78),
+            ("agent_rejected_a_message", None),
+            ("agent_protocol_error", session.id),
+            ("agent_protocol_error", session.id),
+        ]
+        assert "which is not outstanding" in logs[-1]["reason"]
+
+
+async def test_an_exec_answered_wrongly_fails_its_session() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        if isinstance(request, proto.Exec):
+            return [proto.Output(request.id, proto.STDOUT, b"partial"), proto.Pong(request.id)]
+        return [proto.Pong(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs():
+            session = await client.exec(Command(argv=["anything"]))
+            with pytest.raises(AgentProtocolError, match=r"pong for request \d+ \(exec, running\)"):
+                await session.wait()
+        assert session.done
+        assert await client.ping() < 5  # one bad exec does not end the channel
+
+
+async def test_protocol_errors_are_logged_up_to_a_limit() -> None:
+    def answer(request: proto.Message) -> list[proto.Event]:
+        stray: list[proto.Event] = [proto.Ok(9000 + i) for i in range(50)]
+        return [*stray, proto.Pong(request.id)]
+
+    async with misbehaving(answer) as client:
+        with capture_logs() as logs:
+            await client.ping()
+        assert client.protocol_errors == 50
+        assert len(logs) == MAX_LOGGED_PROTOCOL_ERRORS + 1  # and one line saying it stops
+        assert logs[-1]["event"] == "agent_protocol_errors_muted"

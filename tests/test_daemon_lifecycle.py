@@ -24,23 +24,10 @@ from runner.execution import Command
 from runner.service.daemon import Daemon
 from runner.service.jobs import Job, JobSpec, JobState, new_job_id
 from runner.service.leases import LeaseBook
-from runner.service.notify import Notifier
 from runner.service.scheduler import Resources
 from runner.service.store import Store
 from tests.backends import toy
-from tests.backends.toy import toy_settings
-
-
-class ReadyNotifier(Notifier):
-    """Tells the test when the daemon is READY (as systemd would hear it)."""
-
-    def __init__(self) -> None:
-        super().__init__({})
-        self.is_ready = asyncio.Event()
-
-    def ready(self, status: str | None = None) -> bool:
-        self.is_ready.set()
-        return True
+from tests.backends.toy import ReadyNotifier, toy_settings
 
 
 @dataclass

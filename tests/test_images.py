@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from runner import compose
+from runner.agent.messages import Command
 from runner.config import Profile, Settings, load_settings
 from runner.engine import Engine
 from runner.errors import ConfigError, ImageError, SnapshotError
@@ -608,10 +609,10 @@ class FakeWarmupMachine:
         self.scripts: list[str | None] = []
         self.saved = self.destroyed = False
 
-    async def exec(self, argv: Any = None, *, script: str | None = None, **_: Any) -> Any:
-        self.scripts.append(script)
+    async def exec(self, command: Command) -> Any:
+        self.scripts.append(command.script)
         return FakeSession(
-            self.result if script else ExecResult(0, None, False, False), self.output
+            self.result if command.script else ExecResult(0, None, False, False), self.output
         )
 
     async def save_snapshot(self, state: Path) -> None:
@@ -1001,7 +1002,7 @@ def standin_runner_tarball(directory: Path) -> Path:
 
 
 async def guest_run(machine: Any, argv: list[str], env: dict[str, str]) -> tuple[int | None, str]:
-    session = await machine.exec(argv, env=env, timeout=60)
+    session = await machine.exec(Command(argv=argv, env=env, timeout=60))
     out = b"".join([chunk.data async for chunk in session])
     return (await session.wait()).exit_code, out.decode(errors="replace")
 

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from runner.errors import ConfigError, NetworkError
-from runner.net import CloneNetwork, NetConfig, NetworkManager
+from runner.net import CloneNetwork, NetConfig
 from runner.net.forwarding import ForwardingLease
+from runner.net.manager import NetworkManager
 from runner.net.nft import host_ruleset, ns_policy
 from runner.net.policy import Allow, EgressPolicy
 

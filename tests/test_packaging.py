@@ -18,7 +18,6 @@ PROVIDES = {
 }
 KEPT = {
     "cryptography": "PyJWT's RS256 needs it at run time; nothing imports it by name",
-    "python-gitlab": "`snapfleet gitlab register` (issue 11) is its job; drop this with it",
 }
 
 

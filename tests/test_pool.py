@@ -100,7 +100,7 @@ async def test_pool_fills_hands_out_a_warm_machine_and_refills(
         assert machine.timings["load"] > 0
         after = stats(pool, snapshot)
         assert (after.hits, after.misses) == (before.hits + 1, before.misses)
-        session = await machine.exec(["echo", "warm"])
+        session = await machine.exec(Command(argv=["echo", "warm"]))
         assert b"".join([c.data async for c in session]) == b"warm\n"
         assert (await session.wait()).exit_code == 0
     finally:
@@ -151,7 +151,7 @@ async def test_machines_killed_while_idle_are_skipped_and_replaced(
     try:
         assert not machine.pooled  # both pooled ones were dead: prepared afresh
         assert machine.pid not in victims
-        session = await machine.exec(["echo", "still runs"])
+        session = await machine.exec(Command(argv=["echo", "still runs"]))
         assert b"".join([c.data async for c in session]) == b"still runs\n"
     finally:
         await machine.destroy()
@@ -178,7 +178,7 @@ async def test_pooled_machine_that_dies_unnoticed_falls_back_to_a_fresh_one(
     try:
         assert not machine.pooled
         assert machine.pid not in victims
-        session = await machine.exec(["echo", "fallback"])
+        session = await machine.exec(Command(argv=["echo", "fallback"]))
         assert b"".join([c.data async for c in session]) == b"fallback\n"
     finally:
         await machine.destroy()

@@ -27,10 +27,9 @@ from runner.forge.github.source import JIT_ENV
 from runner.service.daemon import Daemon
 from runner.service.jobs import Job, JobState
 from tests.backends import toy
-from tests.backends.toy import toy_settings
+from tests.backends.toy import ReadyNotifier, toy_settings
 from tests.fake_github import FakeGitHub
 from tests.fake_scaleset import FakeScaleSetService
-from tests.test_daemon_lifecycle import ReadyNotifier
 
 ORG = "octo-org"
 REPO = "octo-org/hello"

@@ -8,9 +8,19 @@ import pytest
 
 from runner.config import load_settings
 from runner.errors import ConfigError, InvalidStateError
+from runner.gpu.config import GpuRequest
 from runner.service.jobs import JobSpec, JobState, check_transition
 from runner.service.recovery import LOST_JOB_REASON, Observed, plan
-from runner.service.scheduler import Resources, choose_profile, pick, refusal, room
+from runner.service.scheduler import (
+    Resources,
+    choose_profile,
+    gpu_capacity,
+    gpu_refusal,
+    pick,
+    plan_starts,
+    refusal,
+    room,
+)
 
 R1 = Resources(1, 512)
 R4 = Resources(4, 4096)
@@ -171,3 +181,41 @@ def test_bad_job_specs_name_the_field(data: dict[str, object], keys: set[str]) -
     with pytest.raises(ConfigError) as info:
         JobSpec.parse(data)
     assert {k for k, _ in info.value.problems} == keys
+
+
+G1 = Resources(1, 512, 1)
+A100, H100 = "10de:20b0", "10de:2330"
+UNITS = [("0000:01:00.0", A100), ("0000:02:00.0", H100), ("0000:03:00.0", A100)]
+
+
+@pytest.mark.parametrize(
+    ("queue", "units", "expected"),
+    [
+        # Any model: the first free units, each job its own.
+        ([("a", G1, GpuRequest(1)), ("b", G1, GpuRequest(1))], UNITS,
+         [("a", ("0000:01:00.0",)), ("b", ("0000:02:00.0",))]),
+        # A model request skips units of other models.
+        ([("h", G1, GpuRequest(1, H100)), ("a", G1, GpuRequest(1, A100))], UNITS,
+         [("h", ("0000:02:00.0",)), ("a", ("0000:01:00.0",))]),
+        # The head waits for its model; nothing behind it overtakes.
+        ([("h", G1, GpuRequest(1, H100)), ("x", G1, GpuRequest(1))], UNITS[:1], []),
+        ([("two", Resources(1, 512, 2), GpuRequest(2, A100))], UNITS,
+         [("two", ("0000:01:00.0", "0000:03:00.0"))]),
+        ([("plain", R1, None), ("g", G1, GpuRequest(1))], [], [("plain", ())]),
+    ],
+)
+def test_plan_starts_hands_out_specific_free_units_fifo(
+    queue: list[tuple[str, Resources, GpuRequest | None]], units: list[tuple[str, str]],
+    expected: list[tuple[str, tuple[str, ...]]],
+) -> None:
+    assert plan_starts(queue, Resources(8, 8192, 3), 8, units) == expected
+
+
+def test_gpu_capacity_and_refusal() -> None:
+    assert gpu_capacity(0, 3) == 3  # unset: every device [gpu] hands out
+    assert gpu_capacity(1, 3) == 1
+    assert gpu_capacity(5, 3) == 3
+    assert gpu_refusal(GpuRequest(1, H100), UNITS) is None
+    assert gpu_refusal(GpuRequest(1), []) is None  # counts are refusal()'s business
+    reason = gpu_refusal(GpuRequest(2, H100), UNITS)
+    assert reason == "needs 2 GPU of model 10de:2330 but this host hands out 1 of that model"

@@ -106,9 +106,11 @@ async def test_clones_do_not_share_disk_writes_and_template_is_untouched(
     a = await engine.restore(snapshot)
     b = await engine.restore(snapshot)
     try:
-        write = await a.exec(script="echo secret-a > /root/marker && sync && cat /root/marker")
+        write = await a.exec(
+            Command(script="echo secret-a > /root/marker && sync && cat /root/marker")
+        )
         assert b"".join([c.data async for c in write]) == b"secret-a\n"
-        look = await b.exec(script="cat /root/marker 2>&1; echo status=$?")
+        look = await b.exec(Command(script="cat /root/marker 2>&1; echo status=$?"))
         assert b"".join([c.data async for c in look]).endswith(b"status=1\n")
     finally:
         await a.destroy()
@@ -152,15 +154,13 @@ async def test_clone_cannot_reach_a_host_service(engine: Engine, snapshot: Snaps
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         url = f"http://{machine.network.host_address}:{port}/"
-        session = await machine.exec(
-            [
-                "python3",
-                "-c",
-                "import sys, urllib.request;"
-                "print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())",
-                url,
-            ]
-        )
+        session = await machine.exec(Command(argv=[
+            "python3",
+            "-c",
+            "import sys, urllib.request;"
+            "print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())",
+            url,
+        ]))
         output = b"".join([c.data async for c in session])
         status = await session.wait()
     finally:
@@ -199,7 +199,7 @@ async def test_destroyed_vm_refuses_exec(engine: Engine, snapshot: Snapshot) -> 
     from runner.errors import InvalidStateError
 
     with pytest.raises(InvalidStateError):
-        await machine.exec(["true"])
+        await machine.exec(Command(argv=["true"]))
     assert (await machine.destroy()).escalation == "quit"  # twice is harmless
 
 
@@ -228,7 +228,7 @@ async def test_qemu_runs_unprivileged_in_its_own_cgroup(
         tail = f"/snapfleet/{engine.instance}/{machine.vm_id}"
         limited = [ln for ln in groups.splitlines() if ln.endswith(tail)]
         assert limited, groups
-        session = await machine.exec(["echo", "works"])
+        session = await machine.exec(Command(argv=["echo", "works"]))
         assert b"".join([c.data async for c in session]) == b"works\n"
     finally:
         await machine.destroy()
@@ -282,7 +282,9 @@ async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snap
     assert isinstance(machine, QemuMachine)
     try:
         started, cpu = time.monotonic(), time.process_time()
-        spew = await machine.exec(script=f"yes | head -c {3 * cap} > /dev/ttyS0; echo done")
+        spew = await machine.exec(
+            Command(script=f"yes | head -c {3 * cap} > /dev/ttyS0; echo done")
+        )
         assert b"".join([c.data async for c in spew]) == b"done\n"
         took, cpu = time.monotonic() - started, time.process_time() - cpu
         size = machine.console_log.stat().st_size
@@ -290,7 +292,7 @@ async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snap
         assert 0 < size <= cap
         assert machine.console_log.read_bytes().endswith(b"y\r\n")
         # The guest still answers: a busy console does not wedge it.
-        still = await machine.exec(["echo", "alive"])
+        still = await machine.exec(Command(argv=["echo", "alive"]))
         assert b"".join([c.data async for c in still]) == b"alive\n"
     finally:
         await machine.destroy()

@@ -38,7 +38,10 @@ class Channel:
         raise NotImplementedError
 
     def write(self, data: bytes) -> None:
-        """Write all of ``data``; may block until a host reads it."""
+        """Write all of ``data``; may block while the host is slow to read.
+
+        With no host, the frame is dropped: it belonged to one that left.
+        """
         raise NotImplementedError
 
     def drop(self) -> None:
@@ -49,7 +52,7 @@ class PortChannel(Channel):
     """A virtio-serial port (``/dev/vportNpM``).
 
     With no host connected, read() returns 0 at once, poll() reports POLLHUP
-    and write() blocks until a host connects.
+    and write() would block until a host connects, so `write` checks first.
     """
 
     def __init__(self, path: str) -> None:
@@ -69,6 +72,8 @@ class PortChannel(Channel):
             return b""
 
     def write(self, data: bytes) -> None:
+        if any(ev & select.POLLHUP for _, ev in self._poll.poll(0)):
+            return  # no host: do not hand this frame to the next one
         view = memoryview(data)
         try:
             while view:
@@ -95,7 +100,7 @@ class SocketChannel(Channel):
         self._listener = listener
         self._connect = connect
         self._conn: socket.socket | None = None
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
 
     def wait_host(self) -> None:
         conn = None
@@ -107,9 +112,8 @@ class SocketChannel(Channel):
                     conn = self._connect()
             except OSError:
                 time.sleep(0.1)
-        with self._cond:
+        with self._lock:
             self._conn = conn
-            self._cond.notify_all()
 
     def read(self) -> bytes:
         conn = self._conn
@@ -121,10 +125,9 @@ class SocketChannel(Channel):
             return b""
 
     def write(self, data: bytes) -> None:
-        with self._cond:
-            while self._conn is None:
-                self._cond.wait()
-            # A frame for a host that just left is dropped, like its session.
+        with self._lock:
+            if self._conn is None:
+                return  # a frame for a host that just left is dropped, like its session
             with contextlib.suppress(OSError):
                 self._conn.sendall(data)
 
@@ -135,7 +138,7 @@ class SocketChannel(Channel):
         # shutdown() first wakes a writer blocked in sendall() on this socket.
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)
-        with self._cond:
+        with self._lock:
             conn.close()
             self._conn = None
 

@@ -7,10 +7,14 @@ Threads, each with one job:
   request is read, so a `Cancel` can never overtake its `Exec`);
 * one pump thread per exec and one reaper thread (see `runner.agent.processes`).
 
-Every frame goes out through `Agent.send` under one lock: one writer.
+Each host gets a `HostSession`: a fresh `Connection`, which tracks that
+host's requests and execs, and the execs it started. Every frame goes out
+through `Agent.send` under one lock, and only for the session that is still
+the current one: an exec that outlives its host keeps running, but its
+output and exit are never sent to the next host (whose ids may be the same).
 
 When the channel loses its host (see `runner.agent.channel`) the agent waits
-for a new one, sends `Hello` and starts a fresh decoder. It never exits
+for a new one, sends `Hello` and starts a fresh session. It never exits
 because of its channel.
 """
 
@@ -40,11 +44,20 @@ from runner.agent.protocol import (
     Ping,
     Pong,
     PutFile,
+    RequestState,
     Role,
     Shutdown,
 )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class HostSession:
+    """One host's conversation: its protocol state and the execs it started."""
+
+    def __init__(self) -> None:
+        self.conn = Connection(Role.GUEST)
+        self.execs: dict[int, Execution] = {}
 
 
 class Agent:
@@ -59,25 +72,30 @@ class Agent:
         self.system = system
         self.kill_grace = kill_grace
         self.reaper = Reaper()
-        self._proto = Connection(Role.GUEST)
-        self._send_lock = threading.Lock()
-        self._execs: dict[int, Execution] = {}
-        self._execs_lock = threading.Lock()
+        self._session: HostSession | None = None
+        self._lock = threading.Lock()
+        """Guards the session's `Connection` and every channel write."""
+        self._live: set[Execution] = set()  # every exec still pumping, of any session
         self._base_env = dict(os.environ)
         self._base_env.setdefault("PATH", DEFAULT_PATH)
         self._job_env: dict[str, str] = {}
         self._stopping = False
 
-    def send(self, message: Event) -> None:
-        """Encode and write one frame; the only way anything reaches the host."""
-        frame = self._proto.send(message)
-        with self._send_lock:
-            self.channel.write(frame)
+    def send(self, session: HostSession, message: Event) -> None:
+        """Encode and write one frame of ``session``: the only way anything reaches a host.
 
-    def forget(self, exec_id: int) -> None:
-        """Drop a finished exec from the table (called by its pump thread)."""
-        with self._execs_lock:
-            self._execs.pop(exec_id, None)
+        A frame of a session that ended is dropped (its host is gone); one the
+        conversation does not allow is logged and dropped.
+        """
+        with self._lock:
+            if session is not self._session:
+                return
+            try:
+                frame = session.conn.send(message)
+            except AgentProtocolError as exc:
+                log(f"not sent: {exc}")
+                return
+            self.channel.write(frame)
 
     def serve(self) -> None:
         """Serve hosts one after another until a shutdown request."""
@@ -86,60 +104,69 @@ class Agent:
         boot_id = system.boot_id()
         while not self._stopping:
             self.channel.wait_host()
-            self._proto = Connection(Role.GUEST)  # a new host starts a new stream
+            session = self._begin()
             try:
-                self.send(Hello(0, PROTOCOL_VERSION, boot_id))
+                self.send(session, Hello(0, PROTOCOL_VERSION, boot_id))
                 while not self._stopping and (data := self.channel.read()):
-                    self._receive(data)
+                    session = self._receive(session, data)
             except Exception as exc:  # never exit over a channel or a bug: PID 1
                 log(f"session failed: {type(exc).__name__}: {exc}")
             if not self._stopping:
-                self.channel.drop()
+                self.channel.drop()  # first: it wakes a writer blocked on the old host
+                with self._lock:
+                    self._session = None
 
-    def _receive(self, data: bytes) -> None:
+    def _begin(self) -> HostSession:
+        session = HostSession()
+        with self._lock:
+            self._session = session
+        return session
+
+    def _receive(self, session: HostSession, data: bytes) -> HostSession:
+        """Handle, in order, every request ``data`` completes; returns the session to go on with."""
+        with self._lock:
+            session.conn.receive_data(data)
         while True:
             try:
-                events = self._proto.receive_data(data)
+                with self._lock:
+                    request = session.conn.next_event()
             except AgentProtocolError as exc:
-                self.send(Error(exc.message_id or 0, str(exc)))
-                if self._proto.broken:
-                    self._proto = Connection(Role.GUEST)
-                    return
-                data = b""
+                self.send(session, Error(exc.message_id or 0, str(exc)))
+                if session.conn.broken:  # the stream cannot resync: start afresh
+                    return self._begin()
                 continue
-            for event in events:
-                self._handle(event)
-            return
+            if request is None:
+                return session
+            self._handle(session, request)
 
-    def _handle(self, request: Event) -> None:
+    def _handle(self, session: HostSession, request: Event) -> None:
         if isinstance(request, Output):
             return  # a GUEST connection never decodes one
         try:
-            reply = self._dispatch(request)
+            reply = self._dispatch(session, request)
         except Exception as exc:  # one bad request must not kill the agent
-            self.send(Error(request.id, f"{type(exc).__name__}: {exc}"[:4096]))
+            self.send(session, Error(request.id, f"{type(exc).__name__}: {exc}"[:4096]))
             return
         if reply is not None:
-            self.send(reply)
+            self.send(session, reply)
         if isinstance(request, Shutdown):
             self._power_off()
 
-    def _dispatch(self, request: Message) -> Event | None:
+    def _dispatch(self, session: HostSession, request: Message) -> Event | None:
         match request:
             case Ping(id=rid):
                 return Pong(rid)
             case Configure():
                 self._configure(request)
             case Exec():
-                self._exec(request)
+                self._exec(session, request)
                 return None
             case PutFile():
                 system.put_file(request.path, request.data, request.mode)
             case Cancel(exec_id=exec_id, signal=sig):
-                with self._execs_lock:
-                    execution = self._execs.get(exec_id)
-                if execution is not None:  # already finished: nothing to cancel
-                    execution.cancel(sig)
+                execution = session.execs.get(exec_id)
+                if execution is not None and session.conn.state(exec_id) is RequestState.RUNNING:
+                    execution.cancel(sig)  # else it already ended: nothing to cancel
             case Shutdown():
                 os.sync()
             case _:
@@ -151,28 +178,36 @@ class Agent:
             system.configure(req.clock_ns, req.entropy, req.hostname, req.nameservers)
         self._job_env = dict(req.env)
 
-    def _exec(self, req: Exec) -> None:
-        with self._execs_lock:
-            if req.id in self._execs:
-                raise ValueError(f"exec {req.id} is already running")
-            execution = Execution(
-                req,
-                reaper=self.reaper,
-                send=self.send,
-                forget=self.forget,
-                kill_grace=self.kill_grace,
-            )
-            self._execs[req.id] = execution
+    def _exec(self, session: HostSession, req: Exec) -> None:
+        """Start exec ``req.id`` (the connection already has it `RUNNING`)."""
+
+        def done(execution: Execution) -> None:  # its pump thread, once it sent its last frame
+            with self._lock:
+                self._live.discard(execution)
+                if session.execs.get(execution.id) is execution:
+                    del session.execs[execution.id]
+
+        execution = Execution(
+            req.id,
+            req,
+            reaper=self.reaper,
+            send=lambda event: self.send(session, event),
+            done=done,
+            kill_grace=self.kill_grace,
+        )
+        with self._lock:
+            session.execs[req.id] = execution
+            self._live.add(execution)
         try:
             execution.start({**self._base_env, **self._job_env})
         except BaseException:
-            self.forget(req.id)
+            done(execution)
             raise
 
     def _power_off(self) -> None:
         self._stopping = True
-        with self._execs_lock:
-            running = list(self._execs.values())
+        with self._lock:
+            running = list(self._live)
         for execution in running:
             execution.cancel(signal.SIGKILL)
         if os.getpid() != 1:

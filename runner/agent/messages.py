@@ -15,6 +15,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -89,9 +90,9 @@ class Configure:
     SENDER: ClassVar[Role] = Role.HOST
     id: int
     clock_ns: int
-    entropy: bytes
+    entropy: bytes = field(repr=False)
     hostname: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # secrets
     nameservers: list[str] = field(default_factory=list)
     """Resolvers for /etc/resolv.conf; empty leaves the file alone."""
 
@@ -115,30 +116,60 @@ class Ok:
     id: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """What to run in the guest: ``argv``, or ``script`` run by ``shell``.
+
+    The one value an exec is at every layer: a job's command, `Machine.exec`,
+    `AgentClient.exec`, the `Exec` message (a command with an id) and the
+    guest's process runner. Checked when made: ValueError names the field.
+    ``argv`` is kept as a tuple and ``env`` as a copy; ``env`` and ``stdin``
+    stay out of its repr (they may hold secrets). ``env`` is merged over the
+    job env of the last `Configure`; ``timeout`` (seconds) is enforced by the
+    guest, which kills the process group and reports ``timed_out``.
+    """
+
+    argv: Sequence[str] | None = None
+    script: str | None = None
+    shell: str = "/bin/sh"
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    cwd: str | None = None
+    timeout: float | None = None
+    stdin: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.argv is not None:
+            if isinstance(self.argv, str | bytes):
+                raise ValueError("argv: must be a list of strings, not one string")
+            object.__setattr__(self, "argv", tuple(self.argv))
+        object.__setattr__(self, "env", dict(self.env))
+        if (self.argv is None) == (self.script is None):
+            raise ValueError("argv: exactly one of argv and script is required")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv: must not be empty")
+        if self.argv is not None and not all(isinstance(a, str) for a in self.argv):
+            raise ValueError("argv: must hold strings only")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise ValueError("env: names and values must be strings")
+        if not self.shell:
+            raise ValueError("shell: must not be empty")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError("timeout: must be positive")
+
+
 @dataclass(frozen=True)
-class Exec:
-    """Host → guest: run ``argv``, or ``script`` with ``shell``; the id names the exec."""
+class Exec(Command):
+    """Host → guest: run a `Command`; the id names the exec (its `Output` and `Exited`)."""
 
     TYPE: ClassVar[str] = "exec"
     SENDER: ClassVar[Role] = Role.HOST
     id: int
-    argv: list[str] | None = None
-    script: str | None = None
-    shell: str = "/bin/sh"
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    timeout: float | None = None
-    stdin: bytes | None = None
 
-    def _check(self) -> None:
-        if (self.argv is None) == (self.script is None):
-            raise _field_error(self, "argv", "exactly one of argv and script is required")
-        if self.argv is not None and not self.argv:
-            raise _field_error(self, "argv", "must not be empty")
-        if not self.shell:
-            raise _field_error(self, "shell", "must not be empty")
-        if self.timeout is not None and not self.timeout > 0:
-            raise _field_error(self, "timeout", "must be positive")
+    @classmethod
+    def of(cls, exec_id: int, command: Command) -> Exec:
+        """The message that runs ``command`` as exec ``exec_id``."""
+        fields = {f.name: getattr(command, f.name) for f in dataclasses.fields(Command)}
+        return cls(exec_id, **fields)
 
 
 @dataclass(frozen=True)
@@ -171,7 +202,7 @@ class PutFile:
     SENDER: ClassVar[Role] = Role.HOST
     id: int
     path: str
-    data: bytes
+    data: bytes = field(repr=False)  # may be a secret (a runner's JIT config)
     mode: int = 0o644
 
     def _check(self) -> None:
@@ -280,9 +311,9 @@ def _convert(tp: Any, value: object) -> object:
         ok = ok and math.isfinite(typing.cast(float, value))
     elif tp is str:
         ok = isinstance(value, str)
-    elif origin is list:
+    elif origin in (list, Sequence):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif origin is dict:
+    elif origin in (dict, Mapping):
         ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     else:
         ok = False
@@ -296,6 +327,11 @@ def _convert(tp: Any, value: object) -> object:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and not typing.get_args(tp):
         return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin in (list, Sequence):
+        return "list[str]"
+    if origin in (dict, Mapping):
+        return "dict[str, str]"
     return str(tp)
 
 
@@ -334,7 +370,10 @@ def _decode_message(payload: bytes, sender: Role) -> Message:
     if extra:
         names = ", ".join(e[:40] for e in extra[:5])
         raise AgentProtocolError(f"{kind}: unknown field(s) {names}", message_id=msg_id)
-    msg = cls(**kwargs)  # type: ignore[arg-type]
+    try:
+        msg = cls(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:  # a `Command` checks itself; its reason names the field
+        raise AgentProtocolError(f"{kind}.{exc}", message_id=msg_id) from None
     _check_message(msg)
     return msg
 
@@ -344,9 +383,11 @@ def _reject_constant(name: str) -> object:
 
 
 def _encode_message(msg: Message) -> bytes:
-    obj: dict[str, object] = {"type": msg.TYPE}
+    obj: dict[str, object] = {"type": msg.TYPE, "id": msg.id}
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
         if isinstance(value, bytes):
             value = base64.b64encode(value).decode("ascii")
         obj[f.name] = value

@@ -6,8 +6,9 @@
 * one reaper thread calls ``waitpid(-1)`` and routes each status to the exec
   that owns the pid; other pids (orphans reparented to PID 1) are just reaped.
 
-An exec sends its events through the ``send`` callable it is given; it never
-writes to the channel itself.
+An exec runs a `Command` and sends its events through the ``send`` callable
+it is given (bound to the host session that started it); it never writes to
+the channel itself.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import IO
 
 from runner.agent.log import log
-from runner.agent.protocol import STDERR, STDOUT, Error, Event, Exec, Exited, Output
+from runner.agent.protocol import STDERR, STDOUT, Command, Error, Event, Exited, Output
 
 PR_SET_CHILD_SUBREAPER = 36
 READ_CHUNK = 64 * 1024
@@ -67,31 +68,32 @@ class Reaper:
 
 
 class Execution:
-    """One exec: a process group, its pipes, its timeout and its pump thread.
+    """Exec ``exec_id`` of ``command``: a process group, its pipes, its timeout, its pump thread.
 
-    ``send`` writes one event to the host; ``forget`` is called with the exec
-    id once the pump thread is done; ``kill_grace`` is the SIGTERM to SIGKILL
-    delay after a timeout or cancel.
+    ``send`` writes one event to the host; ``done`` is called with this
+    execution once it sent its last event; ``kill_grace`` is the SIGTERM to
+    SIGKILL delay after a timeout or cancel.
     """
 
     def __init__(
         self,
-        request: Exec,
+        exec_id: int,
+        command: Command,
         *,
         reaper: Reaper,
         send: Callable[[Event], None],
-        forget: Callable[[int], None],
+        done: Callable[[Execution], None],
         kill_grace: float,
     ) -> None:
-        self.id = request.id
-        self._request = request
+        self.id = exec_id
+        self._command = command
         self._reaper = reaper
         self._send = send
-        self._forget = forget
+        self._done = done
         self._kill_grace = kill_grace
         self._lock = threading.Lock()
         self._status: int | None = None
-        self._deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        self._deadline = None if command.timeout is None else time.monotonic() + command.timeout
         self._kill_at: float | None = None
         self._killed = False
         self._timed_out = False
@@ -107,13 +109,13 @@ class Execution:
         A program or working directory that cannot be used ends the exec as a
         shell would (see `_refuse`); anything else raises.
         """
-        req = self._request
+        req = self._command
         argv = req.argv
         if req.script is not None:
             fd, self._script = tempfile.mkstemp(prefix="snapfleet-", suffix=".sh")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(req.script)
-            argv = [req.shell, self._script]
+            argv = (req.shell, self._script)
         assert argv is not None
         try:
             self._proc = self._reaper.spawn(
@@ -146,14 +148,14 @@ class Execution:
         """End an exec that could not start as a shell would: a reason on stderr,
         then exit 127 (nothing there) or 126 (there but not runnable)."""
         try:
-            what = "working directory " if exc.filename == self._request.cwd else ""
+            what = "working directory " if exc.filename == self._command.cwd else ""
             reason = f"snapfleet: cannot start the job: {what}{exc.filename}: {exc.strerror}\n"
             self._send(Output(self.id, STDERR, reason.encode(errors="replace")))
             code = 127 if exc.errno == errno.ENOENT else 126
             self._send(Exited(self.id, exit_code=code, signal=None, timed_out=False,
                               cancelled=False))
         finally:
-            self._forget(self.id)
+            self._done(self)
 
     def cancel(self, sig: int) -> None:
         """Signal the process group now; SIGKILL follows after the grace period."""
@@ -192,7 +194,7 @@ class Execution:
             self._send(Error(self.id, f"agent failed running the exec: {exc}"[:4096]))
         finally:
             self._cleanup()
-            self._forget(self.id)
+            self._done(self)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None

@@ -3,25 +3,50 @@
 Exit codes of ``snapfleet run`` (and ``submit --follow``): the command's own exit code; 124 when it
 timed out; 128+N when a signal N killed it; 125 when Snapfleet itself failed
 (bad config, missing image, VM died); 130 when interrupted.
+
+A command's module is imported when that command runs, not before: the clients of
+the daemon (`submit`, the GitLab executor's steps...) are short-lived processes
+whose start-up time is most of their cost (see `runner.cli.client_cmds`).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from runner import __version__
-from runner.cli import daemon_cmds, engine_cmds
-from runner.errors import ConfigError, GuestEnded, SnapfleetError
-from runner.execution import EXIT_SYSTEM
-from runner.log import configure_logging
+from runner.cli import gitlab_args
+from runner.error_root import ConfigError, SnapfleetError
 
+EXIT_SYSTEM = 125
+"""`runner.execution.EXIT_SYSTEM` (a test holds them equal); importing that module
+costs structlog, which the clients of the daemon never use."""
 EXIT_INTERRUPTED = 130
+
+# command → (module under runner.cli, function); `client_cmds` functions are plain,
+# the others are coroutines run on an event loop.
+COMMANDS = {
+    "run": ("engine_cmds", "run"),
+    "image": ("engine_cmds", "image"),
+    "snapshot": ("engine_cmds", "snapshot"),
+    "doctor": ("engine_cmds", "doctor"),
+    "config": ("engine_cmds", "config"),
+    "serve": ("daemon_cmds", "serve"),
+    "submit": ("client_cmds", "submit"),
+    "jobs": ("client_cmds", "jobs"),
+    "logs": ("client_cmds", "logs"),
+    "cancel": ("client_cmds", "cancel"),
+    "status": ("client_cmds", "status"),
+    "gitlab-executor": ("client_cmds", "gitlab_executor"),
+    "gitlab": ("gitlab_cmds", "main"),
+    "github": ("github_cmds", "github"),
+}
 
 
 class _Commands:
@@ -99,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     sub.add_parser("status", help="capacity, running and queued jobs")
 
+    gitlab_args.add_parser(sub)
     gitlab = sub.add_parser("gitlab-executor", help="gitlab-runner custom executor steps")
     gitlab.add_argument("action", choices=["config", "prepare", "run", "cleanup"])
     gitlab.add_argument("args", nargs=argparse.REMAINDER, help="run: <script> <stage>")
@@ -122,24 +148,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snapfleet`` command."""
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
-    handlers: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
-        "run": engine_cmds.run,
-        "image": engine_cmds.image,
-        "snapshot": engine_cmds.snapshot,
-        "doctor": engine_cmds.doctor,
-        "config": engine_cmds.config,
-        "serve": daemon_cmds.serve,
-        "submit": daemon_cmds.submit,
-        "jobs": daemon_cmds.jobs,
-        "logs": daemon_cmds.logs,
-        "cancel": daemon_cmds.cancel,
-        "status": daemon_cmds.status,
-        "gitlab-executor": daemon_cmds.gitlab_executor,
-        "github": _github,
-    }
+    module, name = COMMANDS[args.command]
+    handler = getattr(importlib.import_module(f"runner.cli.{module}"), name)
     try:
-        return asyncio.run(_guarded(handlers[args.command](args)))
+        if module == "client_cmds":
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                code: int = handler(args)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+            return code
+        from runner.log import configure_logging
+
+        configure_logging(args.log_level)
+        return _run_async(handler(args))
     except KeyboardInterrupt:
         print("snapfleet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -152,27 +174,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SYSTEM
     except SnapfleetError as exc:
         print(f"snapfleet: error: {exc}", file=sys.stderr)
-        if isinstance(exc, GuestEnded) and exc.console:
-            print(f"the guest's last console lines:\n{exc.console}", file=sys.stderr)
+        console = getattr(exc, "console", None)  # a GuestEnded's last console lines
+        if console:
+            print(f"the guest's last console lines:\n{console}", file=sys.stderr)
         return EXIT_SYSTEM
 
 
-async def _github(args: argparse.Namespace) -> int:
-    from runner.cli import github_cmds  # PyGithub loads only for this command
-
-    return await github_cmds.github(args)
-
-
-async def _guarded(work: Coroutine[Any, Any, int]) -> int:
-    """Run ``work``; SIGTERM cancels it like Ctrl-C so cleanup code runs."""
-    task = asyncio.ensure_future(work)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops a client command like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
+def _run_async(work: Coroutine[Any, Any, int]) -> int:
+    import asyncio
+
+    async def guarded() -> int:
+        # SIGTERM cancels the work like Ctrl-C so cleanup code runs.
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(guarded())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
 
 from pydantic import ValidationError
 
+from runner.cli.args import parse_env
 from runner.config import Profile, Settings, load_settings
 from runner.errors import ConfigError
 from runner.host import Check
@@ -45,27 +45,6 @@ def _profile(settings: Settings, args: argparse.Namespace) -> Profile:
         raise ConfigError(
             "--" + str(err["loc"][0]).replace("_mib", "").replace("_s", ""), err["msg"]
         ) from None
-
-
-def parse_env(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """`--env` options as (plain, secret): `K=V` is plain; `K` alone passes the caller's
-    own value of K, which is secret (it stays out of the process list, and the daemon
-    keeps it in memory only)."""
-    plain: dict[str, str] = {}
-    secret: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not key or not key.replace("_", "").isalnum():
-            raise ConfigError("--env", f"expected K=V or K, got {pair!r}")
-        if sep:
-            plain[key] = value
-            secret.pop(key, None)
-        elif key not in os.environ:
-            raise ConfigError("--env", f"{key} is not set in this environment")
-        else:
-            secret[key] = os.environ[key]
-            plain.pop(key, None)
-    return plain, secret
 
 
 async def run(args: argparse.Namespace) -> int:

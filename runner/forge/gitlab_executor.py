@@ -10,28 +10,37 @@ The contract (gitlab-runner's docs/executors/custom.md):
   ``$BUILD_EXIT_CODE_FILE`` when set); a Snapfleet or VM problem exits
   ``$SYSTEM_FAILURE_EXIT_CODE`` with a one-line reason;
 * SIGTERM (cancel, timeout) must stop the stage promptly; cleanup always runs.
+
+Each step is a fresh process, so start-up is most of a short step's time: the
+steps import the standard library, `runner.errors` and the blocking
+`runner.api.local` client only (no event loop, no pydantic, no aiohttp), which
+`tests/test_cli_imports.py` holds them to.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner import __version__
-from runner.api.client import ApiClient
-from runner.config import Settings
-from runner.errors import ConfigError, SnapfleetError
-from runner.execution import EXIT_SYSTEM
-from runner.service.jobs import ExecRequest
+from runner.api.local import DaemonClient
+from runner.error_root import ConfigError, SnapfleetError
+
+if TYPE_CHECKING:
+    from runner.cli.client_settings import ClientSettings
 
 DRIVER = "snapfleet"
+MAX_SCRIPT_FRAME = (1 << 20) - 64 * 1024
+"""`runner.limits.MAX_JOB_BYTES`, not imported from there (it costs pydantic); a test
+holds them equal."""
 
 
 class ExecutorEnv:
@@ -59,12 +68,11 @@ class ExecutorEnv:
         return re.sub(r"[^A-Za-z0-9_.:-]", "_", f"gl:{host}:{runner}:{job}")[:128]
 
 
-def config_output(settings: Settings) -> dict[str, object]:
+def config_output(settings: ClientSettings) -> dict[str, object]:
     """The JSON `config_exec` prints for gitlab-runner."""
-    gl = settings.gitlab
     return {
-        "builds_dir": gl.builds_dir,
-        "cache_dir": gl.cache_dir,
+        "builds_dir": settings.builds_dir,
+        "cache_dir": settings.cache_dir,
         "builds_dir_is_shared": False,
         "hostname": f"snapfleet-{socket.gethostname()}",
         "driver": {"name": DRIVER, "version": __version__},
@@ -72,21 +80,20 @@ def config_output(settings: Settings) -> dict[str, object]:
     }
 
 
-async def config(settings: Settings) -> int:
+def config(settings: ClientSettings) -> int:
     print(json.dumps(config_output(settings)))
     return 0
 
 
-async def prepare(settings: Settings, env: ExecutorEnv) -> int:
+def prepare(settings: ClientSettings, env: ExecutorEnv) -> int:
     try:
         key = env.lease_key()
         profile = env.profile or settings.default_profile
         print(f"Snapfleet: restoring a fresh microVM (profile {profile})", flush=True)
-        async with ApiClient(settings.daemon.api_socket) as api:
-            # The VM lives as long as the GitLab job may (not the profile's timeout),
-            # with a minute on top for the stages after the script.
-            timeout = None if env.job_timeout is None else env.job_timeout + 60
-            lease = await api.acquire_lease(key, env.profile, timeout)
+        # The VM lives as long as the GitLab job may (not the profile's timeout),
+        # with a minute on top for the stages after the script.
+        timeout = None if env.job_timeout is None else env.job_timeout + 60
+        lease = DaemonClient(settings.api_socket).acquire_lease(key, env.profile, timeout)
     except SnapfleetError as exc:
         return _system_failure(env, f"cannot prepare a VM: {exc}")
     warm = " from the warm pool" if lease["warm"] else ""
@@ -98,34 +105,27 @@ async def prepare(settings: Settings, env: ExecutorEnv) -> int:
     return 0
 
 
-async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: str) -> int:
+def run(settings: ClientSettings, env: ExecutorEnv, script_path: Path, stage: str) -> int:
     try:
         key = env.lease_key()
         script = script_path.read_text()
     except (SnapfleetError, OSError, UnicodeDecodeError) as exc:
         return _system_failure(env, f"stage {stage}: {exc}")
-    try:
-        request = ExecRequest.parse({"script": script})
-    except ConfigError as exc:  # the job's own script: retrying on another runner won't help
-        print(f"Snapfleet: job refused: stage {stage}: {exc}", file=sys.stderr, flush=True)
+    refusal = script_refusal(script)
+    if refusal is not None:  # the job's own script: retrying on another runner won't help
+        print(f"Snapfleet: job refused: stage {stage}: {refusal}", file=sys.stderr, flush=True)
         return env.build_failure
-    cancel = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, cancel.set)
     try:
-        async with ApiClient(settings.daemon.api_socket) as api:
-            final = await api.exec_in_lease(key, request.script, _write, cancel,
-                                            stage=_stage_name(stage))
+        with _signals_to_fd(signal.SIGTERM, signal.SIGINT) as (cancel_fd, signalled):
+            final = DaemonClient(settings.api_socket).exec_in_lease(
+                key, script, _write, cancel_fd=cancel_fd, stage=_stage_name(stage)
+            )
     except SnapfleetError as exc:
         return _system_failure(env, f"stage {stage}: {exc}")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
     if final.get("error"):
         return _system_failure(env, f"stage {stage}: {final['error']}")
-    code = int(final.get("exit", EXIT_SYSTEM))  # the daemon's exit_code(outcome)
-    if code == 0 and not cancel.is_set():
+    code = int(final["exit"])  # the daemon's exit_code(outcome)
+    if code == 0 and not signalled:
         return 0
     if code == 0:
         code = 128 + signal.SIGTERM
@@ -137,16 +137,49 @@ async def run(settings: Settings, env: ExecutorEnv, script_path: Path, stage: st
     return env.build_failure
 
 
-async def cleanup(settings: Settings, env: ExecutorEnv) -> int:
+def cleanup(settings: ClientSettings, env: ExecutorEnv) -> int:
     """Destroy the job's VM. Never fails the job: a missing VM is already clean, and a
     daemon that is down reclaims orphans itself when it comes back."""
     try:
         key = env.lease_key()
-        async with ApiClient(settings.daemon.api_socket) as api:
-            await api.release_lease(key)
+        DaemonClient(settings.api_socket).release_lease(key)
     except SnapfleetError as exc:
         print(f"Snapfleet: cleanup: {exc}", file=sys.stderr)
     return 0
+
+
+def script_refusal(script: str) -> str | None:
+    """Why the agent could not take ``script`` (as `ExecRequest` says it), or None."""
+    fits = len(json.dumps({"argv": None, "script": script, "env": {}, "cwd": None},
+                          separators=(",", ":"))) <= MAX_SCRIPT_FRAME
+    if fits and "\x00" not in script:
+        return None  # the common case, decided without importing pydantic
+    from runner.service.jobs import ExecRequest
+
+    try:
+        ExecRequest.parse({"script": script})
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def _signals_to_fd(*signals: signal.Signals) -> Iterator[tuple[int, list[int]]]:
+    """While inside, ``signals`` make the yielded fd readable and are listed (not raised)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda num, _frame: caught.append(num))
+                for sig in signals}
+    old_fd = signal.set_wakeup_fd(write_fd)
+    try:
+        yield read_fd, caught
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def _seconds(text: str | None) -> float | None:
@@ -174,15 +207,15 @@ def _write(stream: str, data: bytes) -> None:
     out.flush()
 
 
-async def main(settings: Settings, action: str, args: list[str]) -> int:
+def main(settings: ClientSettings, action: str, args: list[str]) -> int:
     """Dispatch one gitlab-runner step."""
     env = ExecutorEnv(os.environ)
     if action == "config":
-        return await config(settings)
+        return config(settings)
     if action == "prepare":
-        return await prepare(settings, env)
+        return prepare(settings, env)
     if action == "run":
         if len(args) < 2:
             return _system_failure(env, "run needs <script> <stage>")
-        return await run(settings, env, Path(args[0]), args[1])
-    return await cleanup(settings, env)
+        return run(settings, env, Path(args[0]), args[1])
+    return cleanup(settings, env)

@@ -120,10 +120,17 @@ class GpuAllocator:
     def leased_to(self, owner: str) -> list[str]:
         return [r.unit for r in self._records.values() if r.owner == owner]
 
+    def free_units(self) -> list[GpuUnit]:
+        """Units neither leased nor quarantined, in the source's order."""
+        return [u for u in self.source.units()
+                if u.id not in self._records and u.id not in self.quarantined]
+
     # -- lifecycle
 
-    async def acquire(self, owner: str, request: GpuRequest) -> GpuLease:
-        """Take ``request.count`` free, healthy units (of ``request.model``) for ``owner``.
+    async def acquire(self, owner: str, request: GpuRequest,
+                      units: Sequence[str] | None = None) -> GpuLease:
+        """Take ``request.count`` free, healthy units (of ``request.model``; among ``units``
+        when given: the scheduler's choice) for ``owner``.
 
         GpuUnavailable when too few are free; GpuBindError when the host would
         not let go (the units are back in the pool, or quarantined if even that
@@ -132,9 +139,9 @@ class GpuAllocator:
         async with self._lock:
             if any(r.owner == owner for r in self._records.values()):
                 raise GpuError(f"{owner} already holds GPUs")
-            free = [u for u in self.source.units()
-                    if u.id not in self._records and u.id not in self.quarantined
-                    and (request.model is None or u.model == request.model)]
+            free = [u for u in self.free_units()
+                    if (request.model is None or u.model == request.model)
+                    and (units is None or u.id in units)]
             if len(free) < request.count:
                 raise GpuUnavailable(f"{owner} needs {request}, {len(free)} free"
                                      f" ({self.stats()['leased']} leased,"

@@ -81,6 +81,10 @@ class GpuSettings(BaseModel):
     """With `source = "edu"`: how many emulated devices to hand out."""
     hotplug_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     """After `device_add`, how long the guest may take to bind the device."""
+    guest_cmdline: Annotated[str, Field(pattern=r"^[^\n]*$")] = "pcie_ports=native"
+    """Added to the guest kernel command line of GPU profiles. Hot-plug needs
+    `pcie_ports=native` (the microVM's firmware tables grant the guest no native PCIe
+    hot-plug); a GPU with large BARs may also need e.g. `pci=hpmmioprefsize=64G`."""
     bind_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     """How long a host driver may take to let go of a device (or to take it back)."""
 

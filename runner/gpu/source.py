@@ -25,6 +25,9 @@ class DeviceSource(Protocol):
     """Hands out units (a device and its group) and says how QEMU attaches them."""
 
     kind: str
+    guest_driver: bool
+    """Whether the guest must bind a driver to each function before a job may use it
+    (a hot-plug is acknowledged only then)."""
 
     def units(self) -> Sequence[GpuUnit]:
         """Every unit this source may hand out (healthy or not; the allocator decides)."""
@@ -67,6 +70,7 @@ class VfioSource:
     """Host devices passed through with vfio-pci."""
 
     kind = "vfio"
+    guest_driver = True
 
     def __init__(self, settings: GpuSettings, sysfs: Sysfs, binder: VfioBinder) -> None:
         self.settings = settings
@@ -110,6 +114,7 @@ class EduSource:
     """QEMU's emulated ``edu`` test device: no hardware, nothing to bind."""
 
     kind = "edu"
+    guest_driver = False  # Linux has no driver for it: enumerated is all it gets
 
     def __init__(self, count: int) -> None:
         self._units = [

@@ -9,9 +9,12 @@ host by a veth pair, with NAT at the namespace edge::
 
 On the host, one nftables table drops traffic between two clone veths and,
 with ``egress``, masquerades the pool out of the host's own interfaces.
+
+`NetworkManager` (which does that) is imported from `runner.net.manager`, not
+from here: it needs pyroute2 (~125 ms of imports), and everything that reads the
+configuration (`runner.config` uses `runner.net.policy`) imports this package.
 """
 
 from runner.net.config import CloneNetwork, NetConfig, validate_vm_id
-from runner.net.manager import NetworkManager
 
-__all__ = ["CloneNetwork", "NetConfig", "NetworkManager", "validate_vm_id"]
+__all__ = ["CloneNetwork", "NetConfig", "validate_vm_id"]

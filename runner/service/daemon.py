@@ -14,6 +14,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -33,8 +34,10 @@ from runner.service.scheduler import (
     Resources,
     choose_profile,
     demand,
+    gpu_capacity,
+    gpu_refusal,
     host_capacity,
-    pick,
+    plan_starts,
     refusal,
     room,
 )
@@ -68,6 +71,12 @@ class Daemon:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.total = host_capacity(settings)
+        if engine.gpus is not None:  # the allocator's devices are the GPU capacity
+            units = len(engine.gpus.source.units())
+            self.total = replace(self.total, gpus=gpu_capacity(settings.capacity.gpus, units))
+        else:
+            self.total = replace(self.total, gpus=0)
+        self._gpu_units: dict[str, tuple[str, ...]] = {}  # running jobs' chosen GPU units
         self.used = Resources()
         self.jobs: dict[str, Job] = {}  # unfinished jobs, by id
         self.queue: list[str] = []  # FIFO of queued job ids
@@ -118,6 +127,9 @@ class Daemon:
 
     async def _start(self) -> None:
         await self.reconcile(startup=True)
+        if self.engine.gpus is not None:
+            # Orphaned QEMUs are gone now: devices leased by the last run go back.
+            await self.engine.gpus.recover(self.engine.hypervisor.live)
         for job in await self.store.jobs(states=[JobState.QUEUED], limit=100_000):
             source = self.sources.get(job.source)
             if source is None or not source.requeue_on_restart:
@@ -211,7 +223,9 @@ class Daemon:
             raise Draining("the daemon is shutting down and takes no new jobs")
         try:
             profile_name = choose_profile(self.settings, spec.profile, spec.labels)
-            why = refusal(demand(self.settings.profile(profile_name)), self.total)
+            profile = self.settings.profile(profile_name)
+            why = refusal(demand(profile), self.total) or gpu_refusal(
+                profile.gpu_request(), self._units(free=False))
             if why is not None:
                 raise ConfigError("profile", f"profile {profile_name!r} {why}")
         except ConfigError:
@@ -320,15 +334,30 @@ class Daemon:
         while not self.stopping.is_set():
             self._progress = time.monotonic()
             slots = self.settings.capacity.max_concurrency - len(self.tasks)
-            queue = [(jid, demand(self.settings.profile(self.jobs[jid].profile)))
-                     for jid in self.queue]
-            for job_id in pick(queue, self.total - self.used, slots):
+            queue = []
+            for jid in self.queue:
+                profile = self.settings.profile(self.jobs[jid].profile)
+                queue.append((jid, demand(profile), profile.gpu_request()))
+            for job_id, units in plan_starts(queue, self.total - self.used, slots,
+                                             self._units(free=True)):
                 self.queue.remove(job_id)
+                self._gpu_units[job_id] = units
                 await self._launch(self.jobs[job_id])
             self._update_gauges()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+
+    def _units(self, *, free: bool) -> list[tuple[str, str]]:
+        """GPU units as (id, model): all of them, or those free and not yet promised to a
+        starting job."""
+        gpus = self.engine.gpus
+        if gpus is None:
+            return []
+        if not free:
+            return [(u.id, u.model) for u in gpus.source.units()]
+        promised = {uid for units in self._gpu_units.values() for uid in units}
+        return [(u.id, u.model) for u in gpus.free_units() if u.id not in promised]
 
     async def _launch(self, job: Job) -> None:
         need = demand(self.settings.profile(job.profile))
@@ -363,6 +392,7 @@ class Daemon:
                 self.engine, profile, work, timeout_s=timeout, note=job_log.note,
                 on_ready=on_ready,
                 context={"job_id": job.id, "forge": job.source, "profile": job.profile},
+                gpus=self._gpu_units.get(job.id) or None,
             )
             outcome, restored = report.outcome, report.restored
         except asyncio.CancelledError:
@@ -376,6 +406,7 @@ class Daemon:
             job.log_bytes = job_log.size
             self.logs.close(job.id)
             self.used = self.used - need
+            self._gpu_units.pop(job.id, None)
             self.tasks.pop(job.id, None)
             await asyncio.shield(self._finish(job, outcome, restored))
             self._wake.set()
@@ -470,3 +501,5 @@ class Daemon:
             self.metrics.set_pool_idle(profile, idle)
         self.metrics.set_capacity(self.total, self.used, self.settings.capacity.max_concurrency,
                                   len(self.tasks))
+        if self.engine.gpus is not None:
+            self.metrics.set_gpus(self.engine.gpus.stats())

@@ -105,6 +105,17 @@ class Metrics:
             ["profile"],
             registry=r,
         )
+        self.gpus = Gauge(
+            "snapfleet_gpus",
+            "GPU devices [gpu] hands out, by state (free, leased, quarantined).",
+            ["state"],
+            registry=r,
+        )
+        self.gpu_quarantines = Gauge(
+            "snapfleet_gpu_quarantine_events",
+            "Devices quarantined (failed reset or rebind) since the daemon started.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "snapfleet_build_info",
             "Always 1; the labels say what is running.",
@@ -156,6 +167,12 @@ class Metrics:
             self.capacity.labels(resource="memory_mib", kind=kind).set(amounts.memory_mib)
             self.capacity.labels(resource="gpus", kind=kind).set(amounts.gpus)
             self.capacity.labels(resource="slots", kind=kind).set(slots)
+
+    def set_gpus(self, stats: dict[str, int]) -> None:
+        """The GPU allocator's counts (`GpuAllocator.stats`)."""
+        for state in ("free", "leased", "quarantined"):
+            self.gpus.labels(state=state).set(stats.get(state, 0))
+        self.gpu_quarantines.set(stats.get("quarantine_events", 0))
 
     def recovered(self, kind: str, count: int = 1) -> None:
         """Count ``count`` things of one kind that reconciling reclaimed or ended."""

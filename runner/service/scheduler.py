@@ -9,6 +9,10 @@ from pathlib import Path
 
 from runner.config import Profile, Settings
 from runner.errors import ConfigError
+from runner.gpu.config import GpuRequest
+
+Unit = tuple[str, str]
+"""A GPU unit the allocator could hand out: (id, model)."""
 
 
 @dataclass(frozen=True)
@@ -76,22 +80,63 @@ def refusal(need: Resources, total: Resources) -> str | None:
             f" lends at most {total.vcpus} / {total.memory_mib} MiB / {total.gpus}")
 
 
-def pick(
-    queue: Sequence[tuple[str, Resources]], free: Resources, free_slots: int
-) -> list[str]:
-    """Jobs to start now, strictly first in, first out.
+def gpu_capacity(configured: int, units: int) -> int:
+    """GPUs this host lends: the allocator's units, lowered by `capacity.gpus` when set."""
+    return units if configured == 0 else min(configured, units)
 
-    Stops at the first job that does not fit, so a big job at the head is never
-    overtaken (and starved) by a stream of small ones.
+
+def gpu_refusal(request: GpuRequest | None, units: Sequence[Unit]) -> str | None:
+    """Why a GPU request can never be served by ``units`` (all of them, free or not)."""
+    if request is None or request.model is None:
+        return None
+    have = sum(model == request.model for _, model in units)
+    if have >= request.count:
+        return None
+    return f"needs {request} but this host hands out {have} of that model"
+
+
+def choose_gpus(request: GpuRequest, free: Sequence[Unit]) -> tuple[str, ...] | None:
+    """The free units (first ones, in the allocator's order) for ``request``, or None."""
+    fitting = [uid for uid, model in free if request.model in (None, model)]
+    return tuple(fitting[:request.count]) if len(fitting) >= request.count else None
+
+
+def plan_starts(
+    queue: Sequence[tuple[str, Resources, GpuRequest | None]],
+    free: Resources,
+    free_slots: int,
+    units: Sequence[Unit] = (),
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Jobs to start now, with the GPU units each gets, strictly first in, first out.
+
+    Stops at the first job that does not fit (capacity, or no free unit of the
+    model it asks for), so a big job at the head is never overtaken (and
+    starved) by a stream of small ones.
     """
-    chosen = []
-    for job_id, need in queue:
+    chosen: list[tuple[str, tuple[str, ...]]] = []
+    available = list(units)
+    for job_id, need, request in queue:
         if free_slots <= 0 or not need.fits_in(free):
             break
-        chosen.append(job_id)
+        taken: tuple[str, ...] = ()
+        if request is not None:
+            found = choose_gpus(request, available)
+            if found is None:
+                break
+            taken = found
+            available = [u for u in available if u[0] not in taken]
+        chosen.append((job_id, taken))
         free = free - need
         free_slots -= 1
     return chosen
+
+
+def pick(
+    queue: Sequence[tuple[str, Resources]], free: Resources, free_slots: int
+) -> list[str]:
+    """Jobs to start now (no GPU models involved): `plan_starts` without units."""
+    return [job_id for job_id, _ in plan_starts([(j, n, None) for j, n in queue], free,
+                                                free_slots)]
 
 
 def room(

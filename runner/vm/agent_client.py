@@ -1,13 +1,16 @@
 """Host side of the guest agent channel: transports and an asyncio client.
 
 `AgentClient` owns one reader task (started by `AgentClient.connect`,
-cancelled and awaited by `AgentClient.close`) that decodes frames with the
-sans-I/O `runner.agent.protocol.Connection` and routes replies by request id
-and output by exec id. When the channel closes, every pending request and
-running `ExecSession` fails with `AgentDisconnected`.
+cancelled and awaited by `AgentClient.close`) that feeds the sans-I/O
+`runner.agent.protocol.Connection`, which decides what each reply means
+(which request it ends, whether the conversation allows it); the client only
+hands the verdict to whoever waits for that id. A reply the conversation
+does not expect is a protocol error: it fails its request (if it names an
+outstanding one) and is logged. When the channel closes, every pending
+request and running `ExecSession` fails with `AgentDisconnected`.
 
-This module never logs: env values passed to configure/exec are secrets and
-must not reach a log line or an exception message.
+Env values passed to configure/exec are secrets: they never reach a log line
+or an exception message (protocol errors name types, fields and ids only).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
+
+import structlog
 
 from runner.agent import protocol as proto
+from runner.agent.protocol import Command
 from runner.errors import AgentDisconnected, AgentError, AgentProtocolError, AgentTimeout
 from runner.vm.transports import (  # re-exported: the client and its transports go together
     HybridVsockTransport,
@@ -35,6 +41,7 @@ from runner.vm.transports import (  # re-exported: the client and its transports
 
 __all__ = [
     "AgentClient",
+    "Command",
     "ExecResult",
     "ExecSession",
     "HybridVsockTransport",
@@ -49,6 +56,10 @@ OUTPUT_BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_PUT_FILE_SIZE = (proto.MAX_FRAME_SIZE - 4096) // 4 * 3
 """Largest ``put_file`` payload: it travels base64'd inside one frame."""
 PING_RETRY_INTERVAL = 1.0
+MAX_LOGGED_PROTOCOL_ERRORS: Final = 20
+"""Protocol errors one client logs; a guest gone wrong must not flood the journal."""
+
+log = structlog.get_logger("snapfleet.agent")
 
 _Reply = TypeVar("_Reply", proto.Pong, proto.Ok)
 
@@ -183,12 +194,14 @@ class AgentClient:
         self.request_timeout = request_timeout
         self.hello: proto.Hello | None = None
         """The last `Hello` the agent sent (a restored clone may send none)."""
+        self.protocol_errors = 0
+        """Replies the conversation did not expect (each failed its request or was logged)."""
         self._reader = reader
         self._writer = writer
-        self._proto = proto.Connection(proto.Role.HOST)
+        self._conn = proto.Connection(proto.Role.HOST)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[proto.Message]] = {}
-        self._sessions: dict[int, ExecSession] = {}
+        # Who waits for each outstanding id; what a reply means is the connection's call.
+        self._waiters: dict[int, asyncio.Future[proto.Message] | ExecSession] = {}
         self._failure: AgentError | None = None
         self._reader_task: asyncio.Task[None] | None = None
 
@@ -251,46 +264,19 @@ class AgentClient:
         )
         await self._request(msg, proto.Ok)
 
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-    ) -> ExecSession:
-        """Start ``argv`` (or ``script`` run by ``shell``) and return its session.
+    async def exec(self, command: Command) -> ExecSession:
+        """Start ``command`` and return its session.
 
         Returns once the request is sent; a process that fails to start makes
-        the session raise `AgentError`. ``timeout`` (seconds) is enforced by the
-        guest, which kills the process group and reports ``timed_out``.
+        the session raise `AgentError`.
         """
-        if (argv is None) == (script is None):
-            raise ValueError("exactly one of argv and script is required")
-        if argv is not None and (isinstance(argv, str) or not argv):
-            raise ValueError("argv must be a non-empty sequence of strings")
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be positive")
         exec_id = self._new_id()
-        msg = proto.Exec(
-            exec_id,
-            argv=None if argv is None else list(argv),
-            script=script,
-            shell=shell,
-            env=dict(env or {}),
-            cwd=cwd,
-            timeout=timeout,
-            stdin=stdin,
-        )
         session = ExecSession(self, exec_id)
-        self._sessions[exec_id] = session
+        self._waiters[exec_id] = session
         try:
-            await self._send(msg)
+            await self._send(proto.Exec.of(exec_id, command))
         except BaseException:
-            self._sessions.pop(exec_id, None)
+            self._waiters.pop(exec_id, None)
             raise
         return session
 
@@ -333,7 +319,7 @@ class AgentClient:
         if self._failure is not None:
             raise AgentDisconnected(f"agent channel is closed ({self._failure})")
         try:
-            frame = self._proto.send(msg)
+            frame = self._conn.send(msg)
         except proto.AgentProtocolError as exc:
             raise AgentProtocolError(exc.reason, message_id=exc.message_id) from exc
         try:
@@ -345,67 +331,104 @@ class AgentClient:
     async def _request(
         self, msg: proto.Message, reply: type[_Reply], *, timeout: float | None = None
     ) -> _Reply:
+        """Send ``msg`` and wait for its reply; the connection vouches for the reply's kind."""
         timeout = self.request_timeout if timeout is None else timeout
         future: asyncio.Future[proto.Message] = asyncio.get_running_loop().create_future()
-        self._pending[msg.id] = future
+        self._waiters[msg.id] = future
         try:
             await self._send(msg)
             async with asyncio.timeout(timeout):
                 answer = await future
         except TimeoutError:
+            # Still outstanding for the connection: a late reply is expected, not an error.
             raise AgentTimeout(f"agent did not answer {msg.TYPE} within {timeout}s") from None
         finally:
-            self._pending.pop(msg.id, None)
+            if self._waiters.get(msg.id) is future:
+                del self._waiters[msg.id]
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "never retrieved" warning
             future.cancel()
-        if not isinstance(answer, reply):
-            raise AgentProtocolError(f"agent answered {msg.TYPE} with {answer.TYPE}")
+        assert isinstance(answer, reply), "the connection checked the reply's kind"
         return answer
 
     async def _read_loop(self) -> None:
         try:
             while data := await self._reader.read(65536):
-                try:
-                    events = self._proto.receive_data(data)
-                except proto.AgentProtocolError as exc:
-                    raise AgentProtocolError(
-                        f"agent sent an invalid frame: {exc}", message_id=exc.message_id
-                    ) from exc
-                for event in events:
-                    await self._dispatch(event)
+                await self._receive(data)
             self._fail(AgentDisconnected("agent channel closed"))
         except AgentError as exc:
             self._fail(exc)
         except (ConnectionError, OSError) as exc:
             self._fail(AgentDisconnected(f"agent channel failed: {type(exc).__name__}"))
 
+    async def _receive(self, data: bytes) -> None:
+        """Dispatch, in stream order, every event and protocol error ``data`` completes."""
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except proto.AgentProtocolError as exc:
+                if self._conn.broken:  # a framing error: nothing after it can be read
+                    raise AgentProtocolError(
+                        f"agent sent an invalid frame: {exc}", message_id=exc.message_id
+                    ) from exc
+                self._violation(exc)
+                continue
+            if event is None:
+                return
+            await self._dispatch(event)
+
     async def _dispatch(self, event: proto.Event) -> None:
-        if isinstance(event, proto.Output):
-            session = self._sessions.get(event.exec_id)
-            if session is not None:  # unknown: output of an earlier host's exec
-                await session._add(event)
-        elif isinstance(event, proto.Hello):
+        """Hand a reply the connection accepted to whoever waits for its id (maybe nobody:
+        a request that timed out here is still answered)."""
+        if isinstance(event, proto.Hello):
             self.hello = event
-        elif isinstance(event, proto.Exited):
-            session = self._sessions.pop(event.id, None)
-            if session is not None:
-                session._finish(event)
-        elif isinstance(event, proto.Error):
+            return
+        if isinstance(event, proto.Error) and event.id == 0:
+            self._report("agent_rejected_a_message", event.message, None)
+            return
+        if isinstance(event, proto.Output):
+            session = self._waiters.get(event.exec_id)
+            if isinstance(session, ExecSession):
+                await session._add(event)
+            return
+        waiter = self._waiters.pop(event.id, None)  # any other message ends its request
+        if isinstance(event, proto.Error):
             error = AgentError(f"agent error: {event.message}")
-            if (future := self._pending.get(event.id)) is not None and not future.done():
-                future.set_exception(error)
-            elif (session := self._sessions.pop(event.id, None)) is not None:
-                session._fail(error)
-        elif (future := self._pending.get(event.id)) is not None and not future.done():
-            future.set_result(event)
+            if isinstance(waiter, ExecSession):
+                waiter._fail(error)
+            elif waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+        elif isinstance(event, proto.Exited):
+            if isinstance(waiter, ExecSession):
+                waiter._finish(event)
+        elif isinstance(waiter, asyncio.Future) and not waiter.done():
+            waiter.set_result(event)
+
+    def _violation(self, exc: proto.AgentProtocolError) -> None:
+        """A reply the conversation does not allow: fail its request (if outstanding), log it."""
+        waiter = None if exc.message_id is None else self._waiters.pop(exc.message_id, None)
+        error = AgentProtocolError(f"agent broke the protocol: {exc.reason}",
+                                   message_id=exc.message_id)
+        if isinstance(waiter, ExecSession):
+            waiter._fail(error)
+        elif waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self._report("agent_protocol_error", exc.reason, exc.message_id)
+
+    def _report(self, event: str, reason: str, request: int | None) -> None:
+        self.protocol_errors += 1
+        if self.protocol_errors <= MAX_LOGGED_PROTOCOL_ERRORS:
+            log.warning(event, reason=reason[:300], request=request)
+        if self.protocol_errors == MAX_LOGGED_PROTOCOL_ERRORS:
+            log.warning("agent_protocol_errors_muted", after=MAX_LOGGED_PROTOCOL_ERRORS)
 
     def _fail(self, exc: AgentError) -> None:
         if self._failure is None:
             self._failure = exc
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        for session in self._sessions.values():
-            session._fail(exc)
-        self._sessions.clear()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            if isinstance(waiter, ExecSession):
+                waiter._fail(exc)
+            elif not waiter.done():
+                waiter.set_exception(exc)

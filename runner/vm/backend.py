@@ -24,16 +24,20 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from runner.errors import InvalidStateError, SnapfleetError
+from runner.errors import InvalidStateError, SnapfleetError, VMError
 
 if TYPE_CHECKING:
+    from runner.agent.messages import Command
     from runner.config import VMSettings
-    from runner.net import CloneNetwork, NetworkManager
+    from runner.gpu.source import DeviceSource
+    from runner.gpu.sysfs import GpuUnit
+    from runner.net import CloneNetwork
+    from runner.net.manager import NetworkManager
     from runner.net.policy import EgressPolicy
     from runner.snapshots import Snapshot
     from runner.vm.agent_client import ExecResult, OutputChunk
@@ -71,6 +75,20 @@ class MachineSpec:
     cpu: str
     network: bool = True
     tcg_tb_size_mib: int = 0
+    pcie_root_ports: int = 0
+    """Empty PCIe root ports for devices plugged later (GPU profiles); they are part
+    of the device layout, so a GPU profile's snapshot is never a plain one's."""
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Devices for one VM: a GPU lease's units and the source that knows how to attach them.
+
+    Each unit is one card (a GPU with the other functions of its IOMMU group) and
+    takes one root port."""
+
+    source: DeviceSource
+    units: tuple[GpuUnit, ...]
 
 
 @dataclass
@@ -164,17 +182,8 @@ class Machine(ABC):
         """The VMM's exit status once it has exited, else None."""
 
     @abstractmethod
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> Session:
-        """Start a command in the guest; output streams from the returned session."""
+    async def exec(self, command: Command) -> Session:
+        """Start ``command`` in the guest; output streams from the returned session."""
 
     @abstractmethod
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -183,6 +192,12 @@ class Machine(ABC):
     @abstractmethod
     async def died_error(self, exc: BaseException) -> SnapfleetError:
         """Why the agent went away: the guest's own end, a dead VMM, or ``exc`` itself."""
+
+    async def attach(self, devices: Devices) -> None:
+        """Hot-plug ``devices`` into this READY machine, each card onto a free root port
+        of its spec. Returns once the VMM has them; whether the guest has taken them
+        is the caller's to check (through `exec`). VMError with the reason on failure."""
+        raise VMError("this VM backend cannot attach devices", vm_id=self.vm_id)
 
     @abstractmethod
     async def save_snapshot(self, state: Path) -> None:
@@ -269,8 +284,10 @@ class Hypervisor(ABC):
         *,
         hostname: str | None = None,
         policy: EgressPolicy | None = None,
+        devices: Devices | None = None,
     ) -> Machine:
-        """Cold-boot a VM on a private overlay of ``rootfs`` and wait for its agent."""
+        """Cold-boot a VM on a private overlay of ``rootfs`` and wait for its agent;
+        ``devices`` are attached from the start (on ``spec``'s root ports)."""
 
     @abstractmethod
     async def boot_template(self, spec: MachineSpec, disk: Path, memory: Path) -> Machine:

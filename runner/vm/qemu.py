@@ -18,7 +18,7 @@ from runner import disk
 from runner.errors import AgentError, RestoreError, VMError
 from runner.host import qemu_version
 from runner.net.policy import EgressPolicy
-from runner.vm.backend import BackendContext, Hypervisor, Machine, MachineSpec
+from runner.vm.backend import BackendContext, Devices, Hypervisor, Machine, MachineSpec
 from runner.vm.qemu_args import device_layout
 from runner.vm.qemu_machine import QemuMachine, new_vm_id
 
@@ -135,8 +135,10 @@ class QemuHypervisor(Hypervisor):
         *,
         hostname: str | None = None,
         policy: EgressPolicy | None = None,
+        devices: Devices | None = None,
     ) -> QemuMachine:
-        """Cold boot on an overlay of ``rootfs`` (no snapshot involved)."""
+        """Cold boot on an overlay of ``rootfs`` (no snapshot involved), ``devices`` on
+        the command line."""
         machine = self._new_machine()
 
         async def build() -> None:
@@ -146,7 +148,8 @@ class QemuHypervisor(Hypervisor):
                     rootfs, d / "overlay.qcow2", qemu_img=self.settings.qemu_img_binary
                 ),
             )
-            await machine.spawn(spec, disk=overlay, disk_format="qcow2", disk_cache="unsafe")
+            await machine.spawn(spec, disk=overlay, disk_format="qcow2", disk_cache="unsafe",
+                                devices=devices)
             await _together(
                 machine.connect_agent(self.settings.boot_timeout_s), self._open(machine, policy)
             )

@@ -7,12 +7,14 @@ template it restores from; both command lines come from here, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from runner.agent.channel import PORT_NAME
-from runner.vm.backend import MachineSpec
+from runner.gpu.source import DeviceArgs
+from runner.vm.backend import Devices, MachineSpec
 
 # Every clone resumes with the template's MAC; namespaces keep clones apart.
 GUEST_MAC = "52:54:00:5f:00:02"
@@ -43,13 +45,25 @@ class QemuRuntime:
     # an incoming migration reopens its disk after QEMU dropped to run_as.
     disk_fds: tuple[int, ...] = ()
     tap: str | None = None  # the clone network's tap (CloneNetwork.tap), when networked
+    devices: tuple[str, ...] = ()  # -device options on root ports (a cold boot's GPUs)
+
+
+def root_ports(spec: MachineSpec) -> list[str]:
+    """The ids of ``spec``'s PCIe root ports, in order (devices go on them by id)."""
+    return [f"rp{i}" for i in range(spec.pcie_root_ports)]
+
+
+def _machine(spec: MachineSpec) -> str:
+    # pcie=on gives microvm a PCIe host bridge (GPEX, described in its ACPI tables);
+    # hot-plug on its root ports needs pcie_ports=native in the guest (no _OSC grant).
+    return "microvm,pit=on,rtc=on" + (",pcie=on" if spec.pcie_root_ports else "")
 
 
 def device_layout(spec: MachineSpec) -> dict[str, object]:
     """The parts of the VM that must match between a template and its clones."""
     return {
         "layout_version": LAYOUT_VERSION,
-        "machine": "microvm,pit=on,rtc=on",
+        "machine": _machine(spec),
         "accel": spec.accel,
         "cpu": spec.cpu,
         "vcpus": spec.vcpus,
@@ -60,13 +74,15 @@ def device_layout(spec: MachineSpec) -> dict[str, object]:
             "virtio-serial-device",
             "virtserialport",
             "virtio-rng-device",
+            # Empty in the template and in every clone until a device is plugged.
+            *(f"pcie-root-port:{port}" for port in root_ports(spec)),
         ],
     }
 
 
 def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
     """The full argv for one QEMU process."""
-    machine = "microvm,pit=on,rtc=on"
+    machine = _machine(spec)
     args = [binary, "-name", "snapfleet", "-nodefaults", "-no-user-config", "-display", "none"]
     args += ["-pidfile", str(rt.pidfile)]
     if rt.mem_path is not None:
@@ -123,6 +139,8 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
         "rng-random,id=rng0,filename=/dev/urandom",
         "-device",
         "virtio-rng-device,rng=rng0",
+        *_root_port_args(spec),
+        *(arg for option in rt.devices for arg in ("-device", option)),
         "-chardev",
         f"socket,id=qmp,fd={rt.qmp_fd}",
         "-mon",
@@ -141,6 +159,30 @@ def qemu_argv(binary: str, spec: MachineSpec, rt: QemuRuntime) -> list[str]:
             "-sandbox",
             f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny",
         ]
+    return args
+
+
+def place_devices(
+    devices: Devices, free_ports: Sequence[str], first: int = 0
+) -> tuple[list[DeviceArgs], list[str]]:
+    """``device_add`` arguments for ``devices`` on ``free_ports`` (one card per port,
+    ids ``gpu<first>``, ``gpu<first+1>``...), and the ports left free. GpuError when
+    the ports run out."""
+    placed: list[DeviceArgs] = []
+    free = list(free_ports)
+    for index, unit in enumerate(devices.units):
+        args = devices.source.device_args(unit, free, f"gpu{first + index}")
+        taken = {arg["bus"] for arg in args}
+        free = [port for port in free if port not in taken]
+        placed += args
+    return placed, free
+
+
+def _root_port_args(spec: MachineSpec) -> list[str]:
+    args = []
+    for index, port in enumerate(root_ports(spec)):
+        # chassis/slot pairs must be unique; the guest names its hot-plug slots by them.
+        args += ["-device", f"pcie-root-port,id={port},chassis={index + 1},slot={index + 1}"]
     return args
 
 

@@ -15,23 +15,25 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runner.config import VMSettings
-from runner.errors import AgentError, GuestEnded, SnapfleetError, VMDied, VMError
+from runner.errors import AgentError, GpuError, GuestEnded, SnapfleetError, VMDied, VMError
+from runner.gpu.source import device_option
 from runner.vm import cgroup
-from runner.vm.agent_client import AgentClient, ExecSession
-from runner.vm.backend import Lifecycle, Machine, MachineSpec, TeardownReport, VMState
+from runner.vm.agent_client import AgentClient, Command, ExecSession
+from runner.vm.backend import Devices, Lifecycle, Machine, MachineSpec, TeardownReport, VMState
 from runner.vm.console import ConsoleLog, console_pipe, describe, end_from_shutdown
 from runner.vm.ownership import VMLock
-from runner.vm.qemu_args import QemuRuntime, qemu_argv
+from runner.vm.qemu_args import QemuRuntime, place_devices, qemu_argv, root_ports
 from runner.vm.qmp import Qmp
 from runner.vm.transports import SocketTransport
 
 if TYPE_CHECKING:
-    from runner.net import CloneNetwork, NetworkManager
+    from runner.net import CloneNetwork
+    from runner.net.manager import NetworkManager
 
 
 def new_vm_id() -> str:
@@ -64,6 +66,8 @@ class QemuMachine(Machine):
         self._owner = VMLock(directory.parent, vm_id)
         self._instance = instance
         self._cgroups: list[Path] = []
+        self._free_ports: list[str] = []  # root ports nothing is plugged into
+        self._plugged = 0  # units attached so far (names their device ids)
 
     # -- what callers use -------------------------------------------------
 
@@ -79,22 +83,11 @@ class QemuMachine(Machine):
     def console_log(self) -> Path:
         return self.directory / "console.log"
 
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> ExecSession:
+    async def exec(self, command: Command) -> ExecSession:
         self.lifecycle.require("exec", VMState.READY)
         assert self.agent is not None
         try:
-            return await self.agent.exec(
-                argv, script=script, shell=shell, env=env, cwd=cwd, timeout=timeout
-            )
+            return await self.agent.exec(command)
         except AgentError as exc:
             raise await self.died_error(exc) from exc
 
@@ -105,6 +98,33 @@ class QemuMachine(Machine):
             await self.agent.put_file(path, data, mode)
         except AgentError as exc:
             raise await self.died_error(exc) from exc
+
+    async def attach(self, devices: Devices) -> None:
+        """``device_add`` each function of ``devices`` onto free root ports (QMP)."""
+        self.lifecycle.require("attach", VMState.READY)
+        qmp = self._require_qmp()
+        started = time.monotonic()
+        try:
+            placed, free = place_devices(devices, self._free_ports, self._plugged)
+        except GpuError as exc:
+            raise VMError(f"cannot attach {len(devices.units)} device(s): {exc} (this VM has"
+                          f" {len(self._free_ports)} free root port(s))",
+                          vm_id=self.vm_id) from exc
+        for arg in placed:
+            try:
+                await qmp.command("device_add", dict(arg))
+            except VMError as exc:
+                raise VMError(f"hot-plug of {arg['driver']} {arg.get('host', '')} onto"
+                              f" {arg['bus']} failed: {exc}", vm_id=self.vm_id) from exc
+        self._free_ports = free
+        self._plugged += len(devices.units)
+        self.timings["attach"] = time.monotonic() - started
+
+    def _occupy(self, devices: Devices) -> list[str]:
+        """``-device`` options placing ``devices`` on the root ports at boot (before spawn)."""
+        placed, self._free_ports = place_devices(devices, self._free_ports, self._plugged)
+        self._plugged += len(devices.units)
+        return [device_option(arg) for arg in placed]
 
     async def died_error(self, exc: BaseException) -> SnapfleetError:
         """Explain an agent failure: the guest's own end (panic, reboot, power-off,
@@ -188,8 +208,12 @@ class QemuMachine(Machine):
         mem_path: Path | None = None,
         mem_shared: bool = False,
         incoming: bool = False,
+        devices: Devices | None = None,
     ) -> None:
-        """Start QEMU with QMP and agent socketpairs and a console pipe as inherited fds."""
+        """Start QEMU with QMP and agent socketpairs and a console pipe as inherited fds;
+        ``devices`` go on ``spec``'s root ports from the start (a cold boot's GPUs)."""
+        self._free_ports = root_ports(spec)
+        options = self._occupy(devices) if devices is not None else []
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair()
         # QEMU reopens the disk when an incoming migration activates it, by then as
@@ -213,6 +237,7 @@ class QemuMachine(Machine):
             run_as=self._settings.run_as,
             tap=None if self.network is None else self.network.tap,
             disk_fds=tuple(disk_fds),
+            devices=tuple(options),
         )
         argv = qemu_argv(self._settings.qemu_binary, spec, rt)
         if self.network is not None:

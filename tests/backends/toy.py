@@ -19,17 +19,21 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from runner.agent.messages import Command
 from runner.config import Settings, load_settings
 from runner.errors import AgentError, RestoreError, SnapfleetError, VMError
+from runner.gpu.sysfs import GpuUnit
 from runner.net.policy import EgressPolicy
+from runner.service.notify import Notifier
 from runner.snapshots import Snapshot
 from runner.vm.agent_client import ExecResult, OutputChunk
 from runner.vm.backend import (
     BackendContext,
+    Devices,
     Hypervisor,
     Lifecycle,
     Machine,
@@ -125,6 +129,7 @@ class ToyMachine(Machine):
         self._sessions: list[ToySession] = []
         self.env: dict[str, str] = {}
         self.died = False
+        self.devices: list[GpuUnit] = []  # attached (recorded only: a toy has no PCI bus)
 
     @property
     def pid(self) -> int | None:
@@ -134,29 +139,29 @@ class ToyMachine(Machine):
     def exit_status(self) -> int | None:
         return -9 if self.died else None
 
-    async def exec(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        script: str | None = None,
-        shell: str = "/bin/sh",
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> Session:
+    async def exec(self, command: Command) -> Session:
         self.lifecycle.require("exec", VMState.READY)
-        command = [shell, "-c", script] if script is not None else list(argv or [])
-        workdir = self.directory / (cwd or "").lstrip("/")
+        argv = (command.shell, "-c", command.script) if command.script is not None else command.argv
+        assert argv is not None
+        workdir = self.directory / (command.cwd or "").lstrip("/")
         if not workdir.is_dir():
-            raise AgentError(f"no directory {cwd}")
+            raise AgentError(f"no directory {command.cwd}")
         proc = await asyncio.create_subprocess_exec(
-            *command, cwd=workdir, env={"PATH": os.environ["PATH"], **self.env, **(env or {})},
+            *argv, cwd=workdir, env={"PATH": os.environ["PATH"], **self.env, **command.env},
+            stdin=asyncio.subprocess.DEVNULL if command.stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        session = ToySession(proc, timeout)
+        if proc.stdin is not None and command.stdin is not None:
+            proc.stdin.write(command.stdin)  # buffered by the transport, like the agent's feeder
+            proc.stdin.close()
+        session = ToySession(proc, command.timeout)
         self._sessions.append(session)
         return session
+
+    async def attach(self, devices: Devices) -> None:
+        self.lifecycle.require("attach", VMState.READY)
+        self.devices.extend(devices.units)
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         target = self.directory / path.lstrip("/")
@@ -255,8 +260,11 @@ class ToyHypervisor(Hypervisor):
         *,
         hostname: str | None = None,
         policy: EgressPolicy | None = None,
+        devices: Devices | None = None,
     ) -> Machine:
         machine = self._new()
+        if devices is not None:
+            machine.devices.extend(devices.units)
         machine.lifecycle.move(VMState.READY)
         return machine
 
@@ -294,3 +302,15 @@ def toy_settings(tmp_path: Path, **extra: object) -> Settings:
         gitlab={"allowed_profiles": ["default"]},
         **extra,
     )
+
+
+class ReadyNotifier(Notifier):
+    """Tells an in-process test or bench when the daemon is READY (as systemd would)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.is_ready = asyncio.Event()
+
+    def ready(self, status: str | None = None) -> bool:
+        self.is_ready.set()
+        return True

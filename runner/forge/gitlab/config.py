@@ -1,0 +1,34 @@
+"""Config of one runner of the direct GitLab job source (``[[gitlab.runners]]``).
+
+``snapfleet gitlab register`` prints exactly this section. The runner token
+itself stays in ``token_file`` (0600, or a systemd credential); the config
+never holds a secret.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Tag = Annotated[str, StringConstraints(pattern=r"^[^,\s][^,]*$")]
+
+
+class GitLabRunnerConfig(BaseModel):
+    """One registered runner: where GitLab is, which token, which tags it serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^/@\s]+(/\S*)?$")]
+    """GitLab's URL (no credentials), e.g. ``https://gitlab.example.com``."""
+    runner_id: int = Field(gt=0)
+    token_file: Path
+    """The ``glrt-`` runner token, one line (``snapfleet gitlab register`` writes it)."""
+    tags: list[Tag] = Field(default_factory=list)
+    """Tags this runner was registered with; map them to profiles to serve them."""
+    run_untagged: bool = False
+    check_interval_s: float = Field(default=3.0, gt=0)
+    """Least time between two job requests when GitLab answers "none" at once."""
+    builds_dir: str = "/builds"
+    """Where projects are checked out in the guest."""

@@ -1,0 +1,464 @@
+"""A GitLab job as one bash script for the guest, and its result read back. No I/O.
+
+`build_script` turns a `JobPayload` into the script the agent runs once in the
+job's VM. In order, it: merges stderr into stdout (a GitLab trace is one
+stream); exports the job's variables (file variables become files, the
+variable holding the path; non-raw values expand ``$OTHER``); fetches the
+source (clean URL; the job token reaches git through a credential helper
+reading the environment, never argv or ``.git/config``); extracts dependency
+archives the host put in the guest (`dependency_files`); runs the steps in
+order under their ``when`` and per-step timeout, each in its own process
+group with stdin closed, ``after_script`` with ``CI_JOB_STATUS`` and its own
+timeout, its failure never the job's; zips the artifacts whose ``when``
+applies into `GuestLayout.artifact_path`; and writes one result line on the
+original stderr (fd 3), which `ResultReader` parses on the host.
+
+SIGTERM to the script (the agent's cancel) stops the running step's group
+and ends with ``status=canceled``. The script text holds the job's secrets:
+hand it only to the agent (which writes it 0600 and deletes it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from runner.forge.gitlab.payload import Artifact, JobPayload, When
+from runner.forge.gitlab.session import JobOutcome
+
+RESULT_MARK = b"snapfleet-gitlab-result "
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VAR_REF = re.compile(r"\$(\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
+CHUNK = 512 * 1024
+"""Dependency archives reach the guest in parts of this size (one agent frame each)."""
+
+
+@dataclass(frozen=True)
+class GuestLayout:
+    """Where a job lives in the guest."""
+
+    builds_dir: str = "/builds"
+    work_dir: str = "/run/snapfleet-gitlab"
+    """Private (0700) scratch: variable files, steps, dependencies, artifacts."""
+
+    def project_dir(self, job: JobPayload) -> str:
+        """``<builds_dir>/<namespace>/<project>``, as gitlab-runner lays it out."""
+        path = job.variable("CI_PROJECT_PATH") or f"project-{job.job_info.project_id}"
+        parts = [p for p in PurePosixPath(path).parts if p not in ("", ".", "..", "/")]
+        return str(PurePosixPath(self.builds_dir, *parts))
+
+    def artifact_path(self, index: int) -> str:
+        """Where the zip for ``job.artifacts[index]`` is left."""
+        return f"{self.work_dir}/artifacts/{index}.zip"
+
+    def dependency_dir(self) -> str:
+        """Where the host puts dependency archives (see `dependency_files`)."""
+        return f"{self.work_dir}/deps"
+
+
+def unsupported_reason(job: JobPayload) -> str | None:
+    """Why this VM runner cannot run ``job`` as asked, or ``None``.
+
+    A job that names an ``image`` or ``services`` expects containers; running
+    its script on the VM's own OS would silently change what it tests. The
+    caller fails it with ``configuration_error`` (GitLab shows it as
+    ``script_failure``): the job's configuration must change, and retrying
+    on this runner, which ``runner_system_failure`` would invite, cannot help.
+    """
+    wanted = []
+    if job.image is not None:
+        wanted.append(f"image {job.image.name!r}")
+    if job.services:
+        wanted.append("services " + ", ".join(repr(s.name) for s in job.services))
+    if not wanted:
+        return None
+    return (f"this runner runs jobs in microVMs and cannot honour {' and '.join(wanted)}:"
+            " remove them from the job or use a runner with a container executor")
+
+
+def dependency_files(
+    layout: GuestLayout, archives: Iterable[tuple[int, bytes]]
+) -> list[tuple[str, bytes]]:
+    """``(guest path, bytes)`` parts to ``put_file`` for dependency archives.
+
+    Each archive is split into `CHUNK`-sized parts named ``<id>.zip.part<NNNNN>``
+    that the script joins and extracts, so any size passes the agent's frame limit.
+    """
+    files = []
+    for dep_id, data in archives:
+        for n, start in enumerate(range(0, max(len(data), 1), CHUNK)):
+            files.append((f"{layout.dependency_dir()}/{dep_id}.zip.part{n:05d}",
+                          data[start : start + CHUNK]))
+    return files
+
+
+def expand(variables: Sequence[tuple[str, str, bool]], paths: dict[str, str]) -> list[str]:
+    """Values with ``$NAME``/``${NAME}`` resolved against the job's variables.
+
+    ``variables`` is ``(key, value, raw)``; raw values stay as they are. A
+    reference to a file variable gives its path (``paths``), an unknown name
+    nothing, and ``$$`` a literal ``$``, as gitlab-runner expands them.
+    """
+    table = {key: paths.get(key, value) for key, value, _raw in variables}
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1).strip("{}")
+        return "$" if name == "$" else table.get(name, "")
+
+    return [value if raw else _VAR_REF.sub(one, value) for _key, value, raw in variables]
+
+
+def _git_remote(url: str) -> tuple[str, str, str]:
+    """``(url without credentials, user, password)`` from GitLab's ``repo_url``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+    return clean, unquote(parts.username or ""), unquote(parts.password or "")
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+_PRELUDE = r"""
+exec 3>&2 2>&1 </dev/null
+set -u
+umask 0022
+__sf_status=success __sf_exit=0 __sf_step=- __sf_timed_out=0 __sf_failed=0 __sf_child=
+__sf_artifacts=
+__sf_section_start() {
+  printf 'section_start:%s:%s\r\033[0K\033[36;1m%s\033[0;m\n' "$(date +%s)" "$1" "$2"
+}
+__sf_section_end() { printf 'section_end:%s:%s\r\033[0K' "$(date +%s)" "$1"; }
+__sf_note() { printf '\033[0;33m%s\033[0;m\n' "$1"; }
+__sf_error() { printf '\033[31;1m%s\033[0;m\n' "$1"; }
+__sf_result() {
+  printf 'snapfleet-gitlab-result status=%s exit_code=%s step=%s timed_out=%s artifacts=%s\n' \
+    "$__sf_status" "$__sf_exit" "$__sf_step" "$__sf_timed_out" "${__sf_artifacts:--}" >&3
+}
+__sf_cancel() {
+  trap - TERM INT
+  if [ -n "$__sf_child" ]; then kill -TERM "$__sf_child" 2>/dev/null; wait "$__sf_child"; fi
+  echo
+  __sf_error "ERROR: Job was canceled"
+  __sf_status=canceled __sf_exit=143
+  __sf_result
+  exit 143
+}
+trap __sf_cancel TERM INT
+# Run a step file in its own process group (timeout makes one), under a time limit.
+__sf_run() {  # name timeout file -> sets __sf_rc, __sf_step_timed_out
+  local started=$SECONDS
+  __sf_step_timed_out=0
+  ( cd "$CI_PROJECT_DIR" && exec timeout -k 10 "$2" bash --noprofile --norc "$3" ) 3>&- &
+  __sf_child=$!
+  wait "$__sf_child"
+  __sf_rc=$?
+  __sf_child=
+  if [ "$2" != 0 ] && { [ "$__sf_rc" = 124 ] || [ "$__sf_rc" = 137 ]; } \
+     && [ $((SECONDS - started)) -ge "$2" ]; then
+    __sf_step_timed_out=1
+  fi
+}
+"""
+
+
+def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
+    """The bash script that runs ``job`` in the guest; see the module docstring."""
+    layout = layout or GuestLayout()
+    work = layout.work_dir
+    project = layout.project_dir(job)
+    out = [f"#!/bin/bash\n# Snapfleet: GitLab job {job.id}", _PRELUDE]
+    out.append(f"__sf_work={_q(work)}")
+    # deps/ is the host's: it put the dependency archives there before the script.
+    out.append('mkdir -p -m 0700 "$__sf_work" && rm -rf "$__sf_work/vars" "$__sf_work/steps" '
+               '"$__sf_work/artifacts" && mkdir -p -m 0700 "$__sf_work/vars" '
+               '"$__sf_work/steps" "$__sf_work/artifacts" "$__sf_work/deps"')
+    out += _variables(job, layout, project)
+    out += _sources(job, project)
+    out += _dependencies(job, layout)
+    out += _steps(job)
+    out += _artifacts(job, layout)
+    out.append('__sf_result\nexit "$__sf_exit"\n')
+    return "\n".join(out)
+
+
+def _variables(job: JobPayload, layout: GuestLayout, project: str) -> list[str]:
+    out = ['__sf_section_start prepare_script "Preparing environment"',
+           'echo "Running on $(hostname) via snapfleet..."']
+    usable = []
+    for var in job.variables:
+        if _NAME.match(var.key):
+            usable.append(var)
+        else:
+            out.append(f"__sf_note {_q(f'WARNING: variable {var.key!r} is not a shell name')}")
+    paths = {v.key: f"{layout.work_dir}/vars/{v.key}" for v in usable if v.file}
+    values = expand([(v.key, v.value, v.raw) for v in usable], paths)
+    for var, value in zip(usable, values, strict=True):
+        if var.file:
+            path = paths[var.key]
+            out.append(f"printf '%s' {_q(value)} > {_q(path)} && chmod 0600 {_q(path)}")
+            out.append(f"export {var.key}={_q(path)}")
+        else:
+            out.append(f"export {var.key}={_q(value)}")
+    out.append(f"export CI_BUILDS_DIR={_q(layout.builds_dir)} CI_PROJECT_DIR={_q(project)}")
+    out.append('__sf_section_end prepare_script')
+    return out
+
+
+def _sources(job: JobPayload, project: str) -> list[str]:
+    git = job.git_info
+    strategy = (job.variable("GIT_STRATEGY") or ("fetch" if job.allow_git_fetch else "clone"))
+    out = ['__sf_section_start get_sources "Getting source from Git repository"']
+    if strategy in ("none", "empty"):
+        if strategy == "empty":
+            out.append('rm -rf "$CI_PROJECT_DIR"')
+        out.append('mkdir -p "$CI_PROJECT_DIR"')
+        out.append(f"__sf_note {_q(f'Skipping Git repository setup (GIT_STRATEGY={strategy})')}")
+        out.append('__sf_section_end get_sources')
+        return out
+    url, user, password = _git_remote(git.repo_url)
+    fetch = ["git", "fetch", "origin", "--prune", "--no-recurse-submodules"]
+    if git.depth > 0:
+        fetch += ["--depth", str(git.depth)]
+    fetch += git.refspecs or [f"+{git.sha}"]
+    clean_flags = job.variable("GIT_CLEAN_FLAGS") or "-ffdx"
+    checkout = (job.variable("GIT_CHECKOUT") or "true").lower() != "false"
+    depth_note = f"Fetching changes with git depth set to {git.depth}..." if git.depth else (
+        "Fetching changes...")
+    reuse = strategy == "fetch"
+    body = [
+        # The token lives only in these variables, read by the credential helper
+        # (its argv holds the variable's name, not its value).
+        f"export __SF_GIT_USER={_q(user)} __SF_GIT_PASSWORD={_q(password)}",
+        "export GIT_TERMINAL_PROMPT=0 GIT_CONFIG_COUNT=3",
+        "export GIT_CONFIG_KEY_0=credential.helper GIT_CONFIG_VALUE_0=",
+        "export GIT_CONFIG_KEY_1=credential.helper GIT_CONFIG_VALUE_1="
+        + _q('!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+             '"$__SF_GIT_USER" "$__SF_GIT_PASSWORD"; }; f'),
+        "export GIT_CONFIG_KEY_2=advice.detachedHead GIT_CONFIG_VALUE_2=false",
+        ('if [ -d "$CI_PROJECT_DIR/.git" ]; then echo "Reinitialized existing Git repository"; '
+         'else rm -rf "$CI_PROJECT_DIR"; mkdir -p "$CI_PROJECT_DIR"; '
+         'echo "Created fresh repository."; fi') if reuse else
+        ('rm -rf "$CI_PROJECT_DIR" && mkdir -p "$CI_PROJECT_DIR" && '
+         'echo "Created fresh repository."'),
+        'cd "$CI_PROJECT_DIR" || exit 1',
+        "git init -q 2>/dev/null || git init || exit 1",
+        "git remote remove origin >/dev/null 2>&1",
+        f"git remote add origin {_q(url)} || exit 1",
+        f"echo {_q(depth_note)}",
+        shlex.join(fetch) + " || exit 1",
+    ]
+    if checkout:
+        body += [
+            f"echo {_q(f'Checking out {git.sha[:8]} as detached HEAD (ref is {git.ref})...')}",
+            f"git checkout -f -q {_q(git.sha)} || exit 1",
+            f"git clean {clean_flags} -q || exit 1",
+        ]
+    else:
+        body.append(f"__sf_note {_q('Skipping Git checkout (GIT_CHECKOUT=false)')}")
+    out.append("( " + "\n  ".join(body) + "\n)")
+    out += [
+        "__sf_rc=$?",
+        'if [ "$__sf_rc" != 0 ]; then',
+        '  __sf_error "ERROR: Getting the source failed (exit code $__sf_rc)"',
+        '  __sf_status=failed __sf_failed=1 __sf_exit=$__sf_rc __sf_step=get_sources',
+        "fi",
+        '__sf_section_end get_sources',
+    ]
+    return out
+
+
+def _dependencies(job: JobPayload, layout: GuestLayout) -> list[str]:
+    deps = [d for d in job.dependencies if d.artifacts_file and d.artifacts_file.filename]
+    if not deps:
+        return []
+    out = ['if [ "$__sf_failed" = 0 ]; then',
+           '__sf_section_start download_artifacts "Downloading artifacts"']
+    for dep in deps:
+        parts = f"{layout.dependency_dir()}/{dep.id}.zip"
+        out += [
+            f"if ls {_q(parts)}.part* >/dev/null 2>&1; then",
+            f"  cat {_q(parts)}.part* > {_q(parts)} && "
+            f'python3 -m zipfile -e {_q(parts)} "$CI_PROJECT_DIR" && '
+            f"echo {_q(f'Extracted artifacts of {dep.name} ({dep.id})')}"
+            f" || {{ __sf_error {_q(f'ERROR: artifacts of {dep.name} are not a zip')}; "
+            "__sf_status=failed __sf_failed=1 __sf_exit=1 __sf_step=download_artifacts; }",
+            f"else __sf_note {_q(f'WARNING: no artifacts of {dep.name} ({dep.id}) arrived')}; fi",
+        ]
+    out += ['__sf_section_end download_artifacts', "fi"]
+    return out
+
+
+def _step_file(lines: Sequence[str]) -> str:
+    """One step as a bash program: echo each command as GitLab does, stop at a failure."""
+    body = ["set -eo pipefail", "set +o noclobber"]
+    for line in lines:
+        shown = line.splitlines()[0] if line.strip() else line
+        if "\n" in line.strip():
+            shown += " # collapsed multi-line command"
+        body.append(f"printf '\\033[32;1m$ %s\\033[0;m\\n' {_q(shown)}")
+        body.append(line)
+    return "\n".join(body) + "\n"
+
+
+def _steps(job: JobPayload) -> list[str]:
+    out = []
+    for n, step in enumerate(job.steps):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", step.name)
+        path = f'"$__sf_work/steps/{n}.sh"'
+        after = step.name == "after_script"
+        out.append(f"printf '%s' {_q(_step_file(step.script))} > {path}")
+        cond = {When.ON_SUCCESS: '[ "$__sf_failed" = 0 ]', When.ON_FAILURE:
+                '[ "$__sf_failed" = 1 ]', When.ALWAYS: "true"}[step.when]
+        out.append(f"if {cond}; then")
+        if after:
+            out.append('  if [ "$__sf_failed" = 0 ]; then export CI_JOB_STATUS=success; '
+                       "else export CI_JOB_STATUS=failed; fi")
+        header = ('Running after_script' if after
+                  else f'Executing "step_{name}" stage of the job script')
+        out.append(f"  __sf_section_start step_{name} {_q(header)}")
+        out.append(f"  __sf_run {_q(name)} {step.timeout} {path}")
+        out.append(f"  __sf_section_end step_{name}")
+        timeout_msg = f"ERROR: step {step.name} exceeded its timeout of {step.timeout} s"
+        out.append(f'  if [ "$__sf_step_timed_out" = 1 ]; then __sf_error {_q(timeout_msg)}; fi')
+        if after:
+            out.append('  if [ "$__sf_rc" != 0 ]; then '
+                       '__sf_note "WARNING: after_script failed, but the job continues"; fi')
+        elif step.allow_failure:
+            allowed = f"WARNING: step {step.name} failed (allowed)"
+            out.append(f'  if [ "$__sf_rc" != 0 ]; then __sf_note {_q(allowed)}; fi')
+        else:
+            out += [
+                '  if [ "$__sf_rc" != 0 ] && [ "$__sf_failed" = 0 ]; then',
+                '    __sf_status=failed __sf_failed=1 __sf_exit=$__sf_rc '
+                f"__sf_step={_q(name)} __sf_timed_out=$__sf_step_timed_out",
+                '    __sf_error "ERROR: Job failed: exit code $__sf_rc"',
+                "  fi",
+            ]
+        out.append("fi")
+    return out
+
+
+def _artifacts(job: JobPayload, layout: GuestLayout) -> list[str]:
+    if not job.artifacts:
+        return []
+    collector = (Path(__file__).with_name("_collect.py")).read_text(encoding="utf-8")
+    out = [f'printf \'%s\' {_q(collector)} > "$__sf_work/collect.py"']
+    for n, artifact in enumerate(job.artifacts):
+        out += _artifact(n, artifact, layout)
+    return out
+
+
+def _artifact(n: int, artifact: Artifact, layout: GuestLayout) -> list[str]:
+    kind = artifact.artifact_type or "archive"
+    if (artifact.artifact_format or "zip") != "zip":
+        note = (f"WARNING: artifacts {kind!r} in format {artifact.artifact_format!r} are not"
+                " supported by this runner; skipped")
+        return [f"__sf_note {_q(note)}"]
+    spec = json.dumps({"paths": artifact.paths, "exclude": artifact.exclude,
+                       "untracked": artifact.untracked})
+    cond = {When.ON_SUCCESS: '[ "$__sf_failed" = 0 ]', When.ON_FAILURE:
+            '[ "$__sf_failed" = 1 ]', When.ALWAYS: "true"}[artifact.when]
+    label = "on_failure" if artifact.when is When.ON_FAILURE else "on_success"
+    return [
+        f"if {cond}; then",
+        f"  __sf_section_start upload_artifacts_{label} "
+        f"{_q(f'Uploading artifacts as {kind!r}')}",
+        f'  ( cd "$CI_PROJECT_DIR" && python3 "$__sf_work/collect.py" "$CI_PROJECT_DIR" '
+        f"{_q(layout.artifact_path(n))} {_q(spec)} ) 3>&- "
+        f'&& __sf_artifacts="${{__sf_artifacts:+$__sf_artifacts,}}{n}"',
+        f"  __sf_section_end upload_artifacts_{label}",
+        "fi",
+    ]
+
+
+# -- the result, on the host -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """The script's own account of the job (its last line on fd 3)."""
+
+    status: str
+    """``success``, ``failed`` or ``canceled``."""
+    exit_code: int
+    step: str | None
+    """The step that failed the job (``get_sources``, ``script``, …)."""
+    timed_out: bool
+    """That step hit its own timeout."""
+    artifacts: tuple[int, ...]
+    """Indexes into ``job.artifacts`` whose zip was written (`GuestLayout.artifact_path`)."""
+
+    @classmethod
+    def parse(cls, line: bytes) -> ScriptResult | None:
+        """The result from one line, or ``None`` if it is not a (valid) result line."""
+        if not line.startswith(RESULT_MARK):
+            return None
+        fields = dict(
+            item.partition("=")[::2]
+            for item in line[len(RESULT_MARK):].decode(errors="replace").split()
+        )
+        try:
+            arts = fields.get("artifacts", "-")
+            return cls(
+                status=fields["status"],
+                exit_code=int(fields["exit_code"]),
+                step=None if fields.get("step", "-") == "-" else fields["step"],
+                timed_out=fields.get("timed_out") == "1",
+                artifacts=() if arts == "-" else tuple(int(a) for a in arts.split(",")),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+class ResultReader:
+    """Splits the script's stderr: its result line, and anything else (for the trace).
+
+    Only a broken script or agent writes anything else to stderr (the script
+    sends all job output to stdout), so that goes to the trace verbatim.
+    """
+
+    def __init__(self) -> None:
+        self._line = b""
+        self.result: ScriptResult | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """Take stderr bytes; return what belongs in the trace."""
+        self._line += data
+        passthrough = []
+        while b"\n" in self._line:
+            line, self._line = self._line.split(b"\n", 1)
+            parsed = ScriptResult.parse(line)
+            if parsed is not None:
+                self.result = parsed
+            else:
+                passthrough.append(line + b"\n")
+        if self._line and not RESULT_MARK.startswith(self._line[: len(RESULT_MARK)]):
+            passthrough.append(self._line)
+            self._line = b""
+        return b"".join(passthrough)
+
+
+def outcome(result: ScriptResult | None, *, timed_out: bool, cancelled: bool) -> JobOutcome:
+    """How to report the job, from the script's result and how the exec ended.
+
+    ``timed_out`` / ``cancelled`` come from the agent's ``ExecResult`` (the
+    job-level timeout, the host's cancel).
+    """
+    if timed_out:
+        return JobOutcome.failed("job_execution_timeout")
+    if cancelled or (result is not None and result.status == "canceled"):
+        return JobOutcome.failed("job_canceled")
+    if result is None:
+        return JobOutcome.failed("runner_system_failure")
+    if result.status == "success":
+        return JobOutcome.success()
+    if result.timed_out:
+        return JobOutcome.failed("job_execution_timeout", result.exit_code)
+    return JobOutcome.failed("script_failure", result.exit_code)

@@ -1,0 +1,462 @@
+"""The loops around the runner API: polling for jobs, streaming one job's trace, finishing it.
+
+`JobPoller.next_job` long-polls ``/jobs/request`` until a job comes: it keeps
+GitLab's ``last_update`` cursor, backs off with jitter on failures (honouring
+``Retry-After``), and never asks faster than ``check_interval_s`` when GitLab
+answers "no job" at once. `TraceStream` owns one job's trace: the runner
+writes output into it, a background task sends it in patches every
+``X-GitLab-Trace-Update-Interval``, resyncing on 416, and sets
+`TraceStream.cancel_requested` / `TraceStream.aborted` when GitLab says the
+job is being cancelled or is gone. `TraceStream.finish` sends the rest of the
+trace and the final ``PUT /jobs/:id``, retrying until GitLab accepts it.
+
+Clock, sleep and RNG are injectable, for tests that count requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from runner.errors import ForgeAuthError, ForgeError, ForgeUnavailable, JobPayloadError
+from runner.forge.gitlab.client import GitLabClient, JobUpdate, RemoteState
+from runner.forge.gitlab.payload import Artifact, Dependency, JobPayload
+from runner.forge.gitlab.trace import (
+    DEFAULT_LIMIT,
+    Masker,
+    TraceBuffer,
+    TraceResyncError,
+    section_end,
+    section_start,
+)
+from runner.secret import Secret
+
+log = structlog.get_logger("snapfleet.gitlab")
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+
+ALWAYS_SUPPORTED_REASONS = ("script_failure", "runner_system_failure", "job_execution_timeout")
+_COMPATIBLE_REASON = {
+    "image_pull_failure": "runner_system_failure",
+    "configuration_error": "script_failure",
+}
+MAX_UPDATE_INTERVAL_S = 60.0
+"""Cap on GitLab's suggested trace interval, so a cancel is still seen within a minute."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with "equal jitter" (half fixed, half random), capped."""
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before try ``attempt + 1`` (``attempt`` ≥ 1)."""
+        cap = min(self.max_s, self.base_s * 2.0 ** (attempt - 1))
+        return cap / 2 + rng.uniform(0, cap / 2)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended, as the final ``PUT /jobs/:id`` reports it."""
+
+    state: str
+    failure_reason: str | None = None
+    exit_code: int | None = None
+
+    @classmethod
+    def success(cls) -> JobOutcome:
+        """Every step that had to pass passed."""
+        return cls("success")
+
+    @classmethod
+    def failed(cls, reason: str, exit_code: int | None = None) -> JobOutcome:
+        """Failed with one of GitLab's failure reasons (mapped if GitLab lacks it)."""
+        return cls("failed", reason, exit_code)
+
+
+def supported_failure_reason(reason: str, accepted: Iterable[str]) -> str:
+    """``reason`` if this GitLab knows it, else its older equivalent, else ``unknown_failure``.
+
+    GitLab lists the reasons it accepts (``accepted``) in the job's
+    ``features.failure_reasons``; the three in `ALWAYS_SUPPORTED_REASONS` every
+    version accepts (gitlab-runner's rule).
+    """
+    known = set(accepted) | set(ALWAYS_SUPPORTED_REASONS)
+    if reason in known:
+        return reason
+    compatible = _COMPATIBLE_REASON.get(reason)
+    if compatible in known:
+        return compatible
+    return "unknown_failure"
+
+
+class JobPoller:
+    """Asks GitLab for jobs with one runner token until one comes."""
+
+    def __init__(
+        self,
+        client: GitLabClient,
+        token: Secret,
+        *,
+        system_id: str,
+        check_interval_s: float = 3.0,
+        backoff: Backoff | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._token = token
+        self._system_id = system_id
+        self._check_interval = check_interval_s
+        self._backoff = backoff or Backoff()
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.last_update: str | None = None
+        self.requests = 0
+        """Requests sent so far (for metrics and tests)."""
+
+    async def next_job(self) -> JobPayload:
+        """The next job for this runner. Call it only with capacity free for a job.
+
+        Retries network failures, 429 and 5xx forever with backoff (the daemon
+        stops it by cancelling). A malformed job is reported failed
+        (``runner_system_failure``) and skipped. Raises ``ForgeAuthError`` when
+        GitLab rejects the runner token: the operator must re-register.
+        """
+        failures = 0
+        while True:
+            started = self._clock()
+            self.requests += 1
+            try:
+                answer = await self._client.request_job(
+                    self._token, system_id=self._system_id, last_update=self.last_update
+                )
+            except JobPayloadError as exc:
+                await self._reject(exc)
+                continue
+            except ForgeAuthError:
+                raise
+            except ForgeError as exc:
+                failures += 1
+                delay = self._backoff.delay(failures, self._rng)
+                if isinstance(exc, ForgeUnavailable) and exc.retry_after:
+                    delay = max(delay, exc.retry_after)
+                log.warning("gitlab job request failed; backing off", error=str(exc),
+                            delay_s=round(delay, 2))
+                await self._sleep(delay)
+                continue
+            failures = 0
+            self.last_update = answer.last_update
+            if answer.job is not None:
+                return answer.job
+            # A "no job" that came back at once (no long polling in front of
+            # GitLab) must not turn into a busy loop.
+            rest = self._check_interval - (self._clock() - started)
+            if rest > 0:
+                await self._sleep(rest)
+
+    async def _reject(self, exc: JobPayloadError) -> None:
+        log.error("gitlab sent a job we cannot read", error=str(exc), job_id=exc.job_id)
+        if exc.job_id is None or not isinstance(exc.job_token, Secret):
+            return
+        stream = TraceStream(self._client, exc.job_id, exc.job_token, sleep=self._sleep,
+                             clock=self._clock, rng=self._rng, max_finish_s=60.0)
+        stream.write(f"\x1b[31;1mERROR: snapfleet cannot run this job: {exc}\x1b[0;m\n".encode())
+        with contextlib.suppress(ForgeError):
+            await stream.finish(JobOutcome.failed("runner_system_failure"))
+
+
+class TraceStream:
+    """One job's trace on its way to GitLab, and GitLab's word on the job.
+
+    Use as ``async with TraceStream.for_job(client, job) as trace:``; the
+    background sender runs inside the block. Call `finish` before leaving it;
+    leaving it without (an exception, a cancel) reports the job failed with
+    ``runner_system_failure`` on the way out.
+    """
+
+    def __init__(
+        self,
+        client: GitLabClient,
+        job_id: int,
+        job_token: Secret,
+        *,
+        masker: Masker | None = None,
+        failure_reasons: Sequence[str] = (),
+        limit: int = DEFAULT_LIMIT,
+        update_interval_s: float = 3.0,
+        force_send_interval_s: float = 30.0,
+        max_finish_s: float = 900.0,
+        backoff: Backoff | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self._client = client
+        self._token = job_token
+        self.buffer = TraceBuffer(masker, limit=limit)
+        self._failure_reasons = tuple(failure_reasons)
+        self.interval = update_interval_s
+        self._force_send = force_send_interval_s
+        self._max_finish = max_finish_s
+        self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0)
+        self._sleep = sleep
+        self._clock = clock
+        self._wall = wall_clock
+        self._rng = rng or random.Random()
+        self.cancel_requested = asyncio.Event()
+        """GitLab asks for the job to be cancelled (``Job-Status: canceling``)."""
+        self.aborted = asyncio.Event()
+        """The job is over on GitLab's side (canceled, failed, deleted): stop now."""
+        self.finished: RemoteState | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_contact = clock()
+        self._failures = 0
+        self._first = asyncio.Event()
+        self.requests = 0
+
+    @classmethod
+    def for_job(cls, client: GitLabClient, job: JobPayload, **kw: Any) -> TraceStream:
+        """A stream for ``job`` whose masker hides its masked variables and tokens."""
+        masker = Masker(job.masked_values(), job.features.token_mask_prefixes)
+        return cls(
+            client, job.id, job.token, masker=masker,
+            failure_reasons=job.features.failure_reasons, **kw,
+        )
+
+    async def __aenter__(self) -> TraceStream:
+        self._task = asyncio.create_task(self._run(), name=f"gitlab-trace-{self.job_id}")
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.finished is None:
+            # The job died with us: GitLab must not wait for it until its timeout.
+            self.write(b"\n\x1b[31;1mERROR: the runner stopped this job unexpectedly\x1b[0;m\n")
+            with contextlib.suppress(ForgeError, TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(self.finish(JobOutcome.failed("runner_system_failure"))),
+                    timeout=min(self._max_finish, 30.0),
+                )
+        await self._stop_sender()
+
+    # -- writing ------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Append job output (masked before it is kept or sent).
+
+        The first bytes go out at once (a user watching the job sees it start);
+        later ones on GitLab's update interval.
+        """
+        if not self.buffer.closed:
+            self.buffer.write(data)
+            if self.buffer.size:
+                self._first.set()
+
+    def section_start(self, name: str, header: str = "") -> None:
+        """Open a collapsible section of the job log (host-side steps)."""
+        self.write(section_start(name, int(self._wall()), header))
+
+    def section_end(self, name: str) -> None:
+        """Close section ``name``."""
+        self.write(section_end(name, int(self._wall())))
+
+    # -- sending ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        # Not wait_for: on 3.11 it can swallow a cancel that races the event.
+        first = asyncio.ensure_future(self._first.wait())
+        try:
+            await asyncio.wait([first], timeout=self.interval)
+        finally:
+            first.cancel()
+        while True:
+            try:
+                await self._send_pending()
+                if self._clock() - self._last_contact >= self._force_send:
+                    await self._touch()
+                self._failures = 0
+            except ForgeUnavailable as exc:
+                self._failures += 1
+                log.warning("gitlab trace update failed; will retry", job_id=self.job_id,
+                            error=str(exc))
+                await self._sleep(self._backoff.delay(self._failures, self._rng))
+            except (ForgeError, TraceResyncError) as exc:
+                log.error("gitlab trace cannot be sent", job_id=self.job_id, error=str(exc))
+                self.aborted.set()
+                return
+            if self.aborted.is_set():
+                return
+            await self._sleep(self.interval)
+
+    async def _send_pending(self) -> None:
+        """Send patches until GitLab has the whole trace so far (or says stop)."""
+        while (patch := self.buffer.next_patch()) is not None:
+            self.requests += 1
+            answer = await self._client.patch_trace(self.job_id, self._token, patch)
+            self._note(answer)
+            if answer.status == 202:
+                self.buffer.acknowledge(patch)
+            elif answer.status == 416:
+                if answer.remote_size is None:
+                    raise TraceResyncError("GitLab answered 416 without a Range")
+                self.buffer.resync(answer.remote_size)
+            if self.aborted.is_set():
+                return
+
+    async def _touch(self) -> None:
+        """No trace for a while: tell GitLab the job is alive, and hear if it is cancelled."""
+        self.requests += 1
+        answer = await self._client.update_job(
+            self.job_id, self._token,
+            JobUpdate("running", self.buffer.checksum, self.buffer.size),
+        )
+        self._note(answer)
+
+    def _note(self, answer: RemoteState) -> None:
+        self._last_contact = self._clock()
+        if answer.update_interval:
+            self.interval = min(answer.update_interval, MAX_UPDATE_INTERVAL_S)
+        if answer.cancel_requested:
+            self.cancel_requested.set()
+        if answer.aborted:
+            self.aborted.set()
+
+    async def _stop_sender(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # asyncio.wait: our own caller's cancel still reaches us; the task's does not.
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.error("gitlab trace sender failed", job_id=self.job_id,
+                          error=repr(task.exception()))
+
+    async def finish(self, outcome: JobOutcome) -> RemoteState:
+        """Send the rest of the trace, then the final state, until GitLab accepts it.
+
+        202 ("accepted, not yet done") and failures are retried every interval
+        (backing off on failures) for up to ``max_finish_s``; 412 resends the
+        whole trace. Returns GitLab's last answer; raises ``ForgeUnavailable``
+        when it never accepted in time.
+        """
+        await self._stop_sender()
+        self.buffer.close()
+        reason = outcome.failure_reason
+        if reason:
+            reason = supported_failure_reason(reason, self._failure_reasons)
+        deadline = self._clock() + self._max_finish
+        failures = 0
+        while True:
+            try:
+                if not self.aborted.is_set():
+                    await self._send_pending()
+                self.requests += 1
+                answer = await self._client.update_job(
+                    self.job_id, self._token,
+                    JobUpdate(outcome.state, self.buffer.checksum, self.buffer.size,
+                              reason, outcome.exit_code),
+                )
+                self._note(answer)
+                if answer.status in (200, 403, 404) or answer.aborted:
+                    self.finished = answer
+                    return answer
+                if answer.status == 412:
+                    self.buffer.rewind()
+                delay = self.interval
+            except ForgeUnavailable as exc:
+                failures += 1
+                delay = self._backoff.delay(failures, self._rng)
+                if self._clock() + delay > deadline:
+                    raise ForgeUnavailable(
+                        f"job {self.job_id}: final update not accepted: {exc}",
+                        forge="gitlab", status=exc.status,
+                    ) from exc
+            except TraceResyncError:
+                self.buffer.rewind()
+                delay = self.interval
+            if self._clock() + delay > deadline:
+                raise ForgeUnavailable(
+                    f"job {self.job_id}: final update not accepted in {self._max_finish:.0f} s",
+                    forge="gitlab",
+                )
+            await self._sleep(delay)
+
+
+async def upload_artifact(
+    client: GitLabClient,
+    job: JobPayload,
+    trace: TraceStream,
+    artifact: Artifact,
+    data: bytes,
+    *,
+    attempts: int = 3,
+    backoff: Backoff | None = None,
+    sleep: Sleep = asyncio.sleep,
+    rng: random.Random | None = None,
+) -> bool:
+    """Upload one artifacts archive as gitlab-runner does, saying so in the trace.
+
+    Retries network failures, 429 and 5xx ``attempts`` times; returns whether
+    GitLab took it. A refusal (too large, forbidden) is a note in the trace.
+    """
+    backoff = backoff or Backoff()
+    rng = rng or random.Random()
+    kind = artifact.artifact_type or "archive"
+    filename = f"{artifact.name or 'artifacts'}.zip"
+    for attempt in range(1, attempts + 1):
+        try:
+            await client.upload_artifact(
+                job.id, job.token, data, filename=filename, artifact_type=kind,
+                artifact_format=artifact.artifact_format or "zip", expire_in=artifact.expire_in,
+            )
+        except ForgeUnavailable as exc:
+            trace.write(f"WARNING: Uploading artifacts as \"{kind}\" failed: {exc}\n".encode())
+            if attempt < attempts:
+                await sleep(backoff.delay(attempt, rng))
+            continue
+        except ForgeError as exc:
+            trace.write(f"ERROR: Uploading artifacts as \"{kind}\" refused: {exc}\n".encode())
+            return False
+        trace.write(
+            f"Uploading artifacts as \"{kind}\" to coordinator... 201 Created"
+            f"  id={job.id} bytes={len(data)}\n".encode()
+        )
+        return True
+    return False
+
+
+async def download_dependencies(
+    client: GitLabClient, job: JobPayload, trace: TraceStream, dest: Path
+) -> list[tuple[Dependency, Path]]:
+    """Download every dependency that has artifacts into ``dest``, saying so in the trace.
+
+    Returns ``(dependency, archive path)`` pairs, in payload order. A failed
+    download raises: the job cannot run without its inputs (a system failure
+    if GitLab was unavailable, else the job's own).
+    """
+    saved: list[tuple[Dependency, Path]] = []
+    for dep in job.dependencies:
+        if dep.artifacts_file is None or not dep.artifacts_file.filename:
+            continue
+        trace.write(f"Downloading artifacts for {dep.name} ({dep.id})...\n".encode())
+        path = dest / f"{dep.id}.zip"
+        size = await client.download_artifacts(dep.id, dep.token, path)
+        trace.write(f"Downloading artifacts from coordinator... ok  id={dep.id} bytes={size}\n"
+                    .encode())
+        saved.append((dep, path))
+    return saved

@@ -1,0 +1,486 @@
+"""The generated GitLab job script, run for real by bash in a temp dir (not in a VM).
+
+The source comes from a real git repository served by ``git http-backend``
+behind a small aiohttp CGI wrapper that demands the job token as HTTP basic
+auth, as GitLab does. While a script runs, a sampler reads every process's
+argv from /proc: the job token must never show there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from runner.forge.gitlab import _collect
+from runner.forge.gitlab.payload import JobPayload
+from runner.forge.gitlab.script import (
+    CHUNK,
+    GuestLayout,
+    ResultReader,
+    ScriptResult,
+    build_script,
+    dependency_files,
+    expand,
+    outcome,
+    unsupported_reason,
+)
+from runner.forge.gitlab.session import JobOutcome
+from tests.fake_gitlab import make_job, variable
+
+GIT = "/usr/bin/git"
+
+
+def _git(cwd: Path, *args: str) -> str:
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e"}
+    return subprocess.run([GIT, *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@dataclass
+class GitServer:
+    url: str
+    root: Path
+    tokens: set[str]
+    shas: list[str]
+    auth_failures: int = 0
+
+
+async def _cgi(server: GitServer, request: web.Request) -> web.StreamResponse:
+    auth = request.headers.get("Authorization", "")
+    user_pass = base64.b64decode(auth[6:]).decode() if auth.startswith("Basic ") else ""
+    user, _, password = user_pass.partition(":")
+    if user != "gitlab-ci-token" or password not in server.tokens:
+        server.auth_failures += 1
+        return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="GitLab"'})
+    env = {
+        "GIT_PROJECT_ROOT": str(server.root), "GIT_HTTP_EXPORT_ALL": "1",
+        "PATH_INFO": request.path, "REQUEST_METHOD": request.method,
+        "QUERY_STRING": request.query_string, "CONTENT_TYPE": request.content_type,
+        "REMOTE_USER": user, "REMOTE_ADDR": "127.0.0.1", "GATEWAY_INTERFACE": "CGI/1.1",
+        "HTTP_CONTENT_ENCODING": request.headers.get("Content-Encoding", ""),
+        "GIT_PROTOCOL": request.headers.get("Git-Protocol", ""),
+        "PATH": os.environ["PATH"], "HOME": str(server.root),
+    }
+    body = await request.read()
+    env["CONTENT_LENGTH"] = str(len(body))
+    proc = await asyncio.create_subprocess_exec(
+        GIT, "http-backend", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out, _ = await proc.communicate(body)
+    head, _, payload = out.partition(b"\r\n\r\n")
+    status, headers = 200, {}
+    for line in head.decode().split("\r\n"):
+        key, _, value = line.partition(":")
+        if key.lower() == "status":
+            status = int(value.split()[0])
+        elif key:
+            headers[key] = value.strip()
+    return web.Response(status=status, body=payload, headers=headers)
+
+
+@pytest.fixture(scope="module")
+async def git_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GitServer]:
+    base = tmp_path_factory.mktemp("gitsrv")
+    src = base / "src"
+    src.mkdir()
+    _git(src, "init", "-q", "-b", "main")
+    (src / "README.md").write_text("first\n")
+    (src / ".gitignore").write_text("ignored.log\n")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "one")
+    first = _git(src, "rev-parse", "HEAD")
+    (src / "README.md").write_text("second\n")
+    (src / "build.sh").write_text("mkdir -p out/skip && echo built > out/app.txt\n")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "two")
+    second = _git(src, "rev-parse", "HEAD")
+    root = base / "repos"
+    (root / "group").mkdir(parents=True)
+    _git(base, "clone", "-q", "--bare", str(src), str(root / "group" / "project.git"))
+    server = GitServer("", root, set(), [first, second])
+    app = web.Application()
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _cgi(server, request)
+
+    app.router.add_route("*", "/{path:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    await runner.cleanup()
+
+
+@dataclass
+class Run:
+    stdout: bytes
+    stderr_rest: bytes
+    result: ScriptResult | None
+    returncode: int
+    seconds: float
+    layout: GuestLayout
+    argv_seen: list[str]
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+def _sample_argv(stop: list[bool], seen: list[str], needle: bytes) -> None:
+    while not stop:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if needle in cmdline:
+                seen.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        time.sleep(0.002)
+
+
+async def run_job(
+    tmp_path: Path,
+    payload: dict[str, Any],
+    *,
+    layout: GuestLayout | None = None,
+    put: list[tuple[str, bytes]] | None = None,
+    cancel_after: str | None = None,
+) -> Run:
+    job = JobPayload.parse(payload)
+    layout = layout or GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
+    script = tmp_path / "job.sh"
+    script.write_text(build_script(job, layout))
+    script.chmod(0o600)
+    for path, data in put or []:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
+           "GIT_CONFIG_NOSYSTEM": "1"}
+    stop: list[bool] = []
+    seen: list[str] = []
+    sampler = asyncio.get_running_loop().run_in_executor(
+        None, _sample_argv, stop, seen, job.token.reveal().encode())
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        "bash", str(script), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        start_new_session=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stdout = b""
+    if cancel_after is not None:
+        while cancel_after.encode() not in stdout:
+            stdout += await asyncio.wait_for(proc.stdout.read(4096), 20)
+        os.killpg(proc.pid, signal.SIGTERM)  # what the agent's cancel does
+    rest, err = await asyncio.wait_for(
+        asyncio.gather(proc.stdout.read(), proc.stderr.read()), 120)
+    await proc.wait()
+    stop.append(True)
+    await sampler
+    reader = ResultReader()
+    passthrough = reader.feed(err)
+    return Run(stdout + rest, passthrough, reader.result, proc.returncode or 0,
+               time.monotonic() - started, layout, seen)
+
+
+def _pipeline_ref(server: GitServer, job_id: int, sha: str) -> None:
+    """GitLab keeps ``refs/pipelines/<id>`` for every pipeline; the refspecs fetch it."""
+    _git(server.root / "group" / "project.git", "update-ref", f"refs/pipelines/{9000 + job_id}",
+         sha)
+
+
+def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("sha", server.shas[1])
+    kw.setdefault("depth", 1)
+    payload = make_job(job_id, server_url=server.url, **kw)
+    _pipeline_ref(server, job_id, kw["sha"])
+    server.tokens.add(payload["token"])
+    return payload
+
+
+def _zip_names(path: str) -> list[str]:
+    with zipfile.ZipFile(path) as z:
+        return sorted(z.namelist())
+
+
+# -- real runs ------------------------------------------------------------------
+
+
+async def test_passing_job_checks_out_runs_steps_and_zips_artifacts(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    payload = _job(
+        git_server, 101,
+        variables=[variable("DEPLOY_KEY", "k3y-v4lue-secret", masked=True),
+                   variable("CONF", "line1\nline2 $HOME\n", file=True, raw=True),
+                   variable("GREETING", "hello $CI_PROJECT_NAME", raw=False),
+                   variable("RAW", "keep $CI_PROJECT_NAME", raw=True)],
+        script=["sh build.sh", "echo to-stderr >&2; echo to-stdout",
+                'echo "greeting=$GREETING raw=$RAW"', 'cat "$CONF"',
+                'test "$(stat -c %a "$CONF")" = 600', "echo junk > untracked.bin",
+                "echo x > ignored.log; mkdir -p out/skip; echo no > out/skip/tmp.txt",
+                "cat README.md"],
+        after_script=['echo "after: status=$CI_JOB_STATUS"'],
+        artifacts=[{"name": "build", "untracked": True, "paths": ["out/", "README.md"],
+                    "exclude": ["out/skip/**"], "when": "on_success",
+                    "artifact_type": "archive", "artifact_format": "zip", "expire_in": ""},
+                   {"name": "logs", "untracked": False, "paths": ["*.log"], "exclude": [],
+                    "when": "on_failure", "artifact_type": "archive",
+                    "artifact_format": "zip", "expire_in": ""}],
+    )
+    run = await run_job(tmp_path, payload)
+    assert run.result == ScriptResult("success", 0, None, False, (0,)), run.text
+    assert run.returncode == 0
+    assert run.stderr_rest == b""
+    text = run.text
+    assert "Checking out " + git_server.shas[1][:8] in text
+    assert "second\n" in text  # README at the job's sha
+    assert "to-stderr\nto-stdout\n" in text  # one stream, in order
+    assert "greeting=hello project raw=keep $CI_PROJECT_NAME" in text
+    assert "line1\nline2 $HOME\n" in text
+    assert "after: status=success" in text
+    for section in ("prepare_script", "get_sources", "step_script", "step_after_script",
+                    "upload_artifacts_on_success"):
+        assert re.search(rf"section_start:\d+:{section}\r\x1b\[0K", text), section
+        assert re.search(rf"section_end:\d+:{section}\r\x1b\[0K", text), section
+    assert "\x1b[32;1m$ sh build.sh\x1b[0;m" in text
+    assert _zip_names(run.layout.artifact_path(0)) == [
+        "README.md", "ignored.log", "out/app.txt", "untracked.bin"]
+    assert not os.path.exists(run.layout.artifact_path(1))
+    project = Path(run.layout.project_dir(JobPayload.parse(payload)))
+    assert project == tmp_path / "builds" / "group" / "project"
+    config = (project / ".git" / "config").read_text()
+    assert payload["token"] not in config  # the remote URL carries no credentials
+    assert run.argv_seen == []  # the token was never in any process's argv
+    assert git_server.auth_failures >= 1  # git had to authenticate, and did
+
+
+async def test_failing_step_stops_the_script_and_after_script_sees_failed(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    payload = _job(
+        git_server, 102,
+        script=["echo one", "echo oops > failure.log; exit 3", "echo never"],
+        after_script=['echo "after: status=$CI_JOB_STATUS"', "exit 9"],
+        artifacts=[{"name": "a", "untracked": False, "paths": ["README.md"], "exclude": [],
+                    "when": "on_success", "artifact_type": "archive",
+                    "artifact_format": "zip", "expire_in": ""},
+                   {"name": "logs", "untracked": False, "paths": ["*.log"], "exclude": [],
+                    "when": "on_failure", "artifact_type": "archive",
+                    "artifact_format": "zip", "expire_in": ""}],
+    )
+    run = await run_job(tmp_path, payload)
+    assert run.result == ScriptResult("failed", 3, "script", False, (1,))
+    assert run.returncode == 3
+    assert "one\n" in run.text
+    assert "never" not in run.text.replace("$ echo never", "")
+    assert "after: status=failed" in run.text
+    assert "after_script failed, but the job continues" in run.text
+    assert "ERROR: Job failed: exit code 3" in run.text
+    assert _zip_names(run.layout.artifact_path(1)) == ["failure.log"]
+    assert outcome(run.result, timed_out=False, cancelled=False) == JobOutcome.failed(
+        "script_failure", 3)
+
+
+async def test_step_timeout_kills_the_step_group_and_after_script_still_runs(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    steps = [
+        {"name": "script", "script": ["echo start", "(sleep 60; echo orphan) & sleep 60"],
+         "timeout": 1, "when": "on_success", "allow_failure": False},
+        {"name": "after_script", "script": ['echo "after: $CI_JOB_STATUS"'], "timeout": 5,
+         "when": "always", "allow_failure": True},
+    ]
+    run = await run_job(tmp_path, _job(git_server, 103, steps=steps))
+    assert run.result is not None
+    assert run.result.timed_out
+    assert run.result.step == "script"
+    assert run.seconds < 15
+    assert "exceeded its timeout of 1 s" in run.text
+    assert "after: failed" in run.text
+    assert outcome(run.result, timed_out=False, cancelled=False).failure_reason == (
+        "job_execution_timeout")
+
+
+async def test_sigterm_cancels_the_running_step_promptly(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    marker = tmp_path / "survived"
+    payload = _job(git_server, 104, script=[f"echo started; sleep 30; touch {marker}"],
+                   after_script=["echo after-ran"])
+    started = time.monotonic()
+    run = await run_job(tmp_path, payload, cancel_after="started")
+    assert time.monotonic() - started < 15
+    assert run.result is not None
+    assert run.result.status == "canceled"
+    assert "ERROR: Job was canceled" in run.text
+    assert "after-ran" not in run.text
+    await asyncio.sleep(0.5)
+    assert not marker.exists()
+    assert outcome(run.result, timed_out=False, cancelled=True).failure_reason == "job_canceled"
+
+
+async def test_wrong_token_fails_get_sources_and_runs_no_step(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    payload = _job(git_server, 105, script=["echo should-not-run"],
+                   after_script=["echo after-ran"])
+    git_server.tokens.discard(payload["token"])
+    run = await run_job(tmp_path, payload)  # token not known to the git server
+    assert run.result is not None
+    assert run.result.status == "failed"
+    assert run.result.step == "get_sources"
+    assert "should-not-run\n" not in run.text
+    assert "after-ran" in run.text  # after_script is "always"
+    assert payload["token"] not in run.text
+
+
+async def test_fetch_strategy_reuses_the_checkout_and_moves_to_the_new_sha(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    first = _job(git_server, 106, sha=git_server.shas[0], depth=0,
+                 script=["cat README.md", "echo scratch > scratch.txt"])
+    run1 = await run_job(tmp_path, first)
+    assert "first\n" in run1.text
+    assert "Created fresh repository." in run1.text
+    second = _job(git_server, 107, script=["cat README.md", "test ! -e scratch.txt"])
+    run2 = await run_job(tmp_path, second)
+    assert run2.result is not None
+    assert run2.result.status == "success", run2.text
+    assert "Reinitialized existing Git repository" in run2.text
+    assert "second\n" in run2.text
+
+
+async def test_dependencies_arrive_in_parts_and_are_extracted(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    big = os.urandom(CHUNK + 1000)  # incompressible: the zip spans two parts
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("dist/blob.bin", big)
+        z.writestr("dist/version.txt", "1.2.3\n")
+    (tmp_path / "blob").write_bytes(big)
+    payload = _job(git_server, 108,
+                   script=["cat dist/version.txt", f"cmp dist/blob.bin {tmp_path / 'blob'}"],
+                   dependencies=[{"id": 90, "name": "compile", "token": "dep-token",
+                                  "artifacts_file": {"filename": "artifacts.zip", "size": 1}}])
+    layout = GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
+    parts = dependency_files(layout, [(90, archive.getvalue())])
+    assert len(parts) == 2
+    run = await run_job(tmp_path, payload, layout=layout, put=parts)
+    assert run.result is not None
+    assert run.result.status == "success", run.text
+    assert "1.2.3" in run.text
+    assert "Extracted artifacts of compile (90)" in run.text
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    run = await run_job(missing, payload)
+    assert "no artifacts of compile (90) arrived" in run.text
+
+
+# -- pure pieces ------------------------------------------------------------------
+
+
+def test_image_and_services_are_refused_with_a_reason() -> None:
+    plain = JobPayload.parse(make_job(1))
+    assert unsupported_reason(plain) is None
+    boxed = JobPayload.parse(make_job(2, image={"name": "ruby:3.3"},
+                                      services=[{"name": "postgres:16"}]))
+    reason = unsupported_reason(boxed)
+    assert reason is not None
+    assert "'ruby:3.3'" in reason
+    assert "'postgres:16'" in reason
+    assert JobPayload.parse(make_job(3, image={"name": ""})).image is None
+
+
+def test_variable_expansion_follows_gitlab_runner() -> None:
+    variables = [("A", "x", False), ("B", "$A-${A}-$MISSING-$$", False),
+                 ("C", "$A", True), ("F", "content", False)]
+    assert expand(variables, {"F": "/w/vars/F"}) == ["x", "x-x--$", "$A", "content"]
+    assert expand([("G", "$F", False), ("F", "c", False)], {"F": "/p"}) == ["/p", "c"]
+
+
+@pytest.mark.parametrize(
+    ("result", "timed_out", "cancelled", "expected"),
+    [
+        (ScriptResult("success", 0, None, False, ()), False, False, JobOutcome.success()),
+        (ScriptResult("failed", 2, "script", False, ()), False, False,
+         JobOutcome.failed("script_failure", 2)),
+        (ScriptResult("failed", 124, "script", True, ()), False, False,
+         JobOutcome.failed("job_execution_timeout", 124)),
+        (ScriptResult("canceled", 143, None, False, ()), False, False,
+         JobOutcome.failed("job_canceled")),
+        (None, True, False, JobOutcome.failed("job_execution_timeout")),
+        (None, False, True, JobOutcome.failed("job_canceled")),
+        (None, False, False, JobOutcome.failed("runner_system_failure")),
+    ],
+)
+def test_outcome_table(
+    result: ScriptResult | None, timed_out: bool, cancelled: bool, expected: JobOutcome
+) -> None:
+    assert outcome(result, timed_out=timed_out, cancelled=cancelled) == expected
+
+
+def test_result_reader_splits_the_result_from_stray_stderr() -> None:
+    reader = ResultReader()
+    got = reader.feed(b"bash: oops\nsnapfleet-gitlab-res")
+    got += reader.feed(b"ult status=failed exit_code=4 step=script timed_out=0 artifacts=0,2\n")
+    assert got == b"bash: oops\n"
+    assert reader.result == ScriptResult("failed", 4, "script", False, (0, 2))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    for rel in ("a.txt", "b.log", "dir/c.txt", "dir/sub/d.txt", "dir/sub/e.bin",
+                "other/f.txt", ".git/config"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("paths", "exclude", "expected"),
+    [
+        (["*.txt"], [], ["a.txt"]),
+        (["**/*.txt"], [], ["a.txt", "dir/c.txt", "dir/sub/d.txt", "other/f.txt"]),
+        (["dir/"], ["dir/sub/*.bin"], ["dir/c.txt", "dir/sub/d.txt"]),
+        (["dir"], ["dir/sub"], ["dir/c.txt"]),
+        (["./a.txt", "../outside", "/etc/passwd"], [], ["a.txt"]),
+        (["."], ["**/*.txt"], ["b.log", "dir/sub/e.bin"]),
+        (["d?r/s[u]b/*"], [], ["dir/sub/d.txt", "dir/sub/e.bin"]),
+    ],
+)
+def test_artifact_selection(
+    tree: Path, paths: list[str], exclude: list[str], expected: list[str]
+) -> None:
+    assert _collect.select(str(tree), paths, exclude, untracked=False) == expected
+
+
+def test_collector_exits_3_when_nothing_matches(tree: Path, capsys: Any) -> None:
+    out = tree / "x.zip"
+    assert _collect.main([str(tree), str(out), json.dumps({"paths": ["nope/"]})]) == 3
+    assert "No files to upload" in capsys.readouterr().out
+    assert not out.exists()
