@@ -1,8 +1,8 @@
 """GitHub Actions: job event received → runner process started in the guest.
 
 A fake GitHub (tests/fake_github.py, schema-checked) and the real daemon.
-Webhook path: signed `queued` deliveries alternate between a profile with a
-warm pool and one without, ≥20 each; the clock starts as the delivery is
+Webhook path: signed `queued` deliveries rotate between a profile with a hot
+pool, one with a warm pool and one without, ≥20 each; the clock starts as the delivery is
 posted. Scale-set path (a second daemon, `mode = "scaleset"`, the same warm
 profile, the fake scale-set service of tests/fake_scaleset.py): the clock
 starts when the fake hands the job's `JobAvailable` message to the daemon's
@@ -165,6 +165,10 @@ webhook_secret = "{SECRET.decode()}"
 webhook_listen = "127.0.0.1:{port}"
 reconcile_interval_s = 5
 host = "bench"
+[profiles.gh-hot]
+image = "github-runner"
+labels = ["self-hosted", "hot"]
+hot = 2
 [profiles.gh-warm]
 image = "github-runner"
 labels = ["self-hosted", "warm"]
@@ -175,26 +179,28 @@ labels = ["self-hosted", "cold"]
 """
 
     url = f"http://127.0.0.1:{port}/webhooks/github"
-    times: dict[str, list[float]] = {"warm": [], "cold": []}
+    times: dict[str, list[float]] = {"hot": [], "warm": [], "cold": []}
     try:
         with running_daemon(cache_dir, 4, log, extra_toml=toml,
                             env={"SNAPFLEET_RUNNER_TARBALL": str(tarball)}) as (root, _proc):
             async with ApiClient(root / "api.sock") as api:
                 await one(api, url, fake, 1, ["self-hosted", "cold"])  # snapshot on first use
-                await asyncio.sleep(8)  # warm pool fills (after its snapshot)
+                await asyncio.sleep(8)  # the pools fill (after their snapshot)
+                kinds = list(times)
                 for i in range(runs):
-                    for kind in ("warm", "cold"):
-                        job_id = 100 + 2 * i + (kind == "warm")
+                    for n, kind in enumerate(kinds[i % 3:] + kinds[:i % 3]):
+                        job_id = 100 + 3 * i + n
                         times[kind].append(await one(api, url, fake, job_id,
                                                      ["self-hosted", kind]))
-                    await asyncio.sleep(1.0)  # refill
-                    log(f"run {i + 1}/{runs}: warm {times['warm'][-1]:.0f} ms, "
-                        f"cold {times['cold'][-1]:.0f} ms")
+                        await asyncio.sleep(1.0)  # refill
+                    log(f"run {i + 1}/{runs}: " + ", ".join(
+                        f"{k} {v[-1]:.0f} ms" for k, v in times.items()))
     finally:
         await fake.close()
     assert not fake.violations, fake.violations
     scaleset = await bench_scaleset(runs, cache_dir, log, tarball)
-    return {"webhook_to_runner_ms": {"warm_pool": percentiles(times["warm"]),
+    return {"webhook_to_runner_ms": {"hot_pool": percentiles(times["hot"]),
+                                     "warm_pool": percentiles(times["warm"]),
                                      "no_pool": percentiles(times["cold"])},
             "scaleset_ms": percentiles(scaleset)}
 
