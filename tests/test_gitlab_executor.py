@@ -124,15 +124,27 @@ async def test_passing_job_runs_every_stage_in_one_vm(gl_daemon: DaemonProcess,
         outputs[stage] = done.stdout
         if stage == "prepare_script":
             hostnames.add(done.stdout.split()[2])
-        if stage == "build_script":
-            assert "to-stderr" in done.stderr
     assert outputs["get_sources"].endswith("sources-ready\n")
+    # One stream, as GitLab's trace is: stderr lines arrive where they were written.
     assert outputs["build_script"] == (
-        "build-start\nhello from python\ntoken=s3cret-from-gitlab\nleaked=0\n"
+        "build-start\nhello from python\ntoken=s3cret-from-gitlab\nleaked=0\nto-stderr\n"
     )
     assert outputs["archive_cache"] == "cached\n"  # the files of get_sources were still there
     ok(runner.step("cleanup"))
     assert gl_daemon.vm_dirs() == []
+
+
+async def test_stdout_and_stderr_written_back_to_back_keep_their_order(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    runner = Runner(gl_daemon, 503, tmp_path)
+    ok(runner.step("prepare"))
+    body = "for i in $(seq 1 20); do echo out-$i; echo err-$i >&2; done"
+    done = runner.step("run", str(runner.script("build_script", body)), "build_script")
+    ok(done)
+    expected = "".join(f"out-{i}\nerr-{i}\n" for i in range(1, 21))
+    assert done.stdout == expected
+    ok(runner.step("cleanup"))
 
 
 async def test_failing_script_is_a_build_failure_with_the_real_code(

@@ -297,3 +297,11 @@ async def test_console_spew_leaves_a_bounded_file(engine: Engine, snapshot: Snap
     finally:
         await machine.destroy()
     assert not machine.console_log.exists()
+
+
+async def test_a_job_sees_roots_home_and_not_the_agents_pythonpath(
+    engine: Engine, snapshot: Snapshot
+) -> None:
+    out, result = await run(engine, snapshot, 'echo "$HOME|${PYTHONPATH-unset}"; cd && pwd')
+    assert result.exit_code == 0
+    assert out.text() == "/root|unset\n/root\n"

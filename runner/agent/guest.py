@@ -50,6 +50,7 @@ from runner.agent.protocol import (
 )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+AGENT_ONLY_ENV = frozenset({"PYTHONPATH"})
 
 
 class HostSession:
@@ -76,8 +77,12 @@ class Agent:
         self._lock = threading.Lock()
         """Guards the session's `Connection` and every channel write."""
         self._live: set[Execution] = set()  # every exec still pumping, of any session
-        self._base_env = dict(os.environ)
+        # The agent's own environment, minus what only the agent needs: a job sees a
+        # login-like environment (HOME of root, not the init's "/"), not PYTHONPATH.
+        self._base_env = {k: v for k, v in os.environ.items() if k not in AGENT_ONLY_ENV}
         self._base_env.setdefault("PATH", DEFAULT_PATH)
+        if self._base_env.get("HOME", "/") == "/":
+            self._base_env["HOME"] = "/root"
         self._job_env: dict[str, str] = {}
         self._stopping = False
 

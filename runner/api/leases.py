@@ -5,7 +5,9 @@
     DELETE /v1/leases/{key}           destroy it (idempotent)                          200
     GET    /v1/leases/{key}/exec      WebSocket: send {"script", "env"?, "cwd"?, "stage"?};
                                       receive binary frames (1 byte stream: 1 stdout,
-                                      2 stderr, then data) and one final JSON text frame
+                                      2 stderr, then data; stage scripts run with
+                                      stderr on stdout, one stream as GitLab's trace)
+                                      and one final JSON text frame
                                       {"state", "exit_code", "exit", "reason", "signal",
                                       "timed_out", "cancelled"} or {"error"}. Send
                                       {"cancel": true}, or close, to stop the script (its
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from runner.service.leases import LeaseBook
 
 STREAMS = {"stdout": b"\x01", "stderr": b"\x02"}
+ONE_STREAM = "exec 2>&1\n"
 
 
 def add_routes(app: web.Application, book: LeaseBook) -> None:
@@ -85,7 +88,9 @@ def add_routes(app: web.Application, book: LeaseBook) -> None:
             await ws.send_json({"error": str(exc)})
             await ws.close()
             return ws
-        command = Command(script=req.script, env=req.env or {}, cwd=req.cwd,
+        # A GitLab trace is one stream: stdout and stderr share one pipe in the guest, so
+        # lines written back to back reach the trace in the order they were written.
+        command = Command(script=ONE_STREAM + req.script, env=req.env or {}, cwd=req.cwd,
                           shell=book.shell)
         cancel = asyncio.Event()
         watcher = asyncio.create_task(_cancel_on_request(ws, cancel))
