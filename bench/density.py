@@ -338,6 +338,11 @@ async def compare(
             product,
             await variant_snapshot(product, store, QUIET_CMDLINE, ["/bin/true"], log),
         ),
+        Variant(
+            f"template: sync, {QUIET_CMDLINE}",
+            product,
+            await variant_snapshot(product, store, QUIET_CMDLINE, ["/bin/sync"], log),
+        ),
     ]
     try:
         for i in range(args.per_variant):
