@@ -52,6 +52,8 @@ PAGE_MIB = 4096 / 2**20
 # and making TCG translate code): no soft-lockup watchdog timer, and no atime
 # writes when a clone (its clock set forward) first reads a file of the template.
 QUIET_CMDLINE = "nowatchdog rootflags=noatime"
+# What a guest falls back to when its clocksource watchdog finds the TSC unstable.
+JIFFIES_CMDLINE = "clocksource=refined-jiffies"
 
 
 # ---- reading the host --------------------------------------------------------
@@ -179,7 +181,21 @@ async def job_ok(machine: Machine, timeout: float = 120.0) -> bool:
     return result.exit_code == 0 and output == b"ok\n"
 
 
-def idle_cpu_percent(machines: list[Machine], seconds: float) -> Callable[[], float]:
+CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+
+
+async def guest_output(machine: Machine, path: str, timeout: float = 60.0) -> str:
+    """The contents of a file in the guest, stripped."""
+    async with asyncio.timeout(timeout):
+        session = await machine.exec(["cat", path])
+        output = b""
+        async for chunk in session:
+            output += chunk.data
+        await session.wait()
+    return output.decode(errors="replace").strip()
+
+
+def idle_cpu_percent(machines: list[Machine]) -> Callable[[], float]:
     """Start measuring the clones' CPU; the returned call gives % of one core since."""
     pids = [m.pid for m in machines if m.pid is not None]
     before = sum(cpu_s(p) for p in pids)
@@ -238,8 +254,10 @@ async def ksm_phase(variant: Variant, scans: int, timeout: float, log: Log) -> d
             "pages_shared_mib": round(_ksm_read("pages_shared") * PAGE_MIB, 1),
         }
         ksmd_cpu = round(100 * ((cpu_s(ksmd) if ksmd else 0.0) - cpu_before) / elapsed, 1)
-    log(f"ksm: {_ksm_read('full_scans') - first} full scans in {elapsed:.0f}s, put back")
-    return {**figures, **merged, "ksmd_cpu_percent": ksmd_cpu, "scan_s": round(elapsed, 1)}
+        scanned = _ksm_read("full_scans") - first
+    log(f"ksm: {scanned} full scans in {elapsed:.0f}s; its settings put back")
+    return {**figures, **merged, "ksmd_cpu_percent": ksmd_cpu, "scan_s": round(elapsed, 1),
+            "full_scans": scanned}
 
 
 # ---- variants for --compare -------------------------------------------------
@@ -334,14 +352,14 @@ async def compare(
             await variant_snapshot(product, store, "", ["/bin/sync"], log),
         ),
         Variant(
-            f"template: true, {QUIET_CMDLINE}",
-            product,
-            await variant_snapshot(product, store, QUIET_CMDLINE, ["/bin/true"], log),
-        ),
-        Variant(
             f"template: sync, {QUIET_CMDLINE}",
             product,
             await variant_snapshot(product, store, QUIET_CMDLINE, ["/bin/sync"], log),
+        ),
+        Variant(
+            f"template: sync, {JIFFIES_CMDLINE}",
+            product,
+            await variant_snapshot(product, store, JIFFIES_CMDLINE, ["/bin/sync"], log),
         ),
     ]
     try:
@@ -349,8 +367,16 @@ async def compare(
             for variant in variants[i % len(variants):] + variants[: i % len(variants)]:
                 await variant.start()
             log(f"compare: round {i + 1}/{args.per_variant} started")
+        cpu = {v.name: idle_cpu_percent(v.machines) for v in variants}
         await asyncio.sleep(args.settle)
-        return {v.name: v.figures() for v in variants}
+        figures = {
+            v.name: {**v.figures(), "idle_cpu_percent_per_clone": round(
+                cpu[v.name]() / max(len(v.machines), 1), 2)}
+            for v in variants
+        }
+        for v in variants:
+            figures[v.name]["clocksource"] = await guest_output(v.machines[0], CLOCKSOURCE)
+        return figures
     finally:
         for variant in variants:
             await variant.destroy()
@@ -397,7 +423,7 @@ async def density(
         if not alive:
             return {"alive": 0, "pss_mib_per_clone": None, "job_on_last_ok": False,
                     "stopped": stopped}
-        cpu = idle_cpu_percent(clones.machines, args.settle)
+        cpu = idle_cpu_percent(clones.machines)
         await asyncio.sleep(args.settle)
         idle_cpu = cpu()
         figures = clones.figures()
@@ -439,11 +465,12 @@ def print_table(result: dict[str, Any]) -> None:
     )
     if "variants" in result:
         print(f"\n{'variant':44}{'n':>3}{'PSS':>7}{'USS':>7}{'THP':>6}"
-              f"{'ram':>6}{'tcg':>6}{'heap':>6}{'files':>6}  (MiB per clone)")
+              f"{'ram':>6}{'tcg':>6}{'heap':>6}{'files':>6}{'CPU%':>6}  clock  (MiB, % per clone)")
         for name, v in result["variants"].items():
             w = v["where_pss_mib"]
             print(f"{name:44}{v['clones']:>3}{v['pss_mib']:>7}{v['uss_mib']:>7}{v['thp_mib']:>6}"
-                  f"{w['guest_ram']:>6}{w['tcg']:>6}{w['heap']:>6}{w['files']:>6}")
+                  f"{w['guest_ram']:>6}{w['tcg']:>6}{w['heap']:>6}{w['files']:>6}"
+                  f"{v['idle_cpu_percent_per_clone']:>6}  {v['clocksource']}")
         print()
     print(f"alive clones         {result['alive']} of {result.get('target')}"
           + (f" (stopped: {result['stopped']})" if result.get("stopped") else ""))
