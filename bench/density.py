@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import compose
+from runner.agent.messages import Command
 from runner.config import Settings, load_settings
 from runner.engine import Engine
 from runner.errors import SnapfleetError
@@ -171,7 +172,7 @@ async def job_ok(machine: Machine, timeout: float = 120.0) -> bool:
     """Does ``echo ok`` run on ``machine`` and print ok?"""
     try:
         async with asyncio.timeout(timeout):
-            session = await machine.exec(["echo", "ok"])
+            session = await machine.exec(Command(argv=["echo", "ok"]))
             output = b""
             async for chunk in session:
                 output += chunk.data
@@ -187,7 +188,7 @@ CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 async def guest_output(machine: Machine, path: str, timeout: float = 60.0) -> str:
     """The contents of a file in the guest, stripped."""
     async with asyncio.timeout(timeout):
-        session = await machine.exec(["cat", path])
+        session = await machine.exec(Command(argv=["cat", path]))
         output = b""
         async for chunk in session:
             output += chunk.data
@@ -293,7 +294,7 @@ async def variant_snapshot(
         machine = await engine.hypervisor.boot_template(spec, disk, memory)
         try:
             boot_s = time.monotonic() - started
-            session = await machine.exec(before_save)
+            session = await machine.exec(Command(argv=before_save))
             await session.wait()
             await machine.save_snapshot(state)
         finally:

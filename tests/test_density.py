@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.agent.messages import Command
 from runner.engine import Engine
 from runner.snapshots import Snapshot
 from runner.vm.backend import Machine
@@ -23,7 +24,7 @@ def rollup_kb(pid: int, name: str) -> int:
 
 
 async def output(machine: Machine, script: str) -> str:
-    session = await machine.exec(["/bin/sh", "-c", script])
+    session = await machine.exec(Command(script=script))
     data = b""
     async for chunk in session:
         data += chunk.data
