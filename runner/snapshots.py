@@ -27,6 +27,10 @@ from runner.images.cache import building, layer_path, remove_stale_temps
 from runner.vm.backend import MachineSpec
 
 MANIFEST_VERSION = 3
+# How a template is brought to its save (the engine's template booter). Part of the
+# key: a change there makes new snapshots, old ones stay loadable. 2: the template
+# syncs its disk last, so its clones start with nothing to write back.
+TEMPLATE_REVISION = 2
 LAYER = "snapshot"  # directories are snapshot-<key>, like the image cache's layers
 FILES = ("memory", "state", "disk.raw", "overlay.qcow2", "vmlinux", "initramfs")
 
@@ -88,6 +92,7 @@ def snapshot_key(image_digest: str, spec: MachineSpec, vmm: Vmm) -> str:
     """The address of a snapshot: everything a restore depends on."""
     ident = {
         "manifest_version": MANIFEST_VERSION,
+        "template": TEMPLATE_REVISION,
         "image": image_digest,
         "backend": vmm.section(spec),
         "cmdline": spec.cmdline,

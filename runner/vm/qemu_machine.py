@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -34,6 +35,21 @@ from runner.vm.transports import SocketTransport
 if TYPE_CHECKING:
     from runner.net import CloneNetwork
     from runner.net.manager import NetworkManager
+
+
+PR_SET_THP_DISABLE = 41  # <linux/prctl.h>
+
+
+def thp_for_children(allowed: bool) -> None:
+    """Allow or forbid transparent huge pages in the processes this one starts from now on.
+
+    The kernel keeps the flag per process, passes it to children and keeps it across
+    exec (this process gets it too; it maps nothing with ``MADV_HUGEPAGE`` itself).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_THP_DISABLE, 0 if allowed else 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_THP_DISABLE): {os.strerror(err)}")
 
 
 def new_vm_id() -> str:
@@ -243,6 +259,10 @@ class QemuMachine(Machine):
         if self.network is not None:
             argv = self.network.exec_prefix() + argv
         started = time.monotonic()
+        # Under TCG, QEMU asks for huge pages for its translation cache and ROMs, and
+        # an idle clone then holds whole 2 MiB pages of them (bench/density.py). Set
+        # per spawn, just before it: no await in between, so each QEMU gets its own.
+        thp_for_children(spec.accel != "tcg" or self._settings.tcg_thp)
         with open(self.directory / "qemu.log", "wb") as log:  # noqa: ASYNC230 (local, tiny)
             os.chmod(log.fileno(), 0o600)
             try:
