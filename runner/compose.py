@@ -64,6 +64,7 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
     from runner.api.server import LocalApi
     from runner.forge.github.scaleset_source import ScaleSetSource
     from runner.forge.github.source import GitHubSource
+    from runner.forge.gitlab.source import GitLabSource
     from runner.service.daemon import Daemon
     from runner.service.leases import LeaseBook
 
@@ -80,6 +81,8 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
         built.add_source(ScaleSetSource(settings.github, built))
     elif settings.github is not None:
         built.add_source(GitHubSource(settings.github, built))
+    for runner in settings.gitlab.runners:
+        built.add_source(GitLabSource(runner, built))
     return built
 
 

@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from runner.errors import ConfigError
 from runner.forge.github.config import GitHubConfig
+from runner.forge.gitlab.config import GitLabRunnerConfig
 from runner.gpu.config import GpuProfileFields, GpuSettings
 from runner.limits import Timeout
 from runner.net.policy import Allow, Egress, EgressPolicy
@@ -149,7 +150,8 @@ class DaemonSettings(_Section):
 
 
 class GitLabSettings(_Section):
-    """GitLab custom executor (`snapfleet gitlab-executor ...` in gitlab-runner's config)."""
+    """GitLab: the custom executor (`snapfleet gitlab-executor ...` in gitlab-runner's
+    config) and the direct job source (`[[gitlab.runners]]`)."""
 
     allowed_profiles: list[str] = Field(default_factory=lambda: ["default"])
     """Profiles a job may ask for with the SNAPFLEET_PROFILE variable."""
@@ -157,6 +159,17 @@ class GitLabSettings(_Section):
     cache_dir: str = "/cache"
     shell: str = "/bin/bash"
     """Shell that runs gitlab-runner's stage scripts in the VM."""
+    runners: list[GitLabRunnerConfig] = Field(default_factory=list)
+    """Runners the daemon serves itself over GitLab's runner API (`snapfleet gitlab
+    register` prints one); each runs its jobs in the profile serving all its tags."""
+
+    @field_validator("runners")
+    @classmethod
+    def _one_source_per_runner(cls, value: list[GitLabRunnerConfig]) -> list[GitLabRunnerConfig]:
+        ids = [r.runner_id for r in value]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"a runner_id appears twice: {sorted(ids)}")
+        return value
 
 
 class Profile(GpuProfileFields, _Section):

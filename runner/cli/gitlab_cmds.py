@@ -18,11 +18,8 @@ import argparse
 import asyncio
 import contextlib
 import getpass
-import hashlib
 import os
 import re
-import socket
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ import gitlab.v4.objects
 from runner.config import load_settings
 from runner.errors import ConfigError, ForgeAuthError, ForgeError, ForgeUnavailable
 from runner.forge.gitlab.client import GitLabClient
+from runner.forge.gitlab.config import default_system_id, read_runner_token
 from runner.secret import Secret
 
 FORGE = "gitlab"
@@ -189,31 +187,6 @@ def _store_secret(path: Path, value: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-
-
-def read_runner_token(path: Path) -> Secret:
-    """The stored runner token; refuses a file others can read."""
-    try:
-        info = path.stat()
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError("runner token", f"cannot read {path}: {exc.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError("runner token",
-                          f"{path} is readable by others (mode {info.st_mode & 0o777:o});"
-                          " chmod 600 it")
-    if not text:
-        raise ConfigError("runner token", f"{path} is empty")
-    return Secret(text)
-
-
-def default_system_id() -> str:
-    """A stable id for this host, in gitlab-runner's ``s_<12 hex>`` form."""
-    try:
-        seed = Path("/etc/machine-id").read_text().strip()
-    except OSError:
-        seed = socket.gethostname()
-    return "s_" + hashlib.sha256(f"snapfleet:{seed}".encode()).hexdigest()[:12]
 
 
 def _delete_runner(url: str, token: Secret) -> None:

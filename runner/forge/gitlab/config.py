@@ -7,10 +7,16 @@ never holds a secret.
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import stat
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from runner.errors import ConfigError
+from runner.secret import Secret
 
 Tag = Annotated[str, StringConstraints(pattern=r"^[^,\s][^,]*$")]
 
@@ -32,3 +38,28 @@ class GitLabRunnerConfig(BaseModel):
     """Least time between two job requests when GitLab answers "none" at once."""
     builds_dir: str = "/builds"
     """Where projects are checked out in the guest."""
+
+
+def read_runner_token(path: Path) -> Secret:
+    """The stored runner token; refuses a file others can read."""
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError("runner token", f"cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError("runner token",
+                          f"{path} is readable by others (mode {info.st_mode & 0o777:o});"
+                          " chmod 600 it")
+    if not text:
+        raise ConfigError("runner token", f"{path} is empty")
+    return Secret(text)
+
+
+def default_system_id() -> str:
+    """A stable id for this host, in gitlab-runner's ``s_<12 hex>`` form."""
+    try:
+        seed = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        seed = socket.gethostname()
+    return "s_" + hashlib.sha256(f"snapfleet:{seed}".encode()).hexdigest()[:12]

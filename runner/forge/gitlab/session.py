@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 
@@ -231,7 +231,7 @@ class TraceStream:
         self.requests = 0
 
     @classmethod
-    def for_job(cls, client: GitLabClient, job: JobPayload, **kw: Any) -> TraceStream:
+    def for_job(cls, client: GitLabClient, job: JobPayload, **kw: Any) -> Self:
         """A stream for ``job`` whose masker hides its masked variables and tokens."""
         masker = Masker(job.masked_values(), job.features.token_mask_prefixes)
         return cls(

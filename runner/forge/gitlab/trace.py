@@ -224,6 +224,10 @@ class TraceBuffer:
         """The whole masked trace (what GitLab should end up holding)."""
         return bytes(self._data)
 
+    def tail(self, start: int) -> bytes:
+        """The masked trace from byte ``start`` on (what was added since ``size`` was it)."""
+        return bytes(self._data[start:])
+
     def write(self, data: bytes) -> None:
         """Append job output; secrets are masked before they are kept."""
         if self._closed:

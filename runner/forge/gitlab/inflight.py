@@ -1,0 +1,94 @@
+"""Jobs taken from GitLab and not yet reported finished, on disk, so a crash cannot hide them.
+
+GitLab waits for a taken job until its timeout unless the runner reports it.
+If the daemon dies mid-job, the next start must fail it
+(``runner_system_failure``) and never run it again. Reporting needs the job's
+id, its token (GitLab accepts updates only with it) and the trace GitLab
+already holds (the final update carries the trace's checksum). So, per job,
+in a 0700 directory under the state dir:
+
+- ``<id>.json``: the id and the job token, 0600, written before the job is
+  run and deleted once GitLab accepted the final update;
+- ``<id>.trace``: the masked trace as produced (0600, appended to as it grows).
+
+The job token is short-lived (GitLab revokes it when the job ends), which is
+why keeping it for the job's lifetime only, owner-readable, was preferred to
+losing the job to GitLab's timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.secret import Secret
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A job a previous run of the daemon took and never reported finished."""
+
+    job_id: int
+    token: Secret
+    trace: bytes
+    taken_at: float
+
+
+class InflightBook:
+    """The taken-but-unfinished jobs of one runner (``<state_dir>/gitlab/runner-<id>``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _record(self, job_id: int) -> Path:
+        return self.root / f"{job_id}.json"
+
+    def _trace(self, job_id: int) -> Path:
+        return self.root / f"{job_id}.trace"
+
+    def take(self, job_id: int, token: Secret) -> int:
+        """Record a job before running it; returns the fd its trace is appended to."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        record = self._record(job_id)
+        tmp = record.with_name(f".{record.name}.tmp")
+        body = json.dumps({"id": job_id, "token": token.reveal(), "taken_at": time.time()})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, record)
+        return os.open(self._trace(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                       0o600)
+
+    def done(self, job_id: int) -> None:
+        """GitLab has the job's final state: forget it (token and trace)."""
+        for path in (self._record(job_id), self._trace(job_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def orphans(self) -> list[Orphan]:
+        """Jobs left by a previous run (an unreadable record is dropped: nothing to report)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for record in sorted(self.root.glob("*.json")):
+            try:
+                data = json.loads(record.read_text())
+                job_id, token = int(data["id"]), str(data["token"])
+                taken_at = float(data.get("taken_at", 0.0))
+            except (OSError, ValueError, TypeError, KeyError):
+                record.unlink(missing_ok=True)
+                continue
+            try:
+                trace = self._trace(job_id).read_bytes()
+            except OSError:
+                trace = b""
+            found.append(Orphan(job_id, Secret(token), trace, taken_at))
+        return found
