@@ -1,0 +1,248 @@
+"""The daemon as a GitLab runner, end to end: a fake GitLab, a real daemon, real VMs.
+
+The daemon polls the fake GitLab (on loopback) with ``[[gitlab.runners]]``;
+each job runs in a VM restored for it, which checks the project out from a git
+repository served by ``git http-backend`` on the host. A guest reaches the
+host only through ``[net] allow_host_ports``, at its gateway 172.16.0.1, so
+the git server listens on all addresses on a port offered that way, and the
+job payload names ``http://172.16.0.1:<port>`` as GitLab's URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import time
+import zipfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from runner.api.client import ApiClient
+from tests.daemons import DaemonProcess
+from tests.fake_gitlab import FakeGitLab, FakeJob, make_job, variable
+from tests.test_gitlab_script import GitServer, _cgi, _git
+
+pytestmark = pytest.mark.vm
+GATEWAY = "172.16.0.1"
+RUNNER_TOKEN = "glrt-fake-runner"
+MASKED = "k3y-v4lue-s3cr3t"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+async def git_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GitServer]:
+    """A repository with two commits, over HTTP with GitLab's basic auth, for guests."""
+    base = tmp_path_factory.mktemp("gitsrv")
+    src = base / "src"
+    src.mkdir()
+    _git(src, "init", "-q", "-b", "main")
+    (src / "README.md").write_text("first\n")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "one")
+    first = _git(src, "rev-parse", "HEAD")
+    (src / "README.md").write_text("second commit readme\n")
+    (src / "build.sh").write_text("mkdir -p out && echo built > out/app.txt\n")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "two")
+    second = _git(src, "rev-parse", "HEAD")
+    root = base / "repos"
+    (root / "group").mkdir(parents=True)
+    _git(base, "clone", "-q", "--bare", str(src), str(root / "group" / "project.git"))
+    server = GitServer("", root, set(), [first, second])
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _cgi(server, request)
+
+    app.router.add_route("*", "/{path:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    # All addresses: a guest's packets arrive on its veth's host end (DNAT in its namespace).
+    site = web.TCPSite(runner, "0.0.0.0", port)
+    await site.start()
+    server.url = f"http://{GATEWAY}:{port}"
+    yield server
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeGitLab]:
+    server = FakeGitLab(update_interval=1, long_poll_s=5)
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.violations == [], "requests outside GitLab's runner API shapes"
+
+
+@pytest.fixture
+def gl_daemon(daemon_factory: Any, fake: FakeGitLab, git_server: GitServer, tmp_path: Path
+              ) -> Callable[[], DaemonProcess]:
+    token_file = tmp_path / "runner-token"
+    token_file.write_text(RUNNER_TOKEN + "\n")
+    token_file.chmod(0o600)
+    port = int(git_server.url.rsplit(":", 1)[1])
+    toml = f"""
+[[gitlab.runners]]
+url = "{fake.url}"
+runner_id = 77
+token_file = "{token_file}"
+tags = ["microvm"]
+check_interval_s = 0.5
+
+[profiles.default]
+labels = ["microvm"]
+"""
+
+    def make() -> DaemonProcess:
+        d: DaemonProcess = daemon_factory(
+            toml=toml, env={"SNAPFLEET_NET__ALLOW_HOST_PORTS": json.dumps([port])})
+        return d
+
+    return make
+
+
+def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("sha", server.shas[1])
+    kw.setdefault("depth", 1)
+    payload = make_job(job_id, server_url=server.url, **kw)
+    _git(server.root / "group" / "project.git", "update-ref",
+         f"refs/pipelines/{9000 + job_id}", kw["sha"])
+    server.tokens.add(payload["token"])
+    return payload
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def final_update(job: FakeJob) -> dict[str, Any]:
+    finals = [u for u in job.updates if u["state"] != "running"]
+    assert finals, "no final update"
+    return finals[-1]
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            try:
+                if needle in path.read_bytes():
+                    found.append(str(path))
+            except OSError:
+                continue
+    return found
+
+
+async def test_jobs_pass_fail_and_cancel_in_vms(
+    gl_daemon: Callable[[], DaemonProcess], fake: FakeGitLab, git_server: GitServer
+) -> None:
+    d = gl_daemon()
+    d.start()
+    d.wait_for("READY=1")
+    passing = await fake.enqueue(_job(
+        git_server, 501,
+        variables=[variable("DEPLOY_KEY", MASKED, masked=True)],
+        script=["sh build.sh", "cat README.md", 'echo "key=$DEPLOY_KEY"',
+                'printf "%s" "$DEPLOY_KEY" | cut -c1-8'],
+        artifacts=[{"name": "build", "untracked": False, "paths": ["out/"], "exclude": [],
+                    "when": "on_success", "artifact_type": "archive",
+                    "artifact_format": "zip", "expire_in": "1 day"}],
+    ))
+    await until(lambda: passing.status == "success", 300, "the passing job")
+    trace = passing.trace.decode(errors="replace")
+    assert "Running with snapfleet" in trace
+    assert "second commit readme" in trace  # checked out at the job's sha, in the VM
+    assert "key=[MASKED]" in trace
+    update = final_update(passing)
+    assert update["state"] == "success"
+    assert len(passing.artifacts) == 1
+    query, filename, data = passing.artifacts[0]
+    assert filename == "build.zip"
+    assert query.get("artifact_type") == "archive"
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert "out/app.txt" in z.namelist()
+        assert z.read("out/app.txt") == b"built\n"
+    # The masked value never left the host unmasked (trace, updates, anything).
+    for recorded in fake.requests:
+        assert MASKED.encode() not in recorded.body, recorded.path
+
+    failing = await fake.enqueue(_job(git_server, 502, script=["echo before", "exit 3"]))
+    await until(lambda: failing.status == "failed", 300, "the failing job")
+    update = final_update(failing)
+    assert update["failure_reason"] == "script_failure"
+    assert update["exit_code"] == 3
+    assert "before" in failing.trace.decode(errors="replace")
+
+    slow = await fake.enqueue(_job(git_server, 503, script=["echo started-slow; sleep 120"],
+                                   after_script=["echo after-ran"]))
+    await until(lambda: b"started-slow\n" in slow.trace, 300, "the slow job to start")
+    fake.cancel(slow.id)
+    took = await until(lambda: slow.status == "canceled", 30, "the cancel")
+    print(f"cancel → final update: {took:.2f}s")
+    assert took < 5.0, took
+    update = final_update(slow)
+    assert update["state"] == "failed"
+    assert "after-ran" not in slow.trace.decode(errors="replace")
+
+    async with ApiClient(d.api) as api:
+        jobs = await api.jobs()
+    states = sorted((j["name"], j["state"]) for j in jobs if j["source"] == "gitlab-77")
+    assert states == [("gitlab test #501", "succeeded"), ("gitlab test #502", "failed"),
+                      ("gitlab test #503", "cancelled")]
+    assert d.stop() == 0
+    # Neither the job tokens nor the masked value were left on disk (store, logs, journal).
+    for job in (passing, failing, slow):
+        assert _files_holding(d.root, job.token.encode()) == []
+    assert _files_holding(d.root, MASKED.encode()) == []
+    assert fake.count("POST", "/jobs/request") > 0
+
+
+async def test_daemon_killed_mid_job_reports_it_failed_after_restart(
+    gl_daemon: Callable[[], DaemonProcess], fake: FakeGitLab, git_server: GitServer
+) -> None:
+    d = gl_daemon()
+    d.start()
+    d.wait_for("READY=1")
+    job = await fake.enqueue(_job(git_server, 601, script=["echo started-long; sleep 300"]))
+    await until(lambda: b"started-long\n" in job.trace, 300, "the job to start")
+    journal = d.state / "gitlab" / "runner-77"
+    assert (journal / "601.json").stat().st_mode & 0o077 == 0
+    d.kill9()
+    before = len(job.trace)
+    assert job.status == "running"
+
+    d.start()
+    d.wait_for("READY=1")
+    await until(lambda: job.status == "failed", 60, "the interrupted job's failure")
+    update = final_update(job)
+    assert update["failure_reason"] == "runner_system_failure"
+    trace = job.trace.decode(errors="replace")
+    assert len(job.trace) > before
+    assert "it is not run again" in trace
+    assert trace.count("started-long\n") == 1  # never run twice
+    assert trace.count("Running with snapfleet") == 1
+    assert trace.count("Running in microVM") == 1
+    assert not list(journal.glob("*"))  # token and trace journal gone once reported
+    given = [r for r in fake.requests if r.path.endswith("/jobs/request") and r.status == 201]
+    assert len(given) == 1
+    async with ApiClient(d.api) as api:
+        jobs = [j for j in await api.jobs() if j["source"] == "gitlab-77"]
+    assert [j["state"] for j in jobs] == ["system_failure"]
+    assert d.stop() == 0
+    assert _files_holding(d.root, job.token.encode()) == []
