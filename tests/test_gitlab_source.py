@@ -1,0 +1,183 @@
+"""The GitLab job source against the fake GitLab, with an in-memory daemon port (no VMs).
+
+What is checked here is the source's own part: it asks for jobs only with a free
+slot, maps the runner's tags to one profile, refuses jobs it cannot honour
+without starting a VM, and reports the jobs a crashed daemon left behind.
+The VM side is `tests/test_gitlab_direct.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.config import Settings, load_settings
+from runner.errors import ConfigError
+from runner.execution import Work
+from runner.forge.gitlab.config import GitLabRunnerConfig
+from runner.forge.gitlab.inflight import InflightBook
+from runner.forge.gitlab.source import GitLabSource, runner_profile
+from runner.secret import Secret
+from runner.service.jobs import Job, JobSpec, JobState, new_job_id
+from runner.service.port import JobListener
+from tests.fake_gitlab import FakeGitLab, make_job
+
+TOKEN = "glrt-fake-runner"
+
+
+class Port:
+    """The daemon as a source sees it, in memory: slots are set by the test, and a
+    submitted job ends at once with ``end_as`` (no VM)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.slots = 0
+        self.end_as = JobState.SYSTEM_FAILURE
+        self.submitted: list[tuple[JobSpec, Work | None]] = []
+        self.listeners: list[JobListener] = []
+
+    async def submit(self, spec: JobSpec, *, source: str,
+                     secret_env: Mapping[str, Secret] | None = None,
+                     work: Work | None = None) -> Job:
+        self.submitted.append((spec, work))
+        job = Job(id=new_job_id(), spec=spec, profile=spec.profile or "default", source=source)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, self._end, job)
+        return job
+
+    def _end(self, job: Job) -> None:
+        job.state, job.reason = self.end_as, "ended by the test"
+        for listener in self.listeners:
+            listener(job)
+
+    async def cancel(self, job_id: str) -> Job:
+        raise KeyError(job_id)
+
+    def subscribe(self, listener: JobListener) -> None:
+        self.listeners.append(listener)
+
+    def free_slots(self, profile: str) -> int:
+        return self.slots
+
+    def job_log(self, job_id: str) -> None:
+        return None
+
+
+def _settings(tmp_path: Path, **profiles: Any) -> Settings:
+    return load_settings(None, paths={"state_dir": tmp_path / "state"},
+                         profiles=profiles or {"default": {}, "vm": {"labels": ["microvm"]}})
+
+
+def _runner(tmp_path: Path, fake_url: str, **kw: Any) -> GitLabRunnerConfig:
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    fields: dict[str, Any] = {"url": fake_url, "runner_id": 7, "token_file": token,
+                              "tags": ["microvm"], "check_interval_s": 0.2}
+    return GitLabRunnerConfig(**{**fields, **kw})
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeGitLab]:
+    server = FakeGitLab(update_interval=1)
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.violations == []
+
+
+async def until(predicate: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_tags_choose_the_profile_and_unserved_tags_refuse_to_start(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    assert runner_profile(settings, _runner(tmp_path, "http://x")) == "vm"
+    assert runner_profile(settings, _runner(tmp_path, "http://x", tags=[],
+                                            run_untagged=True)) == "default"
+    with pytest.raises(ConfigError) as err:
+        runner_profile(settings, _runner(tmp_path, "http://x", tags=["microvm", "gpu"]))
+    assert "no profile's labels include all of its tags ['gpu', 'microvm']" in str(err.value)
+
+
+def test_config_takes_runners_and_refuses_a_runner_twice(tmp_path: Path) -> None:
+    runner = {"url": "https://gitlab.example.com", "runner_id": 3,
+              "token_file": str(tmp_path / "t"), "tags": ["a"]}
+    settings = load_settings(None, gitlab={"runners": [runner]})
+    assert settings.gitlab.runners[0].runner_id == 3
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, gitlab={"runners": [runner, runner]})
+    assert "runner_id appears twice" in str(err.value)
+
+
+async def test_asks_for_jobs_only_with_a_free_slot(tmp_path: Path, fake: FakeGitLab) -> None:
+    port = Port(_settings(tmp_path))
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    job = await fake.enqueue(make_job(11, timeout=900))
+    async with source.open():
+        await asyncio.sleep(1.5)
+        assert fake.count("POST", "/jobs/request") == 0  # no capacity: never asked
+        assert job.status == "pending"
+        port.slots = 1
+        await until(lambda: job.status == "failed")
+        port.stopping.set()
+    spec, work = port.submitted[0]
+    assert spec.profile == "vm"
+    assert spec.timeout_s == 900
+    assert work is not None
+    assert job.token not in spec.model_dump_json()  # the token is not in what is stored
+    assert job.updates[-1]["failure_reason"] == "runner_system_failure"  # the VM never ran
+    assert "ERROR: system_failure: ended by the test" in job.trace.decode()
+    assert not list((tmp_path / "state" / "gitlab" / "runner-7").glob("*"))
+
+
+async def test_a_job_asking_for_an_image_fails_without_a_vm(tmp_path: Path,
+                                                            fake: FakeGitLab) -> None:
+    port = Port(_settings(tmp_path))
+    port.slots = 1
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    job = await fake.enqueue(make_job(12, image={"name": "ruby:3.3"}))
+    async with source.open():
+        await until(lambda: job.status == "failed")
+        port.stopping.set()
+    assert port.submitted == []
+    assert job.updates[-1]["failure_reason"] == "script_failure"  # configuration_error, mapped
+    assert "cannot honour image 'ruby:3.3'" in job.trace.decode()
+
+
+async def test_jobs_left_by_a_crash_are_reported_failed_with_their_trace(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    payload = make_job(13)
+    job = await fake.enqueue(payload)
+    fake.queue.clear()
+    job.status = "running"  # the previous daemon took it ...
+    job.trace += b"output before the crash\n"  # ... and sent some of its trace
+    book = InflightBook(tmp_path / "state" / "gitlab" / "runner-7")
+    fd = book.take(13, Secret(payload["token"]))
+    os.write(fd, b"output before the crash\nand more\n")  # the journal ran ahead of GitLab
+    os.close(fd)
+    assert stat.S_IMODE((book.root / "13.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(book.root.stat().st_mode) == 0o700
+    port = Port(_settings(tmp_path))
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    async with source.open():
+        await until(lambda: job.status == "failed")
+        port.stopping.set()
+    assert job.updates[-1]["failure_reason"] == "runner_system_failure"
+    text = job.trace.decode()
+    assert text.startswith("output before the crash\nand more\n")
+    assert "it is not run again" in text
+    assert not list(book.root.glob("*"))
+    assert port.submitted == []
