@@ -228,6 +228,7 @@ class TraceStream:
         self._last_contact = clock()
         self._failures = 0
         self._first = asyncio.Event()
+        self._soon = asyncio.Event()
         self.requests = 0
 
     @classmethod
@@ -267,6 +268,11 @@ class TraceStream:
             if self.buffer.size:
                 self._first.set()
 
+    def send_soon(self) -> None:
+        """Send what is pending now rather than at the next interval (once: e.g. when the
+        job's own output begins, so a user watching sees it start at once)."""
+        self._soon.set()
+
     def section_start(self, name: str, header: str = "") -> None:
         """Open a collapsible section of the job log (host-side steps)."""
         self.write(section_start(name, int(self._wall()), header))
@@ -301,7 +307,19 @@ class TraceStream:
                 return
             if self.aborted.is_set():
                 return
-            await self._sleep(self.interval)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Wait GitLab's update interval, or less if `send_soon` was called."""
+        if not self._soon.is_set():
+            soon = asyncio.ensure_future(self._soon.wait())
+            nap = asyncio.ensure_future(self._sleep(self.interval))
+            try:
+                await asyncio.wait([soon, nap], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                soon.cancel()
+                nap.cancel()
+        self._soon.clear()
 
     async def _send_pending(self) -> None:
         """Send patches until GitLab has the whole trace so far (or says stop)."""

@@ -158,11 +158,17 @@ class GuestRun:
             return Outcome(JobState.FAILED, reason=f"dependencies: {exc}")
         reader = ResultReader()
 
+        first = True
+
         def sink(stream: str, data: bytes) -> None:
+            nonlocal first
             if stream == "stderr":
                 data = reader.feed(data)
             if data:
                 self.output(data)
+                if first:
+                    first = False
+                    self.trace.send_soon()
 
         cancel = asyncio.Event()
         watcher = asyncio.create_task(self._watch_cancel(cancel))
