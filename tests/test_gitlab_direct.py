@@ -149,7 +149,7 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return found
 
 
-async def test_jobs_pass_fail_and_cancel_in_vms(
+async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     gl_daemon: Callable[[], DaemonProcess], fake: FakeGitLab, git_server: GitServer
 ) -> None:
     d = gl_daemon()
@@ -189,6 +189,13 @@ async def test_jobs_pass_fail_and_cancel_in_vms(
     assert update["exit_code"] == 3
     assert "before" in failing.trace.decode(errors="replace")
 
+    steps = [{"name": "script", "script": ["echo tick; sleep 60"], "timeout": 2,
+              "when": "on_success", "allow_failure": False}]
+    late = await fake.enqueue(_job(git_server, 504, steps=steps))
+    await until(lambda: late.status == "failed", 120, "the step timeout")
+    assert final_update(late)["failure_reason"] == "job_execution_timeout"
+    assert "exceeded its timeout of 2 s" in late.trace.decode(errors="replace")
+
     slow = await fake.enqueue(_job(git_server, 503, script=["echo started-slow; sleep 120"],
                                    after_script=["echo after-ran"]))
     await until(lambda: b"started-slow\n" in slow.trace, 300, "the slow job to start")
@@ -204,10 +211,10 @@ async def test_jobs_pass_fail_and_cancel_in_vms(
         jobs = await api.jobs()
     states = sorted((j["name"], j["state"]) for j in jobs if j["source"] == "gitlab-77")
     assert states == [("gitlab test #501", "succeeded"), ("gitlab test #502", "failed"),
-                      ("gitlab test #503", "cancelled")]
+                      ("gitlab test #503", "cancelled"), ("gitlab test #504", "timed_out")]
     assert d.stop() == 0
     # Neither the job tokens nor the masked value were left on disk (store, logs, journal).
-    for job in (passing, failing, slow):
+    for job in (passing, failing, late, slow):
         assert _files_holding(d.root, job.token.encode()) == []
     assert _files_holding(d.root, MASKED.encode()) == []
     assert fake.count("POST", "/jobs/request") > 0

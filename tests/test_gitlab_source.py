@@ -41,6 +41,9 @@ class Port:
         self.stopping = asyncio.Event()
         self.slots = 0
         self.end_as = JobState.SYSTEM_FAILURE
+        self.hold = False
+        """Keep submitted jobs queued until cancelled (the VM never comes)."""
+        self.queued: dict[str, Job] = {}
         self.submitted: list[tuple[JobSpec, Work | None]] = []
         self.listeners: list[JobListener] = []
 
@@ -49,8 +52,10 @@ class Port:
                      work: Work | None = None) -> Job:
         self.submitted.append((spec, work))
         job = Job(id=new_job_id(), spec=spec, profile=spec.profile or "default", source=source)
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.05, self._end, job)
+        if self.hold:
+            self.queued[job.id] = job
+        else:
+            asyncio.get_running_loop().call_later(0.05, self._end, job)
         return job
 
     def _end(self, job: Job) -> None:
@@ -59,7 +64,10 @@ class Port:
             listener(job)
 
     async def cancel(self, job_id: str) -> Job:
-        raise KeyError(job_id)
+        job = self.queued.pop(job_id)
+        self.end_as = JobState.CANCELLED
+        self._end(job)
+        return job
 
     def subscribe(self, listener: JobListener) -> None:
         self.listeners.append(listener)
@@ -181,3 +189,19 @@ async def test_jobs_left_by_a_crash_are_reported_failed_with_their_trace(
     assert "it is not run again" in text
     assert not list(book.root.glob("*"))
     assert port.submitted == []
+
+
+async def test_a_job_cancelled_in_gitlab_while_queued_is_cancelled_in_the_daemon(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    port = Port(_settings(tmp_path))
+    port.slots, port.hold = 1, True
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    job = await fake.enqueue(make_job(14))
+    async with source.open():
+        await until(lambda: bool(port.queued))
+        fake.cancel(job.id)
+        await until(lambda: job.status == "canceled")
+        port.stopping.set()
+    assert port.queued == {}  # the daemon's job was cancelled, not left to run
+    assert job.updates[-1]["state"] == "failed"

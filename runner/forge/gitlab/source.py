@@ -109,7 +109,13 @@ class JournaledTrace(TraceStream):
         before = self.buffer.size
         super().write(data)
         if self.journal_fd is not None and self.buffer.size > before:
-            os.write(self.journal_fd, self.buffer.tail(before))
+            try:
+                os.write(self.journal_fd, self.buffer.tail(before))
+            except OSError as exc:
+                # The job goes on; only a crash report would lack the rest of its trace.
+                log.warning("gitlab trace journal cannot be written", error=str(exc),
+                            gitlab_job=self.job_id)
+                self.journal_fd = None
 
 
 class GuestRun:
