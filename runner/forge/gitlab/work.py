@@ -1,0 +1,194 @@
+"""One GitLab job's work in its VM: the daemon's `Work` for a job of the GitLab source.
+
+`GuestRun.work` puts the dependencies' artifacts in the guest, runs the
+job script (`runner.forge.gitlab.script`) under bash with its output masked
+into the trace and the daemon's job log, stops it when GitLab cancels the
+job, reads the artifact archives back and uploads them. It records how GitLab
+should hear of the job (`GuestRun.result`); `gitlab_outcome` answers that
+when the work never ran (cancelled while queued, a failed restore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runner.errors import ForgeError, ForgeUnavailable
+from runner.execution import Command, Outcome, execute
+from runner.forge.gitlab.client import GitLabClient
+from runner.forge.gitlab.payload import JobPayload
+from runner.forge.gitlab.script import (
+    GuestLayout,
+    ResultReader,
+    build_script,
+    dependency_files,
+    outcome,
+)
+from runner.forge.gitlab.session import (
+    JobOutcome,
+    TraceStream,
+    download_dependencies,
+    upload_artifact,
+)
+from runner.forge.gitlab.trace import Masker
+from runner.service.jobs import Job, JobState
+
+if TYPE_CHECKING:
+    from runner.service.port import JobPort
+    from runner.vm.backend import Machine
+
+BASH = "/bin/bash"
+"""The job script is bash (what GitLab's ``shell`` for this executor says)."""
+
+
+def red(text: str) -> bytes:
+    """A line GitLab shows as an error."""
+    return f"\x1b[31;1m{text}\x1b[0;m\n".encode()
+
+
+class GuestRun:
+    """One GitLab job's `Work`: everything done in its VM, and how it ended for GitLab."""
+
+    def __init__(self, client: GitLabClient, job: JobPayload, trace: TraceStream,
+                 layout: GuestLayout, port: JobPort) -> None:
+        self.client = client
+        self.job = job
+        self.trace = trace
+        self.layout = layout
+        self.port = port
+        self.daemon_job_id: str | None = None
+        self.started = False
+        self.result: JobOutcome | None = None
+        self._log_masker = Masker(job.masked_values(), job.features.token_mask_prefixes)
+
+    def _gone(self) -> bool:
+        return self.trace.cancel_requested.is_set() or self.trace.aborted.is_set()
+
+    def _log(self, data: bytes) -> None:
+        job_log = self.port.job_log(self.daemon_job_id or "")
+        if job_log is not None:
+            job_log.write(data)
+
+    def output(self, data: bytes) -> None:
+        """Job output: to GitLab's trace and the daemon's job log, both masked."""
+        self.trace.write(data)
+        self._log(self._log_masker.feed(data))
+
+    async def work(self, machine: Machine, remaining: float) -> Outcome:
+        """Run the job in ``machine`` (the daemon's `Work`)."""
+        self.started = True
+        if self._gone():
+            self.result = JobOutcome.failed("job_canceled")
+            return Outcome(JobState.CANCELLED, reason="cancelled in GitLab")
+        started = time.monotonic()
+        self.output(f"Running in microVM {machine.vm_id}\n".encode())
+        try:
+            await self._put_dependencies(machine)
+        except ForgeError as exc:
+            self.output(red(f"ERROR: downloading dependencies failed: {exc}"))
+            self.result = JobOutcome.failed(
+                "runner_system_failure" if isinstance(exc, ForgeUnavailable)
+                else "missing_dependency_failure")
+            return Outcome(JobState.FAILED, reason=f"dependencies: {exc}")
+        reader = ResultReader()
+        first = True
+
+        def sink(stream: str, data: bytes) -> None:
+            nonlocal first
+            if stream == "stderr":
+                data = reader.feed(data)
+            if data:
+                self.output(data)
+                if first:
+                    first = False
+                    self.trace.send_soon()
+
+        cancel = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_cancel(cancel))
+        try:
+            left = max(1.0, remaining - (time.monotonic() - started))
+            command = Command(script=build_script(self.job, self.layout), shell=BASH,
+                              env={"HOME": "/root"})
+            done = await execute(machine, command, sink, left,
+                                 timeout_s=float(self.job.timeout_s), cancel=cancel)
+        finally:
+            watcher.cancel()
+        cancelled = done.state is JobState.CANCELLED or cancel.is_set()
+        final = outcome(reader.result, timed_out=done.state is JobState.TIMED_OUT,
+                        cancelled=cancelled)
+        if reader.result is not None and not cancelled and not self.trace.aborted.is_set():
+            await self._upload(machine, reader.result.artifacts)
+        self._log(self._log_masker.flush())
+        self.result = final
+        return _daemon_outcome(final)
+
+    async def _watch_cancel(self, cancel: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(self.trace.cancel_requested.wait()),
+                 asyncio.ensure_future(self.trace.aborted.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self.output(red("ERROR: Job was canceled in GitLab; stopping it"))
+        cancel.set()
+
+    async def _put_dependencies(self, machine: Machine) -> None:
+        if not any(d.artifacts_file and d.artifacts_file.filename for d in self.job.dependencies):
+            return
+        with tempfile.TemporaryDirectory(prefix="snapfleet-gitlab-") as tmp:
+            saved = await download_dependencies(self.client, self.job, self.trace, Path(tmp))
+            archives = [(dep.id, path.read_bytes()) for dep, path in saved]
+        for guest_path, data in dependency_files(self.layout, archives):
+            await machine.put_file(guest_path, data, 0o600)
+
+    async def _upload(self, machine: Machine, indexes: tuple[int, ...]) -> None:
+        for index in indexes:
+            if index >= len(self.job.artifacts):
+                continue
+            data = await _read_file(machine, self.layout.artifact_path(index))
+            if data is None:
+                self.output(red(f"ERROR: the artifacts archive {index} could not be read"))
+                continue
+            await upload_artifact(self.client, self.job, self.trace, self.job.artifacts[index],
+                                  data)
+
+
+async def _read_file(machine: Machine, path: str) -> bytes | None:
+    """A file's bytes from the guest (``cat``), or None when it cannot be read."""
+    session = await machine.exec(Command(argv=["cat", "--", path], timeout=120))
+    parts = [chunk.data async for chunk in session if chunk.stream == "stdout"]
+    status = await session.wait()
+    return b"".join(parts) if status.exit_code == 0 else None
+
+
+def _daemon_outcome(final: JobOutcome) -> Outcome:
+    """The daemon's record of a job GitLab sees as ``final``."""
+    if final.state == "success":
+        return Outcome(JobState.SUCCEEDED, exit_code=0)
+    reason = final.failure_reason or "unknown_failure"
+    if reason == "job_canceled":
+        return Outcome(JobState.CANCELLED, reason="cancelled in GitLab")
+    if reason == "job_execution_timeout":
+        return Outcome(JobState.TIMED_OUT, exit_code=final.exit_code, reason=reason)
+    if reason == "runner_system_failure":
+        return Outcome(JobState.SYSTEM_FAILURE, reason="the job script reported no result")
+    code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
+    return Outcome(JobState.FAILED, exit_code=final.exit_code, reason=reason + code)
+
+
+def gitlab_outcome(run: GuestRun, ended: Job) -> JobOutcome:
+    """How GitLab hears of a job: the VM work's verdict, else what the daemon recorded."""
+    if run.result is not None:
+        return run.result
+    if ended.state is JobState.CANCELLED and (run.trace.cancel_requested.is_set()
+                                              or run.trace.aborted.is_set()):
+        return JobOutcome.failed("job_canceled")
+    if ended.state is JobState.TIMED_OUT:
+        return JobOutcome.failed("job_execution_timeout")
+    return JobOutcome.failed("runner_system_failure")
+
+
