@@ -63,7 +63,12 @@ async def test_a_clone_starts_with_nothing_to_write_back(
     machine = await engine.restore(snapshot, use_pool=False)
     try:
         # The template synced before its save: no clone writes its pages back.
-        meminfo = await output(machine, "grep -E '^(Dirty|Writeback):' /proc/meminfo")
+        # /proc/meminfo folds in per-CPU counters once a second (vm.stat_interval):
+        # refresh them first, or a count from before the template's sync shows.
+        meminfo = await output(
+            machine,
+            "echo 1 > /proc/sys/vm/stat_refresh; grep -E '^(Dirty|Writeback):' /proc/meminfo",
+        )
         dirty = {line.split(":")[0]: int(line.split()[1]) for line in meminfo.splitlines()}
         assert dirty == {"Dirty": 0, "Writeback": 0}, meminfo
         before = await output(machine, "cat /sys/block/vda/stat")
