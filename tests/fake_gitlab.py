@@ -147,6 +147,7 @@ def make_job(
     steps: list[Json] | None = None,
     variables: list[Json] | None = None,
     artifacts: list[Json] | None = None,
+    cache: list[Json] | None = None,
     dependencies: list[Json] | None = None,
     timeout: int = 3600,
     image: Json | None = None,
@@ -155,6 +156,7 @@ def make_job(
     depth: int = 20,
     refspecs: list[str] | None = None,
     token_mask_prefixes: list[str] | None = None,
+    project_id: int = 42,
 ) -> Json:
     """A job payload shaped as GitLab 17 sends it (``JobResponse`` in network.go)."""
     token = f"glcbt-64_{secrets.token_hex(10)}"
@@ -178,7 +180,7 @@ def make_job(
         variable("CI_COMMIT_SHORT_SHA", sha[:8]),
         variable("CI_COMMIT_REF_NAME", ref),
         variable("CI_COMMIT_BRANCH", ref),
-        variable("CI_PROJECT_ID", "42"),
+        variable("CI_PROJECT_ID", str(project_id)),
         variable("CI_PROJECT_NAME", project_path.rsplit("/", 1)[-1]),
         variable("CI_PROJECT_PATH", project_path),
         variable("CI_PROJECT_NAMESPACE", project_path.rsplit("/", 1)[0]),
@@ -202,7 +204,7 @@ def make_job(
         "id": job_id,
         "token": token,
         "allow_git_fetch": allow_git_fetch,
-        "job_info": {"id": job_id, "name": "test", "stage": "test", "project_id": 42,
+        "job_info": {"id": job_id, "name": "test", "stage": "test", "project_id": project_id,
                      "project_name": project_path.rsplit("/", 1)[-1],
                      "time_in_queue_seconds": 0.5,
                      "project_jobs_running_on_instance_runners_count": "0"},
@@ -221,7 +223,7 @@ def make_job(
         "image": image,
         "services": services or [],
         "artifacts": artifacts,
-        "cache": [],
+        "cache": cache or [],
         "credentials": [{"type": "registry", "url": "registry.example.com",
                          "username": "gitlab-ci-token", "password": token}],
         "dependencies": dependencies or [],

@@ -253,3 +253,31 @@ async def test_daemon_killed_mid_job_reports_it_failed_after_restart(
     assert [j["state"] for j in jobs] == ["system_failure"]
     assert d.stop() == 0
     assert _files_holding(d.root, job.token.encode()) == []
+
+
+async def test_a_cache_passes_between_jobs_of_one_project_and_no_other(
+    gl_daemon: Callable[[], DaemonProcess], fake: FakeGitLab, git_server: GitServer
+) -> None:
+    d = gl_daemon()
+    d.start()
+    d.wait_for("READY=1")
+    cache = [{"key": "deps-main", "untracked": False, "policy": "pull-push",
+              "paths": ["vendor/"], "when": "on_success", "fallback_keys": []}]
+    writer = await fake.enqueue(_job(
+        git_server, 701, cache=cache,
+        script=["test ! -e vendor/lib.txt", "mkdir -p vendor && echo from-701 > vendor/lib.txt"]))
+    await until(lambda: writer.status == "success", 300, "the job that fills the cache")
+    assert "Kept the cache deps-main on this host" in writer.trace.decode(errors="replace")
+
+    reader = await fake.enqueue(_job(git_server, 702, cache=cache,
+                                     script=["cat vendor/lib.txt"]))
+    other = await fake.enqueue(_job(git_server, 703, cache=cache, project_id=99,
+                                    script=["test ! -e vendor/lib.txt && echo clean"]))
+    ended = ("success", "failed")
+    await until(lambda: reader.status in ended and other.status in ended, 300,
+                "the jobs that read the cache")
+    assert reader.status == "success", reader.trace.decode(errors="replace")
+    assert "from-701" in reader.trace.decode(errors="replace")
+    assert other.status == "success", other.trace.decode(errors="replace")
+    assert "no cache for deps-main yet" in other.trace.decode(errors="replace")
+    assert d.stop() == 0

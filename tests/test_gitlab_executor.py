@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,6 +230,33 @@ async def test_two_jobs_at_once_get_two_vms(gl_daemon: DaemonProcess, tmp_path: 
     assert write.stdout != look.stdout  # different hostnames: different VMs
     for r in (a, b):
         ok(r.step("cleanup"))
+
+
+async def test_a_prepare_waiting_for_a_slot_says_it_is_queued_and_why(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    d: DaemonProcess = daemon_factory(concurrency="1")
+    d.start()
+    d.wait_for("READY=1")
+    first, second = Runner(d, 507, tmp_path), Runner(d, 508, tmp_path)
+    ok(first.step("prepare"))
+    waiting = await asyncio.create_subprocess_exec(
+        *second.argv("prepare"), env=second.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert waiting.stdout is not None
+    await waiting.stdout.readline()  # "restoring a fresh microVM"
+    line = await asyncio.wait_for(waiting.stdout.readline(), timeout=30)
+    assert line.decode() == (
+        "Snapfleet: queued for a default VM: every job slot is busy"
+        " (capacity.max_concurrency)\n"
+    )
+    ok(first.step("cleanup"))  # its slot frees: the waiting prepare gets a VM
+    out, err = await asyncio.wait_for(waiting.communicate(), timeout=120)
+    assert waiting.returncode == 0, err
+    assert b"restored default from snapshot" in out
+    ok(second.step("cleanup"))
+    assert d.stop() == 0
 
 
 async def test_cleanup_without_prepare_and_twice_is_harmless(gl_daemon: DaemonProcess,

@@ -34,8 +34,8 @@ from runner.forge.gitlab.script import (
     ResultReader,
     ScriptResult,
     build_script,
-    dependency_files,
     expand,
+    guest_parts,
     outcome,
     unsupported_reason,
 )
@@ -387,7 +387,7 @@ async def test_dependencies_arrive_in_parts_and_are_extracted(
                    dependencies=[{"id": 90, "name": "compile", "token": "dep-token",
                                   "artifacts_file": {"filename": "artifacts.zip", "size": 1}}])
     layout = GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
-    parts = dependency_files(layout, [(90, archive.getvalue())])
+    parts = guest_parts(layout.dependency_dir(), [(90, archive.getvalue())])
     assert len(parts) == 2
     run = await run_job(tmp_path, payload, layout=layout, put=parts)
     assert run.result is not None
@@ -399,6 +399,53 @@ async def test_dependencies_arrive_in_parts_and_are_extracted(
     missing.mkdir()
     run = await run_job(missing, payload)
     assert "no artifacts of compile (90) arrived" in run.text
+
+
+def _cache(key: str, policy: str, paths: list[str], when: str = "on_success") -> dict[str, Any]:
+    return {"key": key, "untracked": False, "policy": policy, "paths": paths, "when": when,
+            "fallback_keys": []}
+
+
+async def test_caches_are_restored_before_the_steps_and_saved_after(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    layout = GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
+    writes = _job(git_server, 109, script=["mkdir -p vendor && echo v1 > vendor/lib.txt"],
+                  cache=[_cache("deps-main", "pull-push", ["vendor/"]),
+                         _cache("read-only", "pull", ["vendor/"])])
+    first = await run_job(tmp_path, writes, layout=layout)
+    assert first.result is not None
+    assert first.result.status == "success", first.text
+    assert first.result.caches == (0,)  # a "pull" cache is never saved
+    assert "no cache for deps-main yet" in first.text
+    assert _zip_names(layout.cache_path(0)) == ["vendor/lib.txt"]
+    assert "1 files found to cache" in first.text
+
+    kept = Path(layout.cache_path(0)).read_bytes()
+    reads = _job(git_server, 110, script=["cat vendor/lib.txt"],
+                 cache=[_cache("deps-main", "pull", ["vendor/"])])
+    again = tmp_path / "again"
+    again.mkdir()
+    layout2 = GuestLayout(str(again / "builds"), str(again / "work"))
+    second = await run_job(again, reads, layout=layout2,
+                           put=guest_parts(layout2.cache_in_dir(), [(0, kept)]))
+    assert second.result is not None
+    assert second.result.status == "success", second.text
+    assert "Successfully extracted cache deps-main" in second.text
+    assert "\nv1\n" in second.text
+    assert second.result.caches == ()
+
+    pushes_only = _job(git_server, 111, script=["test ! -e vendor/lib.txt"],
+                       cache=[_cache("deps-main", "push", ["vendor/"])])
+    third_dir = tmp_path / "third"
+    third_dir.mkdir()
+    layout3 = GuestLayout(str(third_dir / "builds"), str(third_dir / "work"))
+    third = await run_job(third_dir, pushes_only, layout=layout3,
+                          put=guest_parts(layout3.cache_in_dir(), [(0, kept)]))
+    assert third.result is not None
+    assert third.result.status == "success", third.text  # a "push" cache is not restored
+    assert "WARNING: No files to cache" in third.text
+    assert third.result.caches == ()
 
 
 # -- pure pieces ------------------------------------------------------------------

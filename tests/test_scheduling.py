@@ -20,6 +20,7 @@ from runner.service.scheduler import (
     plan_starts,
     refusal,
     room,
+    wait_reason,
 )
 
 R1 = Resources(1, 512)
@@ -219,3 +220,23 @@ def test_gpu_capacity_and_refusal() -> None:
     assert gpu_refusal(GpuRequest(1), []) is None  # counts are refusal()'s business
     reason = gpu_refusal(GpuRequest(2, H100), UNITS)
     assert reason == "needs 2 GPU of model 10de:2330 but this host hands out 1 of that model"
+
+
+def test_a_queued_job_is_told_what_it_waits_for() -> None:
+    small, big = Resources(1, 512), Resources(4, 8192)
+    queue = [("a", big, None), ("b", small, None), ("c", small, None)]
+    free = Resources(2, 4096)
+    assert wait_reason(queue, "c", free, 4) == "2 jobs ahead of it in the queue"
+    assert wait_reason(queue, "b", free, 4) == "1 job ahead of it in the queue"
+    assert wait_reason(queue, "a", free, 0) == (
+        "every job slot is busy (capacity.max_concurrency)"
+    )
+    assert wait_reason(queue, "a", free, 4) == (
+        "needs 4 vCPU / 8192 MiB / 0 GPU, and 2 / 4096 MiB / 0 are free until running jobs end"
+    )
+    gpu = [("g", Resources(1, 512, 1), GpuRequest(count=1, model="a100"))]
+    assert wait_reason(gpu, "g", Resources(2, 4096, 1), 4, [("0000:01:00.0", "t4")]) == (
+        "waiting for a free GPU (1 GPU of model a100)"
+    )
+    assert wait_reason(queue[1:], "b", free, 4) is None  # it starts on the next pass
+    assert wait_reason(queue, "gone", free, 4) is None

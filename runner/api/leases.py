@@ -1,7 +1,9 @@
 """Lease routes of the control API (used by the GitLab custom executor).
 
-    POST   /v1/leases                 {"key", "profile"?, "timeout_s"?} → hold a VM
-                                      (waits for it)                                  201
+    POST   /v1/leases                 {"key", "profile"?, "timeout_s"?, "wait_s"?} →
+                                      hold a VM (waits for it)                        201
+                                      not ready within wait_s: the lease so far and
+                                      "waiting" (why, in words); ask again            202
     DELETE /v1/leases/{key}           destroy it (idempotent)                          200
     GET    /v1/leases/{key}/exec      WebSocket: send {"script", "env"?, "cwd"?, "stage"?};
                                       receive binary frames (1 byte stream: 1 stdout,
@@ -42,10 +44,17 @@ def add_routes(app: web.Application, book: LeaseBook) -> None:
             body = load_json(await request.read())
             key, profile = body["key"], body.get("profile")
             timeout = body.get("timeout_s")
+            wait = body.get("wait_s")
         except (ValueError, KeyError, TypeError, AttributeError):
             return web.json_response({"error": "expected JSON {key, profile?}"}, status=400)
         if not isinstance(key, str) or not isinstance(profile, str | None):
             return web.json_response({"error": "key and profile must be strings"}, status=400)
+        if wait is not None and (
+            isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 300
+        ):
+            return web.json_response(
+                {"error": "wait_s must be a number of seconds up to 300"}, status=400
+            )
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float)
             or not 0 < timeout <= 7 * 86400
@@ -54,13 +63,17 @@ def add_routes(app: web.Application, book: LeaseBook) -> None:
                 {"error": "timeout_s must be a number of seconds up to 7 days"}, status=400
             )
         try:
-            lease = await book.acquire(key, profile, timeout)
+            lease = await book.acquire(key, profile, timeout, wait_s=wait)
         except ConfigError as exc:
             return web.json_response({"error": str(exc), "problems": exc.problems}, status=422)
         except Draining as exc:
             return web.json_response({"error": str(exc)}, status=503)
         except SnapfleetError as exc:
             return web.json_response({"error": str(exc)}, status=500)
+        if not lease.ready.done():
+            # Not ready within wait_s: say why, and the driver asks again with the key.
+            return web.json_response({**lease.describe(), "waiting": book.waiting(lease)},
+                                     status=202)
         return web.json_response(lease.describe(), status=201)
 
     async def release(request: web.Request) -> web.Response:

@@ -23,6 +23,9 @@ from runner.api import wire
 from runner.error_root import ConfigError, SnapfleetError
 
 CONNECT_TIMEOUT_S = 5.0
+# A lease not ready after this long is reported as waiting, then again every LEASE_WAIT_S.
+LEASE_FIRST_WAIT_S = 1.0
+LEASE_WAIT_S = 10.0
 _READ = 65536
 
 
@@ -88,11 +91,26 @@ class DaemonClient:
     def status(self) -> dict[str, Any]:
         return self._json("GET", "/v1/status")
 
-    def acquire_lease(self, key: str, profile: str | None, timeout_s: float | None = None
-                      ) -> dict[str, Any]:
-        """Hold a VM for ``key``; waits while the daemon restores it."""
-        return self._json("POST", "/v1/leases",
-                          {"key": key, "profile": profile, "timeout_s": timeout_s})
+    def acquire_lease(
+        self,
+        key: str,
+        profile: str | None,
+        timeout_s: float | None = None,
+        *,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Hold a VM for ``key``; waits while the daemon queues and restores it, telling
+        ``on_wait`` what it waits for after a second and then every few seconds."""
+        body: dict[str, Any] = {"key": key, "profile": profile, "timeout_s": timeout_s}
+        if on_wait is None:
+            return self._json("POST", "/v1/leases", body)
+        wait_s = LEASE_FIRST_WAIT_S
+        while True:
+            lease = self._json("POST", "/v1/leases", {**body, "wait_s": wait_s})
+            if "waiting" not in lease:  # 201: the VM is ready
+                return lease
+            on_wait(str(lease["waiting"]))
+            wait_s = LEASE_WAIT_S
 
     def release_lease(self, key: str) -> bool:
         return bool(self._json("DELETE", f"/v1/leases/{segment(key)}")["released"])

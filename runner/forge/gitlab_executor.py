@@ -26,6 +26,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,7 +94,9 @@ def prepare(settings: ClientSettings, env: ExecutorEnv) -> int:
         # The VM lives as long as the GitLab job may (not the profile's timeout),
         # with a minute on top for the stages after the script.
         timeout = None if env.job_timeout is None else env.job_timeout + 60
-        lease = DaemonClient(settings.api_socket).acquire_lease(key, env.profile, timeout)
+        lease = DaemonClient(settings.api_socket).acquire_lease(
+            key, env.profile, timeout, on_wait=_Waiting(profile).tell
+        )
     except SnapfleetError as exc:
         return _system_failure(env, f"cannot prepare a VM: {exc}")
     warm = " from the warm pool" if lease["warm"] else ""
@@ -103,6 +106,24 @@ def prepare(settings: ClientSettings, env: ExecutorEnv) -> int:
         flush=True,
     )
     return 0
+
+
+class _Waiting:
+    """Tells the job's log why its VM is not there yet: when the reason changes, and
+    at least every REPEAT_S while it stays the same."""
+
+    REPEAT_S = 30.0
+
+    def __init__(self, profile: str) -> None:
+        self.profile = profile
+        self.last: tuple[str, float] | None = None
+
+    def tell(self, why: str) -> None:
+        now = time.monotonic()
+        if self.last is not None and self.last[0] == why and now - self.last[1] < self.REPEAT_S:
+            return
+        self.last = (why, now)
+        print(f"Snapfleet: queued for a {self.profile} VM: {why}", flush=True)
 
 
 def run(settings: ClientSettings, env: ExecutorEnv, script_path: Path, stage: str) -> int:

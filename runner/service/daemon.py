@@ -23,6 +23,7 @@ from runner.config import Settings
 from runner.engine import Engine
 from runner.errors import ConfigError, Draining, SnapfleetError
 from runner.execution import Command, Outcome, Restored, Work, command_work, run
+from runner.gpu.config import GpuRequest
 from runner.secret import Secret
 from runner.service import recovery
 from runner.service.jobs import TERMINAL, Job, JobSpec, JobState, new_job_id
@@ -40,6 +41,7 @@ from runner.service.scheduler import (
     plan_starts,
     refusal,
     room,
+    wait_reason,
 )
 from runner.service.store import Store
 from runner.vm.backend import Machine
@@ -280,6 +282,15 @@ class Daemon:
         return room(demand(self.settings.profile(profile)), self.total - self.used,
                     self.settings.capacity.max_concurrency - len(self.tasks), queued)
 
+    def waiting(self, job_id: str) -> str | None:
+        if job_id not in self.queue:
+            return None
+        if not self.accepting:
+            return "the daemon is shutting down"
+        slots = self.settings.capacity.max_concurrency - len(self.tasks)
+        return wait_reason(self._queue(), job_id, self.total - self.used, slots,
+                           self._units(free=True))
+
     def unfinished(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
@@ -334,11 +345,7 @@ class Daemon:
         while not self.stopping.is_set():
             self._progress = time.monotonic()
             slots = self.settings.capacity.max_concurrency - len(self.tasks)
-            queue = []
-            for jid in self.queue:
-                profile = self.settings.profile(self.jobs[jid].profile)
-                queue.append((jid, demand(profile), profile.gpu_request()))
-            for job_id, units in plan_starts(queue, self.total - self.used, slots,
+            for job_id, units in plan_starts(self._queue(), self.total - self.used, slots,
                                              self._units(free=True)):
                 self.queue.remove(job_id)
                 self._gpu_units[job_id] = units
@@ -347,6 +354,13 @@ class Daemon:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+
+    def _queue(self) -> list[tuple[str, Resources, GpuRequest | None]]:
+        queue = []
+        for jid in self.queue:
+            profile = self.settings.profile(self.jobs[jid].profile)
+            queue.append((jid, demand(profile), profile.gpu_request()))
+        return queue
 
     def _units(self, *, free: bool) -> list[tuple[str, str]]:
         """GPU units as (id, model): all of them, or those free and not yet promised to a

@@ -118,16 +118,29 @@ class LeaseBook:
     def status(self) -> dict[str, Any]:
         return {"leases": sorted(self.by_key)}
 
-    async def acquire(self, key: str, profile: str | None, timeout_s: float | None = None
-                      ) -> Lease:
-        """The lease for ``key`` (made and queued if new), once its VM is ready."""
+    async def acquire(self, key: str, profile: str | None, timeout_s: float | None = None,
+                      *, wait_s: float | None = None) -> Lease:
+        """The lease for ``key`` (made and queued if new), once its VM is ready; or, with
+        ``wait_s``, after that many seconds at most (then ``lease.ready`` is not done and
+        the caller asks again with the same key)."""
         check_key(key)
         async with self._lock:
             lease = self.by_key.get(key)
             if lease is None:
                 lease = await self._new(key, profile, timeout_s)
-        await asyncio.shield(lease.ready)
+        if wait_s is None:
+            await asyncio.shield(lease.ready)
+        else:
+            await asyncio.wait([lease.ready], timeout=wait_s)
+            if lease.ready.done():
+                lease.ready.result()  # raises why there is no VM
         return lease
+
+    def waiting(self, lease: Lease) -> str:
+        """What a lease whose VM is not ready yet waits for, in words."""
+        if lease.job is None:
+            return "being queued"
+        return self._port.waiting(lease.job.id) or "restoring its VM"
 
     async def release(self, key: str) -> bool:
         """Destroy the VM held under ``key``; False if there was none. Idempotent."""

@@ -62,6 +62,11 @@ class JobPort(Protocol):
         ones (0 once shutdown began): what a source that acquires work may take."""
         ...
 
+    def waiting(self, job_id: str) -> str | None:
+        """Why a queued job has not started yet, in words; None when it is not queued
+        or is about to start."""
+        ...
+
     def unfinished(self, job_id: str) -> Job | None:
         """A job of this daemon that has not ended yet."""
         ...

@@ -156,3 +156,30 @@ def room(
         free = free - need
         count += 1
     return count
+
+
+def wait_reason(
+    queue: Sequence[tuple[str, Resources, GpuRequest | None]],
+    job_id: str,
+    free: Resources,
+    free_slots: int,
+    units: Sequence[Unit] = (),
+) -> str | None:
+    """Why the queued job ``job_id`` has not started, in words; None if it is not queued
+    or nothing holds it back (it starts on the scheduler's next pass)."""
+    ids = [jid for jid, _, _ in queue]
+    if job_id not in ids:
+        return None
+    ahead = ids.index(job_id)
+    if ahead:
+        return f"{ahead} job{'s' if ahead > 1 else ''} ahead of it in the queue"
+    _, need, request = queue[0]
+    if free_slots <= 0:
+        return "every job slot is busy (capacity.max_concurrency)"
+    if not need.fits_in(free):
+        return (f"needs {need.vcpus} vCPU / {need.memory_mib} MiB / {need.gpus} GPU, and"
+                f" {max(free.vcpus, 0)} / {max(free.memory_mib, 0)} MiB / {max(free.gpus, 0)}"
+                " are free until running jobs end")
+    if request is not None and choose_gpus(request, units) is None:
+        return f"waiting for a free GPU ({request})"
+    return None

@@ -1,8 +1,8 @@
-"""Collect a job's artifacts into a zip, in the guest (stdlib only; runs as ``python3 -``).
+"""Collect a job's artifacts or a cache into a zip, in the guest (stdlib only).
 
 Usage: ``python3 _collect.py <project_dir> <out.zip> <spec-json>`` where the
-spec is ``{"paths": [...], "exclude": [...], "untracked": bool}``. Paths and
-excludes are GitLab's globs relative to the project directory (``*``, ``?``,
+spec is ``{"paths": [...], "exclude": [...], "untracked": bool, "for"?: "cache"}``.
+Paths and excludes are GitLab's globs relative to the project directory (``*``, ``?``,
 ``[...]`` within a path segment, ``**`` across segments); a matched directory
 brings everything under it. ``untracked`` adds what ``git ls-files -o`` lists.
 Prints what it found (the job log shows it); exits 3 when nothing matched, 2
@@ -93,7 +93,7 @@ def select(root: str, paths: list[str], exclude: list[str], untracked: bool) -> 
         regex = glob_regex(norm)
         hits = [(p, is_dir) for p, is_dir in tree if regex.match(p)]
         if not hits:
-            print(f"WARNING: {pattern}: no matching files. Ensure that the artifact path"
+            print(f"WARNING: {pattern}: no matching files. Ensure that the path"
                   " is relative to the working directory")
         for p, is_dir in hits:
             (chosen_dirs if is_dir else chosen_files).add(p)
@@ -121,13 +121,14 @@ def main(argv: list[str]) -> int:
     spec = json.loads(raw)
     files = select(root, list(spec.get("paths") or []), list(spec.get("exclude") or []),
                    bool(spec.get("untracked")))
+    cache = spec.get("for") == "cache"
     if not files:
-        print("ERROR: No files to upload")
+        print("WARNING: No files to cache" if cache else "ERROR: No files to upload")
         return 3
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         for rel in files:
             archive.write(os.path.join(root, rel), rel)
-    print(f"{len(files)} files found to upload as artifacts")
+    print(f"{len(files)} files found to " + ("cache" if cache else "upload as artifacts"))
     return 0
 
 

@@ -6,12 +6,13 @@ stream); exports the job's variables (file variables become files, the
 variable holding the path; non-raw values expand ``$OTHER``); fetches the
 source (clean URL; the job token reaches git through a credential helper
 reading the environment, never argv or ``.git/config``); extracts dependency
-archives the host put in the guest (`dependency_files`); runs the steps in
-order under their ``when`` and per-step timeout, each in its own process
+and cache archives the host put in the guest (`guest_parts`); runs the steps
+in order under their ``when`` and per-step timeout, each in its own process
 group with stdin closed, ``after_script`` with ``CI_JOB_STATUS`` and its own
-timeout, its failure never the job's; zips the artifacts whose ``when``
-applies into `GuestLayout.artifact_path`; and writes one result line on the
-original stderr (fd 3), which `ResultReader` parses on the host.
+timeout, its failure never the job's; zips the caches to push into
+`GuestLayout.cache_path` and the artifacts whose ``when`` applies into
+`GuestLayout.artifact_path`; and writes one result line on the original
+stderr (fd 3), which `ResultReader` parses on the host.
 
 SIGTERM to the script (the agent's cancel) stops the running step's group
 and ends with ``status=canceled``. The script text holds the job's secrets:
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from runner.forge.gitlab.payload import Artifact, JobPayload, When
+from runner.forge.gitlab.payload import Artifact, Cache, JobPayload, When
 from runner.forge.gitlab.session import JobOutcome
 
 RESULT_MARK = b"snapfleet-gitlab-result "
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_REF = re.compile(r"\$(\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
 CHUNK = 512 * 1024
-"""Dependency archives reach the guest in parts of this size (one agent frame each)."""
+"""Archives reach the guest in parts of this size (one agent frame each)."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,26 @@ class GuestLayout:
         return f"{self.work_dir}/artifacts/{index}.zip"
 
     def dependency_dir(self) -> str:
-        """Where the host puts dependency archives (see `dependency_files`)."""
+        """Where the host puts dependency archives (see `guest_parts`)."""
         return f"{self.work_dir}/deps"
+
+    def cache_in_dir(self) -> str:
+        """Where the host puts the cache archives to restore (see `guest_parts`)."""
+        return f"{self.work_dir}/cache-in"
+
+    def cache_path(self, index: int) -> str:
+        """Where the zip for ``job.cache[index]`` is left, to keep on the host."""
+        return f"{self.work_dir}/caches/{index}.zip"
+
+
+def pulls(cache: Cache) -> bool:
+    """Whether the job restores ``cache`` before its steps (GitLab's default: pull-push)."""
+    return cache.policy in ("", "pull", "pull-push")
+
+
+def pushes(cache: Cache) -> bool:
+    """Whether the job saves ``cache`` after its steps."""
+    return cache.policy in ("", "push", "pull-push")
 
 
 def unsupported_reason(job: JobPayload) -> str | None:
@@ -81,19 +100,17 @@ def unsupported_reason(job: JobPayload) -> str | None:
             " remove them from the job or use a runner with a container executor")
 
 
-def dependency_files(
-    layout: GuestLayout, archives: Iterable[tuple[int, bytes]]
-) -> list[tuple[str, bytes]]:
-    """``(guest path, bytes)`` parts to ``put_file`` for dependency archives.
+def guest_parts(directory: str, archives: Iterable[tuple[int, bytes]]) -> list[tuple[str, bytes]]:
+    """``(guest path, bytes)`` parts to ``put_file`` for archives (dependencies' artifacts
+    by dependency id, caches by index) into ``directory``.
 
-    Each archive is split into `CHUNK`-sized parts named ``<id>.zip.part<NNNNN>``
+    Each archive is split into `CHUNK`-sized parts named ``<n>.zip.part<NNNNN>``
     that the script joins and extracts, so any size passes the agent's frame limit.
     """
     files = []
-    for dep_id, data in archives:
+    for name, data in archives:
         for n, start in enumerate(range(0, max(len(data), 1), CHUNK)):
-            files.append((f"{layout.dependency_dir()}/{dep_id}.zip.part{n:05d}",
-                          data[start : start + CHUNK]))
+            files.append((f"{directory}/{name}.zip.part{n:05d}", data[start : start + CHUNK]))
     return files
 
 
@@ -130,7 +147,7 @@ exec 3>&2 2>&1 </dev/null
 set -u
 umask 0022
 __sf_status=success __sf_exit=0 __sf_step=- __sf_timed_out=0 __sf_failed=0 __sf_child=
-__sf_artifacts=
+__sf_artifacts= __sf_caches=
 # printf's own %(%s)T, not $(date +%s): a fork per section is slow in an emulated guest.
 __sf_section_start() {
   printf 'section_start:%(%s)T:%s\r\033[0K\033[36;1m%s\033[0;m\n' -1 "$1" "$2"
@@ -139,8 +156,9 @@ __sf_section_end() { printf 'section_end:%(%s)T:%s\r\033[0K' -1 "$1"; }
 __sf_note() { printf '\033[0;33m%s\033[0;m\n' "$1"; }
 __sf_error() { printf '\033[31;1m%s\033[0;m\n' "$1"; }
 __sf_result() {
-  printf 'snapfleet-gitlab-result status=%s exit_code=%s step=%s timed_out=%s artifacts=%s\n' \
-    "$__sf_status" "$__sf_exit" "$__sf_step" "$__sf_timed_out" "${__sf_artifacts:--}" >&3
+  printf 'snapfleet-gitlab-result status=%s exit_code=%s step=%s timed_out=%s %s %s\n' \
+    "$__sf_status" "$__sf_exit" "$__sf_step" "$__sf_timed_out" \
+    "artifacts=${__sf_artifacts:--}" "caches=${__sf_caches:--}" >&3
 }
 __sf_cancel() {
   trap - TERM INT
@@ -177,14 +195,20 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
     out = [f"#!/bin/bash\n# Snapfleet: GitLab job {job.id}", _PRELUDE]
     out.append(f"__sf_work={_q(work)}")
     out.append('__sf_section_start prepare_script "Preparing environment"')
-    # deps/ is the host's: it put the dependency archives there before the script.
-    out.append('rm -rf "$__sf_work/vars" "$__sf_work/steps" "$__sf_work/artifacts" && '
-               'mkdir -p -m 0700 "$__sf_work" "$__sf_work/vars" "$__sf_work/steps" '
-               '"$__sf_work/artifacts" "$__sf_work/deps"')
+    # deps/ and cache-in/ are the host's: it put archives there before the script.
+    out.append('rm -rf "$__sf_work/vars" "$__sf_work/steps" "$__sf_work/artifacts" '
+               '"$__sf_work/caches" && mkdir -p -m 0700 "$__sf_work" "$__sf_work/vars" '
+               '"$__sf_work/steps" "$__sf_work/artifacts" "$__sf_work/caches" '
+               '"$__sf_work/deps" "$__sf_work/cache-in"')
     out += _variables(job, layout, project)
     out += _sources(job, project)
+    out += _restore_caches(job, layout)
     out += _dependencies(job, layout)
     out += _steps(job)
+    if job.artifacts or any(pushes(c) for c in job.cache):
+        collector = Path(__file__).with_name("_collect.py").read_text(encoding="utf-8")
+        out.append(f'printf \'%s\' {_q(collector)} > "$__sf_work/collect.py"')
+    out += _archive_caches(job, layout)
     out += _artifacts(job, layout)
     out.append('__sf_result\nexit "$__sf_exit"\n')
     return "\n".join(out)
@@ -296,6 +320,11 @@ def _dependencies(job: JobPayload, layout: GuestLayout) -> list[str]:
     return out
 
 
+_WHEN = {When.ON_SUCCESS: '[ "$__sf_failed" = 0 ]', When.ON_FAILURE: '[ "$__sf_failed" = 1 ]',
+         When.ALWAYS: "true"}
+"""The shell test for each ``when``, given how the job has gone so far."""
+
+
 def _step_file(lines: Sequence[str]) -> str:
     """One step as a bash program: echo each command as GitLab does, stop at a failure."""
     body = ["set -eo pipefail", "set +o noclobber"]
@@ -315,8 +344,7 @@ def _steps(job: JobPayload) -> list[str]:
         path = f'"$__sf_work/steps/{n}.sh"'
         after = step.name == "after_script"
         out.append(f"printf '%s' {_q(_step_file(step.script))} > {path}")
-        cond = {When.ON_SUCCESS: '[ "$__sf_failed" = 0 ]', When.ON_FAILURE:
-                '[ "$__sf_failed" = 1 ]', When.ALWAYS: "true"}[step.when]
+        cond = _WHEN[step.when]
         out.append(f"if {cond}; then")
         if after:
             out.append('  if [ "$__sf_failed" = 0 ]; then export CI_JOB_STATUS=success; '
@@ -346,11 +374,56 @@ def _steps(job: JobPayload) -> list[str]:
     return out
 
 
-def _artifacts(job: JobPayload, layout: GuestLayout) -> list[str]:
-    if not job.artifacts:
+def _restore_caches(job: JobPayload, layout: GuestLayout) -> list[str]:
+    restores = [(n, c) for n, c in enumerate(job.cache) if pulls(c)]
+    if not restores:
         return []
-    collector = (Path(__file__).with_name("_collect.py")).read_text(encoding="utf-8")
-    out = [f'printf \'%s\' {_q(collector)} > "$__sf_work/collect.py"']
+    out = ['if [ "$__sf_failed" = 0 ]; then',
+           '__sf_section_start restore_cache "Restoring cache"']
+    for n, cache in restores:
+        parts = f"{layout.cache_in_dir()}/{n}.zip"
+        key = cache_key(cache)
+        out += [
+            f"echo {_q(f'Checking cache for {key}...')}",
+            f"if ls {_q(parts)}.part* >/dev/null 2>&1; then",
+            f"  cat {_q(parts)}.part* > {_q(parts)} && "
+            f'python3 -m zipfile -e {_q(parts)} "$CI_PROJECT_DIR" && '
+            f"echo {_q(f'Successfully extracted cache {key}')}"
+            f" || __sf_note {_q(f'WARNING: the cache {key} could not be extracted')}",
+            f"else __sf_note {_q(f'WARNING: no cache for {key} yet')}; fi",
+        ]
+    out += ['__sf_section_end restore_cache', "fi"]
+    return out
+
+
+def _archive_caches(job: JobPayload, layout: GuestLayout) -> list[str]:
+    out = []
+    for n, cache in enumerate(job.cache):
+        if not pushes(cache):
+            continue
+        key = cache_key(cache)
+        spec = json.dumps({"paths": cache.paths, "exclude": [], "untracked": cache.untracked,
+                           "for": "cache"})
+        label = "on_failure" if cache.when is When.ON_FAILURE else "on_success"
+        out += [
+            f"if {_WHEN[cache.when]}; then",
+            f"  __sf_section_start archive_cache_{label} {_q(f'Saving cache for {key}')}",
+            f'  ( cd "$CI_PROJECT_DIR" && python3 "$__sf_work/collect.py" "$CI_PROJECT_DIR" '
+            f"{_q(layout.cache_path(n))} {_q(spec)} ) 3>&- "
+            f'&& __sf_caches="${{__sf_caches:+$__sf_caches,}}{n}"',
+            f"  __sf_section_end archive_cache_{label}",
+            "fi",
+        ]
+    return out
+
+
+def cache_key(cache: Cache) -> str:
+    """The key a cache is kept under (GitLab's ``default`` when the job names none)."""
+    return cache.key or "default"
+
+
+def _artifacts(job: JobPayload, layout: GuestLayout) -> list[str]:
+    out = []
     for n, artifact in enumerate(job.artifacts):
         out += _artifact(n, artifact, layout)
     return out
@@ -364,8 +437,7 @@ def _artifact(n: int, artifact: Artifact, layout: GuestLayout) -> list[str]:
         return [f"__sf_note {_q(note)}"]
     spec = json.dumps({"paths": artifact.paths, "exclude": artifact.exclude,
                        "untracked": artifact.untracked})
-    cond = {When.ON_SUCCESS: '[ "$__sf_failed" = 0 ]', When.ON_FAILURE:
-            '[ "$__sf_failed" = 1 ]', When.ALWAYS: "true"}[artifact.when]
+    cond = _WHEN[artifact.when]
     label = "on_failure" if artifact.when is When.ON_FAILURE else "on_success"
     return [
         f"if {cond}; then",
@@ -395,6 +467,8 @@ class ScriptResult:
     """That step hit its own timeout."""
     artifacts: tuple[int, ...]
     """Indexes into ``job.artifacts`` whose zip was written (`GuestLayout.artifact_path`)."""
+    caches: tuple[int, ...] = ()
+    """Indexes into ``job.cache`` whose zip was written (`GuestLayout.cache_path`)."""
 
     @classmethod
     def parse(cls, line: bytes) -> ScriptResult | None:
@@ -406,13 +480,14 @@ class ScriptResult:
             for item in line[len(RESULT_MARK):].decode(errors="replace").split()
         )
         try:
-            arts = fields.get("artifacts", "-")
+            arts, caches = fields.get("artifacts", "-"), fields.get("caches", "-")
             return cls(
                 status=fields["status"],
                 exit_code=int(fields["exit_code"]),
                 step=None if fields.get("step", "-") == "-" else fields["step"],
                 timed_out=fields.get("timed_out") == "1",
                 artifacts=() if arts == "-" else tuple(int(a) for a in arts.split(",")),
+                caches=() if caches == "-" else tuple(int(c) for c in caches.split(",")),
             )
         except (KeyError, ValueError):
             return None

@@ -31,6 +31,7 @@ import structlog
 
 from runner import __version__
 from runner.errors import ConfigError, Draining, ForgeAuthError, ForgeError
+from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import GitLabRunnerConfig, default_system_id, read_runner_token
 from runner.forge.gitlab.inflight import InflightBook
@@ -101,6 +102,9 @@ class GitLabSource:
         self.book = InflightBook(
             port.settings.paths.state_dir / "gitlab" / f"runner-{config.runner_id}")
         self.layout = GuestLayout(builds_dir=config.builds_dir)
+        # Per project caches (`runner.forge.gitlab.cache`), kept with the host's caches.
+        self.cache_root = (
+            port.settings.paths.cache_dir / "gitlab-caches" / f"runner-{config.runner_id}")
         self.running: dict[int, str | None] = {}
         """GitLab job id → daemon job id (None until submitted)."""
         self.poller: JobPoller | None = None
@@ -214,7 +218,8 @@ class GitLabSource:
             trace.write(red(f"ERROR: {why}"))
             return JobOutcome.failed("configuration_error")
         trace.write(b"Preparing a microVM from its snapshot...\n")
-        run = GuestRun(client, job, trace, self.layout, self.port)
+        caches = ProjectCaches(self.cache_root, job.job_info.project_id)
+        run = GuestRun(client, job, trace, self.layout, self.port, caches)
         name = f"gitlab {job.job_info.name or 'job'} #{job.id}"[:200]
         spec = JobSpec(script=f"# GitLab job {job.id} (run by the gitlab source)", name=name,
                        profile=self.profile,

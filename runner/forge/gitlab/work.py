@@ -1,11 +1,13 @@
 """One GitLab job's work in its VM: the daemon's `Work` for a job of the GitLab source.
 
-`GuestRun.work` puts the dependencies' artifacts in the guest, runs the
-job script (`runner.forge.gitlab.script`) under bash with its output masked
-into the trace and the daemon's job log, stops it when GitLab cancels the
-job, reads the artifact archives back and uploads them. It records how GitLab
-should hear of the job (`GuestRun.result`); `gitlab_outcome` answers that
-when the work never ran (cancelled while queued, a failed restore).
+`GuestRun.work` puts the dependencies' artifacts and the project's caches
+(`runner.forge.gitlab.cache`) in the guest, runs the job script
+(`runner.forge.gitlab.script`) under bash with its output masked into the
+trace and the daemon's job log, stops it when GitLab cancels the job, reads
+the caches and artifact archives back, keeps the one and uploads the other.
+It records how GitLab should hear of the job (`GuestRun.result`);
+`gitlab_outcome` answers that when the work never ran (cancelled while queued,
+a failed restore).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from typing import TYPE_CHECKING
 
 from runner.errors import ForgeError, ForgeUnavailable
 from runner.execution import Command, Outcome, execute
+from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.script import (
     GuestLayout,
     ResultReader,
     build_script,
-    dependency_files,
+    cache_key,
+    guest_parts,
     outcome,
+    pulls,
 )
 from runner.forge.gitlab.session import (
     JobOutcome,
@@ -53,8 +58,9 @@ class GuestRun:
     """One GitLab job's `Work`: everything done in its VM, and how it ended for GitLab."""
 
     def __init__(self, client: GitLabClient, job: JobPayload, trace: TraceStream,
-                 layout: GuestLayout, port: JobPort) -> None:
+                 layout: GuestLayout, port: JobPort, caches: ProjectCaches) -> None:
         self.client = client
+        self.caches = caches
         self.job = job
         self.trace = trace
         self.layout = layout
@@ -93,6 +99,7 @@ class GuestRun:
                 "runner_system_failure" if isinstance(exc, ForgeUnavailable)
                 else "missing_dependency_failure")
             return Outcome(JobState.FAILED, reason=f"dependencies: {exc}")
+        await self._put_caches(machine)
         reader = ResultReader()
         first = True
 
@@ -120,6 +127,7 @@ class GuestRun:
         final = outcome(reader.result, timed_out=done.state is JobState.TIMED_OUT,
                         cancelled=cancelled)
         if reader.result is not None and not cancelled and not self.trace.aborted.is_set():
+            await self._keep_caches(machine, reader.result.caches)
             await self._upload(machine, reader.result.artifacts)
         self._log(self._log_masker.flush())
         self.result = final
@@ -142,8 +150,35 @@ class GuestRun:
         with tempfile.TemporaryDirectory(prefix="snapfleet-gitlab-") as tmp:
             saved = await download_dependencies(self.client, self.job, self.trace, Path(tmp))
             archives = [(dep.id, path.read_bytes()) for dep, path in saved]
-        for guest_path, data in dependency_files(self.layout, archives):
+        for guest_path, data in guest_parts(self.layout.dependency_dir(), archives):
             await machine.put_file(guest_path, data, 0o600)
+
+    async def _put_caches(self, machine: Machine) -> None:
+        """The kept caches the job pulls (by key, then its fallback keys) into the guest."""
+        for index, cache in enumerate(self.job.cache):
+            if not pulls(cache):
+                continue
+            found = await asyncio.to_thread(
+                self.caches.load, [cache_key(cache), *cache.fallback_keys])
+            if found is None:
+                continue
+            for guest_path, data in guest_parts(self.layout.cache_in_dir(), [(index, found[1])]):
+                await machine.put_file(guest_path, data, 0o600)
+
+    async def _keep_caches(self, machine: Machine, indexes: tuple[int, ...]) -> None:
+        for index in indexes:
+            if index >= len(self.job.cache):
+                continue
+            key = cache_key(self.job.cache[index])
+            data = await _read_file(machine, self.layout.cache_path(index))
+            try:
+                if data is None:
+                    raise ValueError("its archive could not be read from the VM")
+                await asyncio.to_thread(self.caches.store, key, data)
+            except (OSError, ValueError) as exc:
+                self.output(red(f"WARNING: the cache {key} was not kept: {exc}"))
+                continue
+            self.output(f"Kept the cache {key} on this host ({len(data)} bytes)\n".encode())
 
     async def _upload(self, machine: Machine, indexes: tuple[int, ...]) -> None:
         for index in indexes:
