@@ -36,7 +36,14 @@ log = structlog.get_logger("snapfleet.hotpool")
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
-WARMUP = Command(argv=["/bin/sh", "-c", "true"])
+WARMUP = Command(argv=["/bin/sh", "-c", (
+    # What job scripts run first (GitLab's are bash, with these tools; a GitHub
+    # runner starts from bash scripts too), so their code is translated before a
+    # job waits on it. It writes nothing and leaves no process.
+    "command -v bash >/dev/null || exit 0; exec bash --noprofile --norc -c '"
+    "printf \"%s\" x >/dev/null; mkdir -p /; rm -rf /nonexistent/snapfleet-hot; cat /dev/null;"
+    " timeout -k 5 5 bash --noprofile --norc -c true'"
+)])
 HOT_HOSTNAME = "snapfleet-hot"
 
 

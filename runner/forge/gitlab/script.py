@@ -196,10 +196,12 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
     out.append(f"__sf_work={_q(work)}")
     out.append('__sf_section_start prepare_script "Preparing environment"')
     # deps/ and cache-in/ are the host's: it put archives there before the script.
-    out.append('rm -rf "$__sf_work/vars" "$__sf_work/steps" "$__sf_work/artifacts" '
-               '"$__sf_work/caches" && mkdir -p -m 0700 "$__sf_work" "$__sf_work/vars" '
-               '"$__sf_work/steps" "$__sf_work/artifacts" "$__sf_work/caches" '
-               '"$__sf_work/deps" "$__sf_work/cache-in"')
+    # (A fork and exec costs ~40 ms in an emulated guest: no `rm` in a fresh VM.)
+    out.append('[ ! -e "$__sf_work/steps" ] || rm -rf "$__sf_work/vars" "$__sf_work/steps" '
+               '"$__sf_work/artifacts" "$__sf_work/caches"')
+    out.append('mkdir -p -m 0700 "$__sf_work" "$__sf_work/vars" "$__sf_work/steps" '
+               '"$__sf_work/artifacts" "$__sf_work/caches" "$__sf_work/deps" '
+               '"$__sf_work/cache-in"')
     out += _variables(job, layout, project)
     out += _sources(job, project)
     out += _restore_caches(job, layout)
