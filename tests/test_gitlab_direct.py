@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable
@@ -21,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from runner.api.client import ApiClient
 from tests.daemons import DaemonProcess
 from tests.fake_gitlab import FakeGitLab, FakeJob, make_job, variable
-from tests.test_gitlab_script import GitServer, _cgi, _git
+from tests.git_http import GitServer, serve_repo
 
 pytestmark = pytest.mark.vm
 GATEWAY = "172.16.0.1"
@@ -34,47 +32,16 @@ RUNNER_TOKEN = "glrt-fake-runner"
 MASKED = "k3y-v4lue-s3cr3t"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 async def git_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GitServer]:
     """A repository with two commits, over HTTP with GitLab's basic auth, for guests."""
-    base = tmp_path_factory.mktemp("gitsrv")
-    src = base / "src"
-    src.mkdir()
-    _git(src, "init", "-q", "-b", "main")
-    (src / "README.md").write_text("first\n")
-    _git(src, "add", "-A")
-    _git(src, "commit", "-q", "-m", "one")
-    first = _git(src, "rev-parse", "HEAD")
-    (src / "README.md").write_text("second commit readme\n")
-    (src / "build.sh").write_text("mkdir -p out && echo built > out/app.txt\n")
-    _git(src, "add", "-A")
-    _git(src, "commit", "-q", "-m", "two")
-    second = _git(src, "rev-parse", "HEAD")
-    root = base / "repos"
-    (root / "group").mkdir(parents=True)
-    _git(base, "clone", "-q", "--bare", str(src), str(root / "group" / "project.git"))
-    server = GitServer("", root, set(), [first, second])
-    app = web.Application()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await _cgi(server, request)
-
-    app.router.add_route("*", "/{path:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
+    commits = [{"README.md": "first\n"},
+               {"README.md": "second commit readme\n",
+                "build.sh": "mkdir -p out && echo built > out/app.txt\n"}]
     # All addresses: a guest's packets arrive on its veth's host end (DNAT in its namespace).
-    site = web.TCPSite(runner, "0.0.0.0", port)
-    await site.start()
-    server.url = f"http://{GATEWAY}:{port}"
-    yield server
-    await runner.cleanup()
+    async with serve_repo(tmp_path_factory.mktemp("gitsrv"), commits, bind="0.0.0.0",
+                          advertise=GATEWAY) as server:
+        yield server
 
 
 @pytest.fixture
@@ -117,8 +84,7 @@ def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
     kw.setdefault("sha", server.shas[1])
     kw.setdefault("depth", 1)
     payload = make_job(job_id, server_url=server.url, **kw)
-    _git(server.root / "group" / "project.git", "update-ref",
-         f"refs/pipelines/{9000 + job_id}", kw["sha"])
+    server.pipeline_ref(job_id, kw["sha"])
     server.tokens.add(payload["token"])
     return payload
 
@@ -266,7 +232,9 @@ async def test_a_cache_passes_between_jobs_of_one_project_and_no_other(
     writer = await fake.enqueue(_job(
         git_server, 701, cache=cache,
         script=["test ! -e vendor/lib.txt", "mkdir -p vendor && echo from-701 > vendor/lib.txt"]))
-    await until(lambda: writer.status == "success", 300, "the job that fills the cache")
+    await until(lambda: writer.status in ("success", "failed"), 300,
+                "the job that fills the cache")
+    assert writer.status == "success", writer.trace.decode(errors="replace")
     assert "Kept the cache deps-main on this host" in writer.trace.decode(errors="replace")
 
     reader = await fake.enqueue(_job(git_server, 702, cache=cache,
@@ -281,3 +249,8 @@ async def test_a_cache_passes_between_jobs_of_one_project_and_no_other(
     assert other.status == "success", other.trace.decode(errors="replace")
     assert "no cache for deps-main yet" in other.trace.decode(errors="replace")
     assert d.stop() == 0
+    # Kept in this instance's state dir, owner-only; nothing of it in the image cache.
+    kept = list((d.state / "gitlab" / "caches" / "runner-77" / "42").iterdir())
+    assert [p.suffix for p in kept] == [".zip"]
+    assert kept[0].stat().st_mode & 0o077 == 0
+    assert kept[0].parent.stat().st_mode & 0o077 == 0

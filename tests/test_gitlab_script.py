@@ -9,7 +9,6 @@ argv from /proc: the job token must never show there.
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import os
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from runner.forge.gitlab import _collect
 from runner.forge.gitlab.payload import JobPayload
@@ -41,92 +39,16 @@ from runner.forge.gitlab.script import (
 )
 from runner.forge.gitlab.session import JobOutcome
 from tests.fake_gitlab import make_job, variable
-
-GIT = "/usr/bin/git"
-
-
-def _git(cwd: Path, *args: str) -> str:
-    env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@e"}
-    return subprocess.run([GIT, *args], cwd=cwd, env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-@dataclass
-class GitServer:
-    url: str
-    root: Path
-    tokens: set[str]
-    shas: list[str]
-    auth_failures: int = 0
-
-
-async def _cgi(server: GitServer, request: web.Request) -> web.StreamResponse:
-    auth = request.headers.get("Authorization", "")
-    user_pass = base64.b64decode(auth[6:]).decode() if auth.startswith("Basic ") else ""
-    user, _, password = user_pass.partition(":")
-    if user != "gitlab-ci-token" or password not in server.tokens:
-        server.auth_failures += 1
-        return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="GitLab"'})
-    env = {
-        "GIT_PROJECT_ROOT": str(server.root), "GIT_HTTP_EXPORT_ALL": "1",
-        "PATH_INFO": request.path, "REQUEST_METHOD": request.method,
-        "QUERY_STRING": request.query_string, "CONTENT_TYPE": request.content_type,
-        "REMOTE_USER": user, "REMOTE_ADDR": "127.0.0.1", "GATEWAY_INTERFACE": "CGI/1.1",
-        "HTTP_CONTENT_ENCODING": request.headers.get("Content-Encoding", ""),
-        "GIT_PROTOCOL": request.headers.get("Git-Protocol", ""),
-        "PATH": os.environ["PATH"], "HOME": str(server.root),
-    }
-    body = await request.read()
-    env["CONTENT_LENGTH"] = str(len(body))
-    proc = await asyncio.create_subprocess_exec(
-        GIT, "http-backend", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    out, _ = await proc.communicate(body)
-    head, _, payload = out.partition(b"\r\n\r\n")
-    status, headers = 200, {}
-    for line in head.decode().split("\r\n"):
-        key, _, value = line.partition(":")
-        if key.lower() == "status":
-            status = int(value.split()[0])
-        elif key:
-            headers[key] = value.strip()
-    return web.Response(status=status, body=payload, headers=headers)
+from tests.git_http import GitServer, serve_repo
 
 
 @pytest.fixture(scope="module")
 async def git_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GitServer]:
-    base = tmp_path_factory.mktemp("gitsrv")
-    src = base / "src"
-    src.mkdir()
-    _git(src, "init", "-q", "-b", "main")
-    (src / "README.md").write_text("first\n")
-    (src / ".gitignore").write_text("ignored.log\n")
-    _git(src, "add", "-A")
-    _git(src, "commit", "-q", "-m", "one")
-    first = _git(src, "rev-parse", "HEAD")
-    (src / "README.md").write_text("second\n")
-    (src / "build.sh").write_text("mkdir -p out/skip && echo built > out/app.txt\n")
-    _git(src, "add", "-A")
-    _git(src, "commit", "-q", "-m", "two")
-    second = _git(src, "rev-parse", "HEAD")
-    root = base / "repos"
-    (root / "group").mkdir(parents=True)
-    _git(base, "clone", "-q", "--bare", str(src), str(root / "group" / "project.git"))
-    server = GitServer("", root, set(), [first, second])
-    app = web.Application()
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await _cgi(server, request)
-
-    app.router.add_route("*", "/{path:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    server.url = f"http://127.0.0.1:{port}"
-    yield server
-    await runner.cleanup()
+    commits = [{"README.md": "first\n", ".gitignore": "ignored.log\n"},
+               {"README.md": "second\n",
+                "build.sh": "mkdir -p out/skip && echo built > out/app.txt\n"}]
+    async with serve_repo(tmp_path_factory.mktemp("gitsrv"), commits) as server:
+        yield server
 
 
 @dataclass
@@ -205,17 +127,11 @@ async def run_job(
                time.monotonic() - started, layout, seen)
 
 
-def _pipeline_ref(server: GitServer, job_id: int, sha: str) -> None:
-    """GitLab keeps ``refs/pipelines/<id>`` for every pipeline; the refspecs fetch it."""
-    _git(server.root / "group" / "project.git", "update-ref", f"refs/pipelines/{9000 + job_id}",
-         sha)
-
-
 def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
     kw.setdefault("sha", server.shas[1])
     kw.setdefault("depth", 1)
     payload = make_job(job_id, server_url=server.url, **kw)
-    _pipeline_ref(server, job_id, kw["sha"])
+    server.pipeline_ref(job_id, kw["sha"])
     server.tokens.add(payload["token"])
     return payload
 

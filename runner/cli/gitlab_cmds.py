@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
-import os
 import re
 import sys
 from pathlib import Path
@@ -33,6 +31,7 @@ from runner.config import load_settings
 from runner.errors import ConfigError, ForgeAuthError, ForgeError, ForgeUnavailable
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import default_system_id, read_runner_token
+from runner.private_file import write_private
 from runner.secret import Secret
 
 FORGE = "gitlab"
@@ -147,7 +146,7 @@ async def register(args: argparse.Namespace, url: str, credentials: Path) -> int
     if not isinstance(runner_id, int) or not isinstance(token, str) or not token:
         raise ForgeError("POST /user/runners: answer has no runner id and token", forge=FORGE)
     path = args.output or credentials / f"gitlab-{_host_slug(url)}-{runner_id}.token"
-    _store_secret(path, token)
+    write_private(path, token + "\n", parent_mode=None if path.parent.exists() else 0o700)
     print(f"Registered GitLab runner {runner_id} ({kind}); its token is in {path} (0600).")
     print("Add this to the Snapfleet config (or point LoadCredential= at the file):\n")
     print(config_section(url, runner_id, path, tags, args.run_untagged))
@@ -171,22 +170,6 @@ def config_section(url: str, runner_id: int, token_file: Path, tags: list[str],
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-
-def _store_secret(path: Path, value: str) -> None:
-    """Write ``value`` to ``path`` 0600 (parent 0700 if we make it), atomically."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(value + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _delete_runner(url: str, token: Secret) -> None:

@@ -24,6 +24,7 @@ from runner.gpu.binding import Bound
 from runner.gpu.config import GpuRequest
 from runner.gpu.source import DeviceSource
 from runner.gpu.sysfs import GpuUnit, PciFunction
+from runner.private_file import write_private
 
 log = structlog.get_logger("snapfleet.gpu")
 
@@ -257,7 +258,7 @@ class GpuAllocator:
                        for r in self._records.values()],
             "quarantined": self.quarantined,
         }
-        await asyncio.to_thread(_write_atomic, self.state_file, json.dumps(data, indent=1))
+        await asyncio.to_thread(write_private, self.state_file, json.dumps(data, indent=1))
 
 
 def _unknown_unit(record: LeaseRecord) -> GpuUnit:
@@ -265,14 +266,3 @@ def _unknown_unit(record: LeaseRecord) -> GpuUnit:
     fn = PciFunction(record.unit, "", "", "", None, None, False)
     return GpuUnit(fn, (fn,))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -9,10 +9,11 @@ labels only (nothing secret); it is replaced atomically and is 0600.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from runner.private_file import write_private
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,4 @@ def save(path: Path, jobs: list[SavedJob], finished: list[int]) -> None:
         ],
         "finished": finished,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data))

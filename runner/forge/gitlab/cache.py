@@ -12,10 +12,10 @@ the daemon's memory.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from runner.private_file import write_private
 
 MAX_BYTES = 512 * 1024 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -46,14 +46,6 @@ class ProjectCaches:
         """Keep ``data`` under ``key``, replacing what was there."""
         if len(data) > MAX_BYTES:
             raise ValueError(f"{len(data)} bytes is over the {MAX_BYTES >> 20} MiB cache limit")
-        for directory in (self.root, self.directory):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            directory.chmod(0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")  # 0600
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        write_private(self.path(key), data, parent_mode=0o700)

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.private_file import write_private
 from runner.secret import Secret
 
 
@@ -52,18 +53,8 @@ class InflightBook:
 
     def take(self, job_id: int, token: Secret) -> int:
         """Record a job before running it; returns the fd its trace is appended to."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
-        record = self._record(job_id)
-        tmp = record.with_name(f".{record.name}.tmp")
         body = json.dumps({"id": job_id, "token": token.reveal(), "taken_at": time.time()})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, body.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, record)
+        write_private(self._record(job_id), body, parent_mode=0o700)
         return os.open(self._trace(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                        0o600)
 

@@ -102,9 +102,10 @@ class GitLabSource:
         self.book = InflightBook(
             port.settings.paths.state_dir / "gitlab" / f"runner-{config.runner_id}")
         self.layout = GuestLayout(builds_dir=config.builds_dir)
-        # Per project caches (`runner.forge.gitlab.cache`), kept with the host's caches.
+        # Per project job caches (`runner.forge.gitlab.cache`): in this instance's state
+        # dir, not the image cache, which several instances (and their jobs) share.
         self.cache_root = (
-            port.settings.paths.cache_dir / "gitlab-caches" / f"runner-{config.runner_id}")
+            port.settings.paths.state_dir / "gitlab" / "caches" / f"runner-{config.runner_id}")
         self.running: dict[int, str | None] = {}
         """GitLab job id → daemon job id (None until submitted)."""
         self.poller: JobPoller | None = None
