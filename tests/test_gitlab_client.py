@@ -18,6 +18,7 @@ from runner.errors import ForgeAuthError, JobPayloadError
 from runner.forge.gitlab.client import FEATURES, GitLabClient
 from runner.forge.gitlab.payload import JobPayload, When
 from runner.forge.gitlab.session import (
+    Backoff,
     JobOutcome,
     JobPoller,
     TraceStream,
@@ -360,11 +361,19 @@ async def test_final_update_gives_up_after_its_time_budget(
 ) -> None:
     job = await _take(gitlab, client)
     gitlab.fail_next("update", *([503] * 50))
-    trace = TraceStream.for_job(client, job, update_interval_s=0.01, max_finish_s=0.5)
+    trace = TraceStream.for_job(client, job, update_interval_s=0.01, max_finish_s=0.5,
+                                backoff=Backoff(base_s=0.05, max_s=0.1))
+    started = time.monotonic()
     with pytest.raises(Exception, match="final update not accepted"):
         async with trace:
             await trace.finish(JobOutcome.success())
+    assert time.monotonic() - started < 2
     assert 2 <= gitlab.count("PUT", f"/jobs/{job.id}") < 50
+    # Leaving the block after a failed finish reports nothing else (the outcome is the
+    # caller's to keep): every attempt said "success".
+    states = [json.loads(r.body)["state"] for r in gitlab.requests
+              if r.method == "PUT" and r.path.endswith(f"/jobs/{job.id}")]
+    assert set(states) == {"success"}
 
 
 async def test_update_interval_header_is_honoured(client: GitLabClient) -> None:

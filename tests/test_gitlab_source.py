@@ -21,6 +21,7 @@ import pytest
 from runner.config import Settings, load_settings
 from runner.errors import ConfigError
 from runner.execution import Work
+from runner.forge.gitlab import source as source_mod
 from runner.forge.gitlab.config import GitLabRunnerConfig
 from runner.forge.gitlab.inflight import InflightBook
 from runner.forge.gitlab.source import GitLabSource, runner_profile
@@ -189,6 +190,36 @@ async def test_jobs_left_by_a_crash_are_reported_failed_with_their_trace(
     assert "it is not run again" in text
     assert not list(book.root.glob("*"))
     assert port.submitted == []
+
+
+async def test_a_final_update_gitlab_refuses_at_shutdown_is_sent_at_the_next_start(
+    tmp_path: Path, fake: FakeGitLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source_mod, "SHUTDOWN_FINISH_S", 0.5)
+    port = Port(_settings(tmp_path))
+    port.slots, port.end_as = 1, JobState.TIMED_OUT
+    job = await fake.enqueue(make_job(15))
+    fake.fail_next("update", *[502] * 1000)  # GitLab is down for the final update
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    async with source.open():
+        await until(lambda: any(r.path.endswith("/jobs/15") for r in fake.requests))
+        port.slots = 0
+        port.stopping.set()
+        stopped = time.monotonic()
+    assert time.monotonic() - stopped < 5  # not the 900 s the update may be retried for
+    assert job.status == "running"  # GitLab never heard
+    assert "the runner stopped this job unexpectedly" not in job.trace.decode()
+
+    fake.faults["update"].clear()
+    port = Port(_settings(tmp_path))  # the next start
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    async with source.open():
+        await until(lambda: job.status == "failed")
+        port.stopping.set()
+    assert job.updates[-1]["failure_reason"] == "job_execution_timeout"  # what really happened
+    assert "it is not run again" not in job.trace.decode()
+    assert not list((tmp_path / "state" / "gitlab" / "runner-7").glob("*"))
+    assert port.submitted == []  # and it never ran again
 
 
 async def test_a_job_cancelled_in_gitlab_while_queued_is_cancelled_in_the_daemon(

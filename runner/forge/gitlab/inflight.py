@@ -8,7 +8,9 @@ already holds (the final update carries the trace's checksum). So, per job,
 in a 0700 directory under the state dir:
 
 - ``<id>.json``: the id and the job token, 0600, written before the job is
-  run and deleted once GitLab accepted the final update;
+  run and deleted once GitLab accepted the final update; once the job has
+  ended, also how (so a final update GitLab did not take before a shutdown
+  is sent, with the job's real outcome, at the next start);
 - ``<id>.trace``: the masked trace as produced (0600, appended to as it grows).
 
 The job token is short-lived (GitLab revokes it when the job ends), which is
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.forge.gitlab.session import JobOutcome
 from runner.private_file import write_private
 from runner.secret import Secret
 
@@ -37,6 +40,8 @@ class Orphan:
     token: Secret
     trace: bytes
     taken_at: float
+    outcome: JobOutcome | None = None
+    """How the job ended, if it did before the daemon stopped."""
 
 
 class InflightBook:
@@ -53,10 +58,25 @@ class InflightBook:
 
     def take(self, job_id: int, token: Secret) -> int:
         """Record a job before running it; returns the fd its trace is appended to."""
-        body = json.dumps({"id": job_id, "token": token.reveal(), "taken_at": time.time()})
-        write_private(self._record(job_id), body, parent_mode=0o700)
+        self._write(job_id, token, time.time())
         return os.open(self._trace(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                        0o600)
+
+    def conclude(self, job_id: int, token: Secret, outcome: JobOutcome) -> None:
+        """Record how the job ended, before GitLab is told."""
+        try:
+            taken_at = float(json.loads(self._record(job_id).read_text())["taken_at"])
+        except (OSError, ValueError, TypeError, KeyError):
+            taken_at = time.time()
+        self._write(job_id, token, taken_at, outcome)
+
+    def _write(self, job_id: int, token: Secret, taken_at: float,
+               outcome: JobOutcome | None = None) -> None:
+        body: dict[str, object] = {"id": job_id, "token": token.reveal(), "taken_at": taken_at}
+        if outcome is not None:
+            body["outcome"] = {"state": outcome.state, "failure_reason": outcome.failure_reason,
+                               "exit_code": outcome.exit_code}
+        write_private(self._record(job_id), json.dumps(body), parent_mode=0o700)
 
     def done(self, job_id: int) -> None:
         """GitLab has the job's final state: forget it (token and trace)."""
@@ -74,12 +94,15 @@ class InflightBook:
                 data = json.loads(record.read_text())
                 job_id, token = int(data["id"]), str(data["token"])
                 taken_at = float(data.get("taken_at", 0.0))
-            except (OSError, ValueError, TypeError, KeyError):
+                ended = data.get("outcome")
+                outcome = None if ended is None else JobOutcome(
+                    str(ended["state"]), ended.get("failure_reason"), ended.get("exit_code"))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 record.unlink(missing_ok=True)
                 continue
             try:
                 trace = self._trace(job_id).read_bytes()
             except OSError:
                 trace = b""
-            found.append(Orphan(job_id, Secret(token), trace, taken_at))
+            found.append(Orphan(job_id, Secret(token), trace, taken_at, outcome))
         return found

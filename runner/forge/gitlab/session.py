@@ -245,8 +245,9 @@ class TraceStream:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.finished is None:
-            # The job died with us: GitLab must not wait for it until its timeout.
+        if self.finished is None and not self.buffer.closed:
+            # The job died with us: GitLab must not wait for it until its timeout. (Once
+            # `finish` ran, the outcome is known: a failed finish is its caller's to handle.)
             self.write(b"\n\x1b[31;1mERROR: the runner stopped this job unexpectedly\x1b[0;m\n")
             with contextlib.suppress(ForgeError, TimeoutError):
                 await asyncio.wait_for(

@@ -56,6 +56,9 @@ CANCEL_CHECK_S = 1.0
 CAPACITY_CHECK_S = 1.0
 """Without a job ending to wake it, look at free capacity this often."""
 ORPHAN_FINISH_S = 120.0
+SHUTDOWN_FINISH_S = 10.0
+"""Once the daemon stops, how long a final update may still be retried; after that the
+journal keeps the job's outcome and the next start reports it."""
 
 
 def runner_profile(settings: Settings, config: GitLabRunnerConfig) -> str:
@@ -196,9 +199,13 @@ class GitLabSource:
         try:
             async with trace:
                 final = await self._run(client, job, trace)
-                await trace.finish(final)
+                self.book.conclude(job.id, job.token, final)
+                await self._finish(trace, final)
             bound.info("gitlab job reported", state=final.state, reason=final.failure_reason,
                        exit_code=final.exit_code)
+        except TimeoutError:
+            bound.warning("gitlab did not take the final update before shutdown; the next"
+                          " start reports it")
         except ForgeError as exc:
             bound.error("gitlab job could not be reported", error=str(exc))
         except Exception:
@@ -210,6 +217,22 @@ class GitLabSource:
             self._wake.set()
             if trace.finished is not None:
                 self.book.done(job.id)
+
+    async def _finish(self, trace: TraceStream, final: JobOutcome) -> None:
+        """``trace.finish``, retried as long as GitLab needs, but for no more than
+        `SHUTDOWN_FINISH_S` once the daemon stops (TimeoutError then)."""
+        finishing = asyncio.ensure_future(trace.finish(final))
+        stop = asyncio.ensure_future(self.port.stopping.wait())
+        try:
+            await asyncio.wait([finishing, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not finishing.done():
+                await asyncio.wait_for(asyncio.shield(finishing), SHUTDOWN_FINISH_S)
+        finally:
+            stop.cancel()
+            if not finishing.done():
+                finishing.cancel()
+                await asyncio.wait([finishing])
+        finishing.result()
 
     async def _run(self, client: GitLabClient, job: JobPayload, trace: TraceStream
                    ) -> JobOutcome:
@@ -264,10 +287,13 @@ class GitLabSource:
             trace = TraceStream(client, orphan.job_id, orphan.token,
                                 max_finish_s=ORPHAN_FINISH_S)
             trace.write(orphan.trace)
-            trace.write(b"\n" + red("ERROR: the runner stopped while this job ran (the daemon"
-                                     " restarted); it is not run again"))
+            outcome = orphan.outcome
+            if outcome is None:
+                trace.write(b"\n" + red("ERROR: the runner stopped while this job ran (the"
+                                         " daemon restarted); it is not run again"))
+                outcome = JobOutcome.failed("runner_system_failure")
             try:
-                await trace.finish(JobOutcome.failed("runner_system_failure"))
+                await trace.finish(outcome)
             except ForgeError as exc:
                 log.warning("could not report an interrupted gitlab job; will retry at the"
                             " next start", gitlab_job=orphan.job_id, error=str(exc),
