@@ -175,6 +175,12 @@ async def test_api_refuses_bad_jobs_with_4xx_and_starts_nothing(daemon: DaemonPr
         # The lease routes (GitLab's executor) parse with the same guard.
         async with http.post("http://snapfleet/v1/leases", data=b"[" * 100_000) as resp:
             assert resp.status == 400
+        for bad in ({"key": "gl:k", "timeout_s": 1e300}, {"key": "gl:k", "wait_s": -1},
+                    {"key": "gl:k", "wait_s": "soon"}, {"key": "gl:k", "wait_s": 301},
+                    {"key": "gl:k", "wait_s": True}):
+            async with http.post("http://snapfleet/v1/leases", data=json.dumps(bad)) as resp:
+                assert resp.status == 400, bad
+                assert "must be a number of seconds" in (await resp.json())["error"], bad
     async with ApiClient(daemon.api) as api:
         assert await api.jobs() == []
         assert (await api.status())["vms"] == []
