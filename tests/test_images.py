@@ -31,7 +31,12 @@ from runner.images import archives, build, build_image, find_image, kernel, load
 from runner.images.initramfs import Entry, newc_archive, resolve_modules, with_parents
 from runner.images.kernel import bzimage_payload, candidate_version, real_kernel_package
 from runner.images.keys import BuildInputs, gather_inputs, layer_keys
-from runner.images.recipe import default_recipes_dir, load_recipe, parse_recipe
+from runner.images.recipe import (
+    default_recipes_dir,
+    has_gitlab_runner,
+    load_recipe,
+    parse_recipe,
+)
 from runner.vm.agent_client import ExecResult, OutputChunk
 
 CACHE_DIR = Path(os.environ.get("SNAPFLEET_CACHE_DIR", "/var/cache/snapfleet"))
@@ -524,6 +529,195 @@ def test_unpack_refuses_a_dest_through_an_absolute_symlink(tmp_path: Path) -> No
         archives.unpack(not_tar, tmp_path / "root2", "/opt/tool")
 
 
+# -- single-file archives (format = "file") ------------------------------------
+
+BIN_ENV = "SNAPFLEET_TEST_BINARY"
+FILE_RECIPE = f"""
+[[archives]]
+source = "env:{BIN_ENV}"
+dest = "/usr/local/bin/gitlab-runner"
+format = "file"
+hint = "the gitlab-runner-linux-amd64 path or URL"
+"""
+STANDIN_BINARY = b"#!/bin/sh\necho gitlab-runner stand-in\n"
+
+
+def standin_binary(path: Path, data: bytes = STANDIN_BINARY) -> Path:
+    """An operator's download: not executable, not root's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(0o600)
+    os.chown(path, 1001, 1001)
+    return path
+
+
+def test_file_archives_are_validated() -> None:
+    recipe = parse_recipe(
+        {**MINIMAL, "archives": [{"source": "env:X", "dest": "/usr/bin/x", "format": "file"}]},
+        source="r.toml",
+    )
+    assert recipe.archives[0].format == "file"
+    assert parse_recipe({**MINIMAL, "archives": [{"source": "x.tgz", "dest": "/x"}]},
+                        source="r.toml").archives[0].format == "tar"
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({**MINIMAL, "archives": [{"source": "x", "dest": "/x", "format": "zip"}]},
+                     source="r.toml")
+    assert err.value.key == "archives.0.format"
+    assert "'tar' or 'file'" in err.value.reason
+
+
+def test_missing_file_archive_says_what_to_provide(tmp_path: Path) -> None:
+    loaded = load_recipe("t", make_recipes(tmp_path, FILE_RECIPE))
+    with pytest.raises(ImageError) as err:
+        archives.locate(loaded, tmp_path / "cache", {})
+    assert str(err.value) == (
+        f"{BIN_ENV} is not set; set {BIN_ENV} to the gitlab-runner-linux-amd64 path or URL"
+        " (the image installs it as /usr/local/bin/gitlab-runner)"
+    )
+
+
+def test_file_archive_key_follows_content_and_format_not_path(tmp_path: Path) -> None:
+    recipes = make_recipes(tmp_path, FILE_RECIPE)
+    a = standin_binary(tmp_path / "a/gitlab-runner-linux-amd64")
+    moved = standin_binary(tmp_path / "b/renamed")
+    newer = standin_binary(tmp_path / "c/gitlab-runner-linux-amd64", b"v2")
+    first = keys_with_archives(recipes, {BIN_ENV: str(a)})
+    assert keys_with_archives(recipes, {BIN_ENV: str(moved)}) == first
+    second = keys_with_archives(recipes, {BIN_ENV: str(newer)})
+    assert (second.kernel, second.rootfs_base, second.initramfs) == (
+        first.kernel, first.rootfs_base, first.initramfs
+    )
+    assert second.image != first.image
+    # The same bytes unpacked as a tarball would make another tree: another key.
+    _sub(recipes, 'format = "file"', 'format = "tar"')
+    assert keys_with_archives(recipes, {BIN_ENV: str(a)}).image != first.image
+    _sub(recipes, 'format = "tar"', 'format = "file"')
+    _append(recipes, f'sha256 = "{"0" * 64}"\n')
+    with pytest.raises(ImageError, match="but the recipe expects 0000"):
+        keys_with_archives(recipes, {BIN_ENV: str(a)})
+
+
+# Image keys of a tarball-only recipe and one without archives, from before single-file
+# archives existed: those images must not rebuild. (Update these only when a layer's
+# format is bumped on purpose.)
+TAR_ONLY_IMAGE_KEY = "7d9dd251d6c2305ea3d70439bccd99e403f6db09aa67868c0da503ca96b977d6"
+NO_ARCHIVES_IMAGE_KEY = "0641b447643b0cede967f7220dbf7e4502bcd2b388b3f92c72101af2951ca974"
+
+
+def test_tarball_only_keys_are_unchanged(tmp_path: Path) -> None:
+    tarball = make_tar(tmp_path / "tool.tgz", TOOL)
+    recipes = make_recipes(tmp_path, ARCHIVE_RECIPE)
+    assert keys_with_archives(recipes, {TAR_ENV: str(tarball)}).image == TAR_ONLY_IMAGE_KEY
+    _append(recipes, 'format = "tar"\n')
+    assert keys_with_archives(recipes, {TAR_ENV: str(tarball)}).image == TAR_ONLY_IMAGE_KEY
+    assert keys_for(make_recipes(tmp_path / "plain")).image == NO_ARCHIVES_IMAGE_KEY
+
+
+def test_install_file_makes_a_root_owned_executable(tmp_path: Path) -> None:
+    binary = standin_binary(tmp_path / "gitlab-runner-linux-amd64")
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")  # merged /usr, as in Debian's tree
+    for dest in ("/usr/local/bin/gitlab-runner", "/bin/helper"):
+        archives.install_file(binary, root, dest)
+    for installed in (root / "usr/local/bin/gitlab-runner", root / "usr/bin/helper"):
+        st = installed.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+        assert installed.read_bytes() == STANDIN_BINARY
+    assert stat.S_IMODE((root / "usr/local").stat().st_mode) == 0o755
+    archives.install_file(standin_binary(tmp_path / "v2", b"v2"), root, "/bin/helper")
+    assert (root / "usr/bin/helper").read_bytes() == b"v2"
+
+
+def test_install_file_refuses_to_leave_the_tree_or_replace_a_dir(tmp_path: Path) -> None:
+    binary = standin_binary(tmp_path / "bin")
+    root = tmp_path / "root"
+    (root / "usr/local/bin/gitlab-runner").mkdir(parents=True)
+    (root / "opt").symlink_to(tmp_path / "outside")
+    with pytest.raises(ImageError, match="leads out of the guest tree"):
+        archives.install_file(binary, root, "/opt/tool")
+    assert not (tmp_path / "outside").exists()
+    with pytest.raises(ImageError, match="is a directory or symlink"):
+        archives.install_file(binary, root, "/usr/local/bin/gitlab-runner")
+    assert list((root / "usr/local/bin/gitlab-runner").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "has"),
+    [
+        ({}, False),
+        ({"packages": ["python3", "gitlab-runner"]}, True),
+        ({"archives": [{"source": "x", "dest": "/usr/local/bin/gitlab-runner",
+                        "format": "file"}]}, True),
+        ({"archives": [{"source": "x", "dest": "/usr/bin/gitlab-runner", "format": "file"}]},
+         True),
+        ({"archives": [{"source": "x", "dest": "/opt/gitlab-runner", "format": "file"}]}, False),
+        ({"archives": [{"source": "x.tgz", "dest": "/usr/local/bin/gitlab-runner"}]}, False),
+    ],
+)
+def test_which_recipes_carry_the_gitlab_runner_helper(change: dict[str, Any], has: bool) -> None:
+    assert has_gitlab_runner(parse_recipe({**MINIMAL, **change}, source="r.toml")) is has
+
+
+def test_shipped_gitlab_runner_recipe_shares_the_default_layers(tmp_path: Path) -> None:
+    shipped = load_recipe("gitlab-runner")
+    assert has_gitlab_runner(shipped.recipe)
+    assert not has_gitlab_runner(load_recipe("default").recipe)
+    [archive] = shipped.recipe.archives
+    assert (archive.source, archive.format) == ("env:SNAPFLEET_GITLAB_RUNNER_BINARY", "file")
+    assert archive.hint is not None
+    assert "gitlab-runner-linux-amd64" in archive.hint
+    binary = standin_binary(tmp_path / "gitlab-runner-linux-amd64")
+    found = archives.locate(shipped, tmp_path, {"SNAPFLEET_GITLAB_RUNNER_BINARY": str(binary)})
+    assert found is not None
+    mine = layer_keys(gather_inputs(shipped, found))
+    default = layer_keys(gather_inputs(load_recipe("default")))
+    assert (mine.kernel, mine.rootfs_base, mine.initramfs) == (
+        default.kernel, default.rootfs_base, default.initramfs
+    )
+
+
+async def test_a_built_image_has_the_file_at_its_dest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real rootfs step (untar, install, mkfs.ext4) over a small base tree."""
+    real_rootfs = rootfs.build_rootfs_image
+    FakeLayers(monkeypatch)
+    monkeypatch.setattr(rootfs, "build_rootfs_image", real_rootfs)
+
+    async def tiny_base(*, out: Path, **_: Any) -> None:
+        tree = out / "tree"
+        (tree / "usr/bin").mkdir(parents=True)
+        (tree / "bin").symlink_to("usr/bin")
+        subprocess.run(["tar", "--numeric-owner", "-C", tree, "-cf", out / "base.tar", "."],
+                       check=True)
+        shutil.rmtree(tree)
+        (out / "packages.txt").write_text("python3 3.11.2-1\n")
+
+    monkeypatch.setattr(rootfs, "build_base_layer", tiny_base)
+    recipes = make_recipes(tmp_path, 'rootfs_size_mib = 256\n' + FILE_RECIPE)
+    binary = standin_binary(tmp_path / "dl/gitlab-runner-linux-amd64")
+    messages: list[str] = []
+    image = await build_image("t", cache_dir=tmp_path / "cache", recipes_dir=recipes,
+                              environ={BIN_ENV: str(binary)}, progress=messages.append)
+    assert "installing gitlab-runner-linux-amd64 as /usr/local/bin/gitlab-runner" in messages
+    assert image.manifest["rootfs"]["archives"] == [{
+        "source": f"env:{BIN_ENV}", "file": "gitlab-runner-linux-amd64",
+        "dest": "/usr/local/bin/gitlab-runner", "sha256": archives.file_sha256(binary),
+        "format": "file",
+    }]
+
+    def debugfs(request: str) -> str:
+        return subprocess.run(["debugfs", "-R", request, str(image.rootfs)], check=True,
+                              capture_output=True, text=True).stdout
+
+    inode = debugfs("stat /usr/local/bin/gitlab-runner")
+    assert "Type: regular    Mode:  0755" in inode
+    assert "User:     0   Group:     0" in inode
+    assert debugfs("cat /usr/local/bin/gitlab-runner").encode() == STANDIN_BINARY
+    assert "Mode:  0755" in debugfs("stat /usr/local/bin")
+
+
 async def test_archive_url_is_downloaded_once_into_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -560,8 +754,9 @@ async def test_archive_url_is_downloaded_once_into_the_cache(
         )
         assert not any("s3cret" in m for m in messages)
         assert hits == ["/dl/tool-1.tgz?token=s3cret"]
-        [(dest, path)] = unpacked[0]
-        assert dest == "/opt/tool"
+        [found_archive] = unpacked[0]
+        dest, path = found_archive.dest, found_archive.path
+        assert (dest, found_archive.format) == ("/opt/tool", "tar")
         assert path.parent == cache / "downloads"
         assert path.read_bytes() == body
         assert image.warmup == "cat /opt/tool/run.sh > /dev/null"

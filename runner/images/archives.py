@@ -1,8 +1,10 @@
-"""Archives a recipe unpacks into the guest tree: find, fetch, verify, unpack.
+"""Archives a recipe puts into the guest tree: find, fetch, verify, unpack or install.
 
-An archive's bytes (its sha256), never its path or URL, go into the image
-key: the same tarball moved elsewhere keeps the cached image, a new one
-rebuilds it. URLs are downloaded once into ``<cache_dir>/downloads/``.
+An archive is a tarball unpacked at its ``dest`` or (``format = "file"``) a
+single executable installed as ``dest``. An archive's bytes (its sha256),
+never its path or URL, go into the image key: the same tarball moved
+elsewhere keeps the cached image, a new one rebuilds it. URLs are downloaded
+once into ``<cache_dir>/downloads/``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import os
 import posixpath
 import secrets
+import shutil
 import tarfile
 import threading
 import urllib.error
@@ -21,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Literal
 
 from runner.errors import ImageError
 from runner.images.cache import sha256_file
@@ -45,6 +49,7 @@ class ResolvedArchive:
     sha256: str
     path: Path
     source: str  # as the recipe says it (``env:NAME``), safe to record
+    format: Literal["tar", "file"] = "tar"
 
 
 def resolve_source(archive: Archive, recipe_dir: Path, environ: Mapping[str, str]) -> str | Path:
@@ -59,7 +64,7 @@ def resolve_source(archive: Archive, recipe_dir: Path, environ: Mapping[str, str
         source, base = environ.get(name, "").strip(), Path.cwd()
         if not source:
             raise ImageError(
-                f"{name} is not set; {_ask(archive)} (the image unpacks it at {archive.dest})"
+                f"{name} is not set; {_ask(archive)} (the image {_puts(archive)} {archive.dest})"
             )
         if "://" in source and not source.startswith((*_WEB, "file://")):
             raise ImageError(f"{name} must be a path or an http(s):// or file:// URL")
@@ -72,10 +77,17 @@ def resolve_source(archive: Archive, recipe_dir: Path, environ: Mapping[str, str
 
 
 def _ask(archive: Archive) -> str:
-    what = archive.hint or "the path or URL of a .tar.gz archive"
+    what = archive.hint or (
+        "the path or URL of the file" if archive.format == "file"
+        else "the path or URL of a .tar.gz archive"
+    )
     if archive.source.startswith(ENV_PREFIX):
         return f"set {archive.source[len(ENV_PREFIX) :]} to {what}"
     return f"the recipe's source {archive.source!r} should be {what}"
+
+
+def _puts(archive: Archive) -> str:
+    return "installs it as" if archive.format == "file" else "unpacks it at"
 
 
 def public_url(url: str) -> str:
@@ -109,7 +121,7 @@ def check_archive(archive: Archive, path: Path) -> ResolvedArchive:
             f"archive {path} for {archive.dest} has sha256 {sha},"
             f" but the recipe expects {archive.sha256}"
         )
-    return ResolvedArchive(archive.dest, sha, path, archive.source)
+    return ResolvedArchive(archive.dest, sha, path, archive.source, archive.format)
 
 
 def locate(
@@ -198,6 +210,36 @@ def _guest_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     safe = tarfile.data_filter(member, dest)
     mode = 0o755 if safe.isdir() else safe.mode
     return safe.replace(uid=0, gid=0, uname="root", gname="root", mode=mode, deep=False)
+
+
+def put(archive: ResolvedArchive, root: Path) -> None:
+    """Put ``archive`` into the staged guest tree ``root`` as its format says (blocking)."""
+    if archive.format == "file":
+        install_file(archive.path, root, archive.dest)
+    else:
+        unpack(archive.path, root, archive.dest)
+
+
+def install_file(source: Path, root: Path, dest: str) -> None:
+    """Copy the single file ``source`` into ``root`` (a staged guest tree) as guest path
+    ``dest``: root-owned, mode 0755, replacing a regular file there.
+
+    Blocking: call via a thread. Raises ``ImageError`` when ``dest`` leads out of
+    ``root`` through a symlink in the tree or is a directory or symlink there.
+    """
+    target = root / dest.lstrip("/")
+    parent = target.parent
+    if not parent.resolve().is_relative_to(root.resolve()):
+        raise ImageError(f"file destination {dest} leads out of the guest tree (a symlink?)")
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise ImageError(f"file destination {dest} is a directory or symlink in the guest tree")
+    try:
+        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        os.chown(target, 0, 0)
+        target.chmod(0o755)
+    except OSError as exc:
+        raise ImageError(f"cannot install {source.name} as {dest}: {exc}") from exc
 
 
 def unpack(archive: Path, root: Path, dest: str) -> None:

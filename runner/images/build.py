@@ -123,7 +123,7 @@ async def build_image(
         await rootfs.build_rootfs_image(
             base_layer=base,
             files=files,
-            archives=[(a.dest, a.path) for a in inputs.archives],
+            archives=inputs.archives,
             size_mib=r.rootfs_size_mib,
             out=out,
             work=work,
@@ -223,6 +223,7 @@ async def _manifest(
             "guest_files": sorted(inputs.files),
             "archives": [
                 {"source": a.source, "file": a.path.name, "dest": a.dest, "sha256": a.sha256}
+                | ({"format": a.format} if a.format != "tar" else {})
                 for a in inputs.archives
             ],
         },

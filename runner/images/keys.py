@@ -90,8 +90,12 @@ def layer_keys(inputs: BuildInputs) -> LayerKeys:
     }
     if inputs.archives:
         # Content, not path: a new tarball rebuilds, the same one moved does not.
-        # (Absent when empty, so images without archives keep their keys.)
-        image_inputs["archives"] = [[a.dest, a.sha256] for a in inputs.archives]
+        # (Absent when empty, so images without archives keep their keys; the
+        # format only for single files, so tarball-only images keep theirs too.)
+        image_inputs["archives"] = [
+            [a.dest, a.sha256] if a.format == "tar" else [a.dest, a.sha256, a.format]
+            for a in inputs.archives
+        ]
     return LayerKeys(kernel, base, initramfs, digest(image_inputs))
 
 

@@ -38,7 +38,12 @@ URL_SCHEMES = ("http://", "https://", "file://")
 
 
 class Archive(BaseModel):
-    """A tar archive (.tar, .tar.gz, .tgz) unpacked into the guest tree at ``dest``.
+    """A file from the operator put into the guest tree at ``dest``.
+
+    With ``format = "tar"`` (the default) it is a tar archive (.tar, .tar.gz,
+    .tgz) unpacked into the directory ``dest``; with ``format = "file"`` it is a
+    single executable copied to the path ``dest`` (root-owned, mode 0755), e.g.
+    a vendor's static binary.
 
     ``source`` is a local path (relative to the recipe dir, or absolute), an
     http(s):// or file:// URL, or ``env:NAME``: the path or URL is read from
@@ -53,6 +58,7 @@ class Archive(BaseModel):
     dest: Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$")]
     sha256: Sha256 | None = None
     hint: str | None = None
+    format: Literal["tar", "file"] = "tar"
 
     @field_validator("source")
     @classmethod
@@ -100,6 +106,20 @@ class Recipe(BaseModel):
     # Directory holding the ``runner`` package whose agent goes into the
     # guest; default: the package this builder is part of.
     agent_source: Path | None = None
+
+
+GITLAB_RUNNER = "gitlab-runner"
+GITLAB_RUNNER_PATHS = ("/usr/local/bin/gitlab-runner", "/usr/bin/gitlab-runner")
+"""Where gitlab-runner's stage scripts find their helper on the guest's PATH."""
+
+
+def has_gitlab_runner(recipe: Recipe) -> bool:
+    """Whether images from ``recipe`` carry the ``gitlab-runner`` helper that the custom
+    executor's stage scripts call (``artifacts-uploader``, ``cache-extractor``...): a
+    single-file archive installed on PATH, or a Debian package of that name (pure)."""
+    return GITLAB_RUNNER in recipe.packages or any(
+        a.format == "file" and a.dest in GITLAB_RUNNER_PATHS for a in recipe.archives
+    )
 
 
 @dataclass(frozen=True)

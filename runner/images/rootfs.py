@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from runner.errors import ImageError
-from runner.images.archives import unpack
+from runner.images.archives import ResolvedArchive, put
 from runner.proc import ProgressFn, run, tail
 
 BASE_TAR = "base.tar"
@@ -97,21 +97,23 @@ async def build_rootfs_image(
     *,
     base_layer: Path,
     files: Mapping[str, tuple[int, bytes]],
-    archives: Sequence[tuple[str, Path]] = (),
+    archives: Sequence[ResolvedArchive] = (),
     size_mib: int,
     out: Path,
     work: Path,
     progress: ProgressFn,
 ) -> Path:
-    """Unpack the base, then ``archives`` ((guest dir, tarball) pairs), add
-    ``files`` (guest path -> (mode, bytes)), and mkfs.ext4 the tree."""
+    """Unpack the base, then put ``archives`` (tarballs unpacked at, single files
+    installed as, their ``dest``), add ``files`` (guest path -> (mode, bytes)), and
+    mkfs.ext4 the tree."""
     stage = work / "stage"
     stage.mkdir()
     progress("unpacking base rootfs")
     await run("tar", *_TAR_FLAGS, "-C", stage, "-xpf", base_layer / BASE_TAR, what="untar base")
-    for dest, archive in archives:
-        progress(f"unpacking {archive.name} into {dest}")
-        await asyncio.to_thread(unpack, archive, stage, dest)
+    for archive in archives:
+        verb = "installing {} as {}" if archive.format == "file" else "unpacking {} into {}"
+        progress(verb.format(archive.path.name, archive.dest))
+        await asyncio.to_thread(put, archive, stage)
     await asyncio.to_thread(_write_files, stage, files)
 
     progress(f"making ext4 rootfs {size_mib} MiB")
