@@ -7,6 +7,7 @@ Nothing else constructs a hypervisor or a job source.
 
 from __future__ import annotations
 
+import functools
 import pwd
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,7 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
     from runner.forge.github.scaleset_source import ScaleSetSource
     from runner.forge.github.source import GitHubSource
     from runner.forge.gitlab.source import GitLabSource
+    from runner.forge.gitlab_helper import check_image
     from runner.service.daemon import Daemon
     from runner.service.leases import LeaseBook
 
@@ -74,6 +76,7 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
         allowed_profiles=settings.gitlab.allowed_profiles,
         default_profile=settings.default_profile,
         shell=settings.gitlab.shell,
+        check_image=functools.partial(check_image, settings),
     )
     built.add_source(leases)
     built.add_source(LocalApi(built, leases))

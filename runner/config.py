@@ -159,6 +159,10 @@ class GitLabSettings(_Section):
     cache_dir: str = "/cache"
     shell: str = "/bin/bash"
     """Shell that runs gitlab-runner's stage scripts in the VM."""
+    require_helper: bool = True
+    """The custom executor's `config` stage fails a job whose profile's image has no
+    `gitlab-runner` binary (the stage scripts call it in the VM for artifacts and
+    caches; see images/gitlab-runner). Off: for jobs that use neither."""
     runners: list[GitLabRunnerConfig] = Field(default_factory=list)
     """Runners the daemon serves itself over GitLab's runner API (`snapfleet gitlab
     register` prints one); each runs its jobs in the profile serving all its tags."""

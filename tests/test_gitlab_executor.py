@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from runner.api.client import ApiClient
+from runner.api.local import DaemonClient
 from runner.vm.qemu import qemu_processes
 from tests.daemons import DaemonProcess
 
@@ -83,9 +84,13 @@ def ok(done: subprocess.CompletedProcess[str]) -> None:
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
 
 
+NO_HELPER_NEEDED = "[gitlab]\nrequire_helper = false\n"
+"""The default image has no gitlab-runner binary; these jobs use no artifacts or caches."""
+
+
 @pytest.fixture
 async def gl_daemon(daemon_factory: object) -> DaemonProcess:
-    d: DaemonProcess = daemon_factory()  # type: ignore[operator]
+    d: DaemonProcess = daemon_factory(toml=NO_HELPER_NEEDED)  # type: ignore[operator]
     d.start()
     d.wait_for("READY=1")
     return d
@@ -257,6 +262,80 @@ async def test_a_prepare_waiting_for_a_slot_says_it_is_queued_and_why(
     assert b"restored default from snapshot" in out
     ok(second.step("cleanup"))
     assert d.stop() == 0
+
+
+HELPER_PROFILES = """
+[gitlab]
+allowed_profiles = ["default", "gl"]
+[profiles.default]
+[profiles.gl]
+image = "gitlab-runner"
+[profiles.other]
+"""
+
+
+async def test_config_fails_at_once_when_the_image_lacks_the_gitlab_runner_helper(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    d: DaemonProcess = daemon_factory(toml=HELPER_PROFILES)
+    d.start()
+    d.wait_for("READY=1")
+    runner = Runner(d, 510, tmp_path)
+    done = runner.step("config")
+    assert (done.returncode, done.stdout) == (SYSTEM_FAILURE, "")
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Snapfleet: system failure: profile 'default' runs image 'default',"
+                           " which has no gitlab-runner helper"), line
+    for way_out in ("snapfleet image build gitlab-runner", 'image = "gitlab-runner"',
+                    "[gitlab] require_helper = false"):
+        assert way_out in line
+
+    # A profile whose image's recipe installs the helper passes, with no image built.
+    runner.env["CUSTOM_ENV_SNAPFLEET_PROFILE"] = "gl"
+    done = runner.step("config")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["driver"]["name"] == "snapfleet"
+
+    # The daemon decides, and says every problem.
+    client = DaemonClient(d.api)
+    assert client.check_lease("gl") == {"profile": "gl", "image": "gitlab-runner",
+                                        "problems": []}
+    other = client.check_lease("other")
+    assert (other["profile"], other["image"]) == ("other", "default")
+    assert other["problems"][0] == ("profile 'other' is not allowed for GitLab jobs"
+                                    " (allowed: ['default', 'gl'])")
+    assert "has no gitlab-runner helper" in other["problems"][1]
+    runner.env["CUSTOM_ENV_SNAPFLEET_PROFILE"] = "other"
+    done = runner.step("config")
+    assert done.returncode == SYSTEM_FAILURE
+    assert "profile 'other' is not allowed for GitLab jobs" in done.stderr
+    # Checking asked for no VM.
+    async with ApiClient(d.api) as api:
+        assert await api.jobs() == []
+    assert d.vm_dirs() == []
+
+
+async def test_config_passes_without_the_helper_when_not_required(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    done = Runner(gl_daemon, 511, tmp_path).step("config")
+    assert done.returncode == 0, done.stderr
+    assert DaemonClient(gl_daemon.api).check_lease(None) == {
+        "profile": "default", "image": "default", "problems": []}
+
+
+def test_config_without_a_daemon_is_a_system_failure(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(f'[daemon]\napi_socket = "{tmp_path}/none.sock"\n')
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("snapfleet_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "--config", str(tmp_path / "config.toml"),
+         "gitlab-executor", "config"],
+        env={**env, "SYSTEM_FAILURE_EXIT_CODE": str(SYSTEM_FAILURE)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stdout) == (SYSTEM_FAILURE, "")
+    assert done.stderr.startswith("Snapfleet: system failure: cannot check the job's profile:"
+                                  " cannot reach the daemon at ")
 
 
 async def test_cleanup_without_prepare_and_twice_is_harmless(gl_daemon: DaemonProcess,

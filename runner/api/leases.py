@@ -5,6 +5,9 @@
                                       not ready within wait_s: the lease so far and
                                       "waiting" (why, in words); ask again            202
     DELETE /v1/leases/{key}           destroy it (idempotent)                          200
+    GET    /v1/leases/check?profile=P what would stop a job of profile P (default: the
+                                      default profile) here, before any VM is asked for:
+                                      {"profile", "image", "problems": [line, ...]}    200
     GET    /v1/leases/{key}/exec      WebSocket: send {"script", "env"?, "cwd"?, "stage"?};
                                       receive binary frames (1 byte stream: 1 stdout,
                                       2 stderr, then data; stage scripts run with
@@ -76,6 +79,9 @@ def add_routes(app: web.Application, book: LeaseBook) -> None:
                                      status=202)
         return web.json_response(lease.describe(), status=201)
 
+    async def check(request: web.Request) -> web.Response:
+        return web.json_response(await book.check(request.query.get("profile") or None))
+
     async def release(request: web.Request) -> web.Response:
         released = await book.release(request.match_info["key"])
         return web.json_response({"released": released})
@@ -139,6 +145,7 @@ def add_routes(app: web.Application, book: LeaseBook) -> None:
 
     app.add_routes([
         web.post("/v1/leases", acquire),
+        web.get("/v1/leases/check", check),
         web.delete("/v1/leases/{key}", release),
         web.get("/v1/leases/{key}/exec", execute),
     ])

@@ -112,6 +112,12 @@ class DaemonClient:
             on_wait(str(lease["waiting"]))
             wait_s = LEASE_WAIT_S
 
+    def check_lease(self, profile: str | None) -> dict[str, Any]:
+        """What would stop a lease of ``profile`` (None: the default profile):
+        ``{"profile", "image", "problems": [str, ...]}``, decided by the daemon."""
+        query = "" if profile is None else "?" + urlencode({"profile": profile})
+        return self._json("GET", f"/v1/leases/check{query}")
+
     def release_lease(self, key: str) -> bool:
         return bool(self._json("DELETE", f"/v1/leases/{segment(key)}")["released"])
 

@@ -81,7 +81,16 @@ def config_output(settings: ClientSettings) -> dict[str, object]:
     }
 
 
-def config(settings: ClientSettings) -> int:
+def config(settings: ClientSettings, env: ExecutorEnv) -> int:
+    """Print the executor's config, once the daemon says the job's profile can serve it
+    (allowed, and its image has the gitlab-runner helper the stages call)."""
+    try:
+        found = DaemonClient(settings.api_socket).check_lease(env.profile)
+    except SnapfleetError as exc:
+        return _system_failure(env, f"cannot check the job's profile: {exc}")
+    problems = found.get("problems")
+    if problems:
+        return _system_failure(env, "; ".join(str(p) for p in problems))
     print(json.dumps(config_output(settings)))
     return 0
 
@@ -232,7 +241,7 @@ def main(settings: ClientSettings, action: str, args: list[str]) -> int:
     """Dispatch one gitlab-runner step."""
     env = ExecutorEnv(os.environ)
     if action == "config":
-        return config(settings)
+        return config(settings, env)
     if action == "prepare":
         return prepare(settings, env)
     if action == "run":

@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -31,6 +31,9 @@ from runner.execution import Command, Outcome, OutputSink, execute
 from runner.service.jobs import Job, JobSpec, JobState
 from runner.service.port import JobPort
 from runner.vm.backend import Machine
+
+if TYPE_CHECKING:
+    from runner.forge.gitlab_helper import ImageCheck
 
 log = structlog.get_logger("snapfleet.leases")
 
@@ -101,11 +104,14 @@ class LeaseBook:
         allowed_profiles: list[str],
         default_profile: str,
         shell: str = "/bin/sh",
+        check_image: Callable[[str], ImageCheck] | None = None,
     ) -> None:
         self._port = port
         self.shell = shell  # what stage scripts run under
         self._allowed = allowed_profiles
         self._default = default_profile
+        # Profile name -> its image and what it lacks (blocking: reads the recipe).
+        self._check_image = check_image
         self.by_key: dict[str, Lease] = {}
         self.by_job: dict[str, Lease] = {}
         self._lock = asyncio.Lock()
@@ -135,6 +141,21 @@ class LeaseBook:
             if lease.ready.done():
                 lease.ready.result()  # raises why there is no VM
         return lease
+
+    async def check(self, profile: str | None) -> dict[str, Any]:
+        """What stops a job of ``profile`` (or the default one) from running here:
+        ``{"profile", "image", "problems": [one line each]}``. Asks for no VM."""
+        name = profile or self._default
+        problems = []
+        if name not in self._allowed:
+            problems.append(self._not_allowed(name))
+        image = None
+        if self._check_image is not None:
+            found = await asyncio.to_thread(self._check_image, name)
+            image = found.image
+            if found.problem is not None:
+                problems.append(found.problem)
+        return {"profile": name, "image": image, "problems": problems}
 
     def waiting(self, lease: Lease) -> str:
         """What a lease whose VM is not ready yet waits for, in words."""
@@ -215,16 +236,16 @@ class LeaseBook:
     async def _new(self, key: str, profile: str | None, timeout_s: float | None) -> Lease:
         name = profile or self._default
         if name not in self._allowed:
-            raise ConfigError(
-                "SNAPFLEET_PROFILE",
-                f"profile {name!r} is not allowed for GitLab jobs (allowed: {self._allowed})",
-            )
+            raise ConfigError("SNAPFLEET_PROFILE", self._not_allowed(name))
         lease = Lease(key, asyncio.get_running_loop().create_future())
         spec = JobSpec(command=["gitlab-executor"], name=key, profile=name, timeout_s=timeout_s)
         lease.job = await self._port.submit(spec, source=SOURCE, work=lease.hold)
         self.by_key[key] = lease
         self.by_job[lease.job.id] = lease
         return lease
+
+    def _not_allowed(self, name: str) -> str:
+        return f"profile {name!r} is not allowed for GitLab jobs (allowed: {self._allowed})"
 
     def _job_ended(self, job: Job) -> None:
         """The lease's job is over: waiters for its VM learn why (idempotent)."""
