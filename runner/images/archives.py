@@ -114,7 +114,8 @@ def file_sha256(path: Path) -> str:
 def check_archive(archive: Archive, path: Path) -> ResolvedArchive:
     """Hash ``path`` and check it against the recipe's sha256 (blocking)."""
     if not path.is_file():
-        raise ImageError(f"archive for {archive.dest}: {path} does not exist; {_ask(archive)}")
+        what = "file" if archive.format == "file" else "archive"
+        raise ImageError(f"{what} for {archive.dest}: {path} does not exist; {_ask(archive)}")
     sha = file_sha256(path)
     if archive.sha256 is not None and sha != archive.sha256:
         raise ImageError(
