@@ -3,13 +3,20 @@ call the `gitlab-runner` binary in the VM for artifacts and caches)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from runner.config import Settings
+from runner.api.local import DaemonClient
+from runner.config import Profile, Settings
 from runner.forge.gitlab_helper import ImageCheck, check_image
+from tests.backends.toy import toy_settings
+from tests.test_daemon_lifecycle import serving
 
 
 def settings(tmp_path: Path, *, require: bool = True, **images: str) -> Settings:
@@ -88,3 +95,67 @@ def test_built_image_directories_are_judged_by_their_recorded_recipe(tmp_path: P
 
 def test_unknown_profiles_are_left_to_the_allowed_check(tmp_path: Path) -> None:
     assert check_image(settings(tmp_path), "ghost") == ImageCheck(None)
+
+
+# --- through a running daemon (toy VMs): the check route and the `config` stage ------
+
+def with_gitlab_profiles(tmp_path: Path, *, require: bool) -> Settings:
+    base = toy_settings(tmp_path)
+    return base.model_copy(update={
+        "profiles": {**base.profiles, "gl": Profile(image="gitlab-runner"),
+                     "plain": Profile(), "other": Profile()},
+        "gitlab": base.gitlab.model_copy(update={
+            "allowed_profiles": ["default", "gl", "plain"], "require_helper": require}),
+    })
+
+
+def config_stage(tmp_path: Path, settings: Settings, profile: str | None
+                 ) -> subprocess.CompletedProcess[str]:
+    """`snapfleet gitlab-executor config` as gitlab-runner runs it."""
+    config = tmp_path / "client.toml"
+    config.write_text(f'[daemon]\napi_socket = "{settings.daemon.api_socket}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("snapfleet_")}
+    env |= {"SYSTEM_FAILURE_EXIT_CODE": "42", "CUSTOM_ENV_CI_JOB_ID": "1"}
+    if profile is not None:
+        env["CUSTOM_ENV_SNAPFLEET_PROFILE"] = profile
+    return subprocess.run(
+        [sys.executable, "-m", "runner.cli", "--config", str(config), "gitlab-executor", "config"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+async def test_the_daemon_answers_what_stops_a_profile(tmp_path: Path) -> None:
+    settings = with_gitlab_profiles(tmp_path, require=True)
+    async with serving(settings) as running:
+        client = DaemonClient(settings.daemon.api_socket)
+        answers = {p: await asyncio.to_thread(client.check_lease, p)
+                   for p in (None, "gl", "plain", "other")}
+        plain = await asyncio.to_thread(config_stage, tmp_path, settings, "plain")
+        gl = await asyncio.to_thread(config_stage, tmp_path, settings, "gl")
+        assert await running.daemon.recent_jobs(10) == []  # checking takes no VM
+    rootfs = str(settings.profiles["default"].rootfs)
+    assert answers[None] == {"profile": "default", "image": rootfs, "problems": []}
+    assert answers["gl"] == {"profile": "gl", "image": "gitlab-runner", "problems": []}
+    assert answers["plain"]["image"] == "default"
+    [problem] = answers["plain"]["problems"]
+    assert problem.startswith("profile 'plain' runs image 'default', which has no gitlab-runner")
+    assert answers["other"]["problems"][0] == (
+        "profile 'other' is not allowed for GitLab jobs (allowed: ['default', 'gl', 'plain'])")
+
+    assert (plain.returncode, plain.stdout) == (42, "")
+    assert plain.stderr == f"Snapfleet: system failure: {problem}\n"
+    assert gl.returncode == 0, gl.stderr
+    assert json.loads(gl.stdout)["builds_dir"] == "/builds"
+
+
+async def test_require_helper_false_lets_any_allowed_image_through(tmp_path: Path) -> None:
+    settings = with_gitlab_profiles(tmp_path, require=False)
+    async with serving(settings):
+        client = DaemonClient(settings.daemon.api_socket)
+        plain = await asyncio.to_thread(client.check_lease, "plain")
+        other = await asyncio.to_thread(client.check_lease, "other")
+        done = await asyncio.to_thread(config_stage, tmp_path, settings, "plain")
+    assert plain == {"profile": "plain", "image": "default", "problems": []}
+    assert other["problems"] == [
+        "profile 'other' is not allowed for GitLab jobs (allowed: ['default', 'gl', 'plain'])"]
+    assert done.returncode == 0, done.stderr
