@@ -695,17 +695,23 @@ async def test_a_built_image_has_the_file_at_its_dest(
         (out / "packages.txt").write_text("python3 3.11.2-1\n")
 
     monkeypatch.setattr(rootfs, "build_base_layer", tiny_base)
-    recipes = make_recipes(tmp_path, 'rootfs_size_mib = 256\n' + FILE_RECIPE)
+    # A tarball and a single file, in the recipe's order.
+    recipes = make_recipes(tmp_path, "rootfs_size_mib = 256\n" + ARCHIVE_RECIPE + FILE_RECIPE)
     binary = standin_binary(tmp_path / "dl/gitlab-runner-linux-amd64")
+    tarball = make_tar(tmp_path / "dl/tool.tgz", TOOL)
     messages: list[str] = []
     image = await build_image("t", cache_dir=tmp_path / "cache", recipes_dir=recipes,
-                              environ={BIN_ENV: str(binary)}, progress=messages.append)
-    assert "installing gitlab-runner-linux-amd64 as /usr/local/bin/gitlab-runner" in messages
-    assert image.manifest["rootfs"]["archives"] == [{
+                              environ={BIN_ENV: str(binary), TAR_ENV: str(tarball)},
+                              progress=messages.append)
+    put = [m for m in messages if m.startswith(("unpacking tool", "installing"))]
+    assert put == ["unpacking tool.tgz into /opt/tool",
+                   "installing gitlab-runner-linux-amd64 as /usr/local/bin/gitlab-runner"]
+    assert image.manifest["rootfs"]["archives"][1] == {
         "source": f"env:{BIN_ENV}", "file": "gitlab-runner-linux-amd64",
         "dest": "/usr/local/bin/gitlab-runner", "sha256": archives.file_sha256(binary),
         "format": "file",
-    }]
+    }
+    assert "format" not in image.manifest["rootfs"]["archives"][0]
 
     def debugfs(request: str) -> str:
         return subprocess.run(["debugfs", "-R", request, str(image.rootfs)], check=True,
@@ -716,6 +722,7 @@ async def test_a_built_image_has_the_file_at_its_dest(
     assert "User:     0   Group:     0" in inode
     assert debugfs("cat /usr/local/bin/gitlab-runner").encode() == STANDIN_BINARY
     assert "Mode:  0755" in debugfs("stat /usr/local/bin")
+    assert debugfs("cat /opt/tool/run.sh").encode() == TOOL["run.sh"][1]
 
 
 async def test_archive_url_is_downloaded_once_into_the_cache(
