@@ -22,8 +22,8 @@ import pytest
 from runner import compose
 from runner.config import Settings, load_settings
 from runner.forge.github import scaleset as proto
+from runner.forge.github.pending import JIT_ENV
 from runner.forge.github.scaleset_source import ScaleSetSource
-from runner.forge.github.source import JIT_ENV
 from runner.service.daemon import Daemon
 from runner.service.jobs import Job, JobState
 from tests.backends import toy
@@ -141,9 +141,9 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
             assert len(service.registered) == n
             unfinished = [j for j in host.daemon.jobs.values() if j.source == "github-scaleset"]
             assert [j.spec.name for j in unfinished] == [f"github runner {name}"]
-            # The JIT config reaches the VM as a secret, kept off the job's stored spec.
-            assert unfinished[0].secret_env[JIT_ENV].reveal() in service.jit_configs.values()
+            # The JIT config stays off the job's record (spec, stored secret names).
             assert JIT_ENV not in unfinished[0].spec.env
+            assert JIT_ENV not in unfinished[0].secret_env
             # Play GitHub: the runner takes the job, the job ends, then its VM ends.
             rid = service.take_job(name)
             await until(lambda: listener.intake.runners.get(name)  # noqa: B023
@@ -151,6 +151,12 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
             service.finish_job(rid)
             host.toy.gate.set()
             await until(count(host.ended, n), what=f"runner VM {n} to end")
+            # It reached the VM in memory, as the runner command's env (not its argv).
+            ran = host.toy.execs[-1]
+            config = service.jit_configs[service.registered[name]]
+            assert ran.env[JIT_ENV] == config
+            assert config not in (ran.script or "")
+            assert config not in " ".join(ran.argv or ())
         assert sorted(acquired(service)) == sorted(jobs)
         won = [rid for _, _, got in service.acquire_calls for rid in got]
         assert sorted(won) == sorted(jobs)  # each acquired once
