@@ -162,6 +162,11 @@ class FakeScaleSetService:
         self._jit_tickets += n
         asyncio.get_running_loop().create_task(self._notify())
 
+    def stop_holding_jit(self) -> None:
+        """Answer every ``generatejitconfig`` at once again (held ones too)."""
+        self.hold_jit = False
+        asyncio.get_running_loop().create_task(self._notify())
+
     async def _jit_turn(self) -> None:
         self.jit_waiting += 1
         try:
