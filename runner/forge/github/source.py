@@ -447,10 +447,13 @@ class GitHubSource:
             raise
         if jit is None:
             self.runners.pop(name, None)
+            if self._shut:  # shutdown ended its VM: no news about the profile
+                return
             pause = self.health.failed(profile)
+            # Its job's record says why (a failed restore, most likely).
             log.warning("runner VM ended before its runner was registered; registration "
                         "removed, backing off the profile", runner=name, profile=profile,
-                        job_id=vm.job_id, pause_s=pause, cause=LIKELY_CAUSE, forge="github")
+                        job_id=vm.job_id, pause_s=pause, forge="github")
             return
         runner.runner_id = jit.runner_id
         log.info("runner started", runner=name, profile=profile, job_id=vm.job_id,
