@@ -104,6 +104,8 @@ class FakeScaleSetService:
         is answered (or failed by an injected fault): GitHub taking its time to register."""
         self.jit_waiting = 0
         """``generatejitconfig`` requests held right now."""
+        self.jit_delay_s = 0.0
+        """Each ``generatejitconfig`` answer takes this long (GitHub's round trip)."""
         self._jit_tickets = 0
         self._offered_at: dict[tuple[int, int], float] = {}
         self._ids = iter(range(1, 10**9))
@@ -208,6 +210,7 @@ class FakeScaleSetService:
             return self._violation(f"{request.method} {path}: api-version missing")
         if request.method == "POST" and path.endswith("/generatejitconfig"):
             await self._jit_turn()
+            await asyncio.sleep(self.jit_delay_s)
         for fault in self.faults:
             if fault.times > 0 and fault.method == request.method and re.fullmatch(
                 fault.path, path
