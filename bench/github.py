@@ -8,9 +8,11 @@ profile, the fake scale-set service of tests/fake_scaleset.py): the clock
 starts when the fake hands the job's `JobAvailable` message to the daemon's
 long poll, and runs through acquire, `JobAssigned`, the JIT registration and
 the VM. Either clock stops at the first line the (stand-in) runner prints
-inside its VM.
+inside its VM. ``--jit-delay-ms`` makes the fake take that long to answer each
+scale-set JIT registration (GitHub's round trip; the VM restores meanwhile), and
+``--scaleset-only`` skips the webhook path.
 
-    .venv/bin/python -m bench.github [--runs 20] [--json]
+    .venv/bin/python -m bench.github [--runs 20] [--jit-delay-ms 0] [--scaleset-only] [--json]
 """
 
 from __future__ import annotations
@@ -108,11 +110,13 @@ async def one_scaleset(api: ApiClient, service: FakeScaleSetService, labels: lis
     return elapsed
 
 
-async def bench_scaleset(runs: int, cache_dir: Path, log: Any, tarball: Path) -> list[float]:
+async def bench_scaleset(runs: int, cache_dir: Path, log: Any, tarball: Path,
+                         jit_delay_s: float = 0.0) -> list[float]:
     github = FakeGitHub(prefix="/api/v3")
     await github.start()
     github.add_token("ghs_bench")
     service = FakeScaleSetService(github)
+    service.jit_delay_s = jit_delay_s
 
     def toml(_root: Path) -> str:
         return f"""
@@ -146,10 +150,14 @@ warm = 2
     return times
 
 
-async def bench(runs: int, cache_dir: Path, log: Any) -> dict[str, Any]:
+async def bench(runs: int, cache_dir: Path, log: Any, *, jit_delay_s: float = 0.0,
+                scaleset_only: bool = False) -> dict[str, Any]:
     tarball = standin_runner_tarball(cache_dir / "test-inputs")
     os.environ["SNAPFLEET_RUNNER_TARBALL"] = str(tarball)
     await build_image("github-runner", cache_dir=cache_dir, progress=log)
+    if scaleset_only:
+        scaleset = await bench_scaleset(runs, cache_dir, log, tarball, jit_delay_s)
+        return {"scaleset_ms": percentiles(scaleset)}
     fake = FakeGitHub(prefix="/api/v3")
     await fake.start()
     fake.add_token("ghs_bench")
@@ -198,7 +206,7 @@ labels = ["self-hosted", "cold"]
     finally:
         await fake.close()
     assert not fake.violations, fake.violations
-    scaleset = await bench_scaleset(runs, cache_dir, log, tarball)
+    scaleset = await bench_scaleset(runs, cache_dir, log, tarball, jit_delay_s)
     return {"webhook_to_runner_ms": {"hot_pool": percentiles(times["hot"]),
                                      "warm_pool": percentiles(times["warm"]),
                                      "no_pool": percentiles(times["cold"])},
@@ -209,16 +217,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/snapfleet"))
+    parser.add_argument("--jit-delay-ms", type=float, default=0.0)
+    parser.add_argument("--scaleset-only", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(bench(args.runs, args.cache_dir,
-                               lambda m: print(m, file=sys.stderr, flush=True)))
+                               lambda m: print(m, file=sys.stderr, flush=True),
+                               jit_delay_s=args.jit_delay_ms / 1000,
+                               scaleset_only=args.scaleset_only))
     if args.json:
         print(json.dumps(result))
         return
     print(f"{'event → runner started':32}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
     rows = {f"webhook, {k.replace('_', ' ')}": r
-            for k, r in result["webhook_to_runner_ms"].items()}
+            for k, r in result.get("webhook_to_runner_ms", {}).items()}
     rows["scale set message, warm pool"] = result["scaleset_ms"]
     for name, r in rows.items():
         print(f"{name:32}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")

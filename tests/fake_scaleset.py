@@ -99,6 +99,14 @@ class FakeScaleSetService:
         self.rejected: list[str] = []
         """Requests answered 401, as ``"METHOD path"``."""
         self.faults: list[Fault] = []
+        self.hold_jit = False
+        """While set, each ``generatejitconfig`` waits for a ticket (`release_jit`) before it
+        is answered (or failed by an injected fault): GitHub taking its time to register."""
+        self.jit_waiting = 0
+        """``generatejitconfig`` requests held right now."""
+        self.jit_delay_s = 0.0
+        """Each ``generatejitconfig`` answer takes this long (GitHub's round trip)."""
+        self._jit_tickets = 0
         self._offered_at: dict[tuple[int, int], float] = {}
         self._ids = iter(range(1, 10**9))
         self._changed = asyncio.Condition()
@@ -151,6 +159,26 @@ class FakeScaleSetService:
         body = body if body is not None else {"message": f"injected {status}"}
         self.faults.append(Fault(method, path, status, {}, body, times))
 
+    def release_jit(self, n: int = 1) -> None:
+        """Let ``n`` held (or future) ``generatejitconfig`` requests through."""
+        self._jit_tickets += n
+        asyncio.get_running_loop().create_task(self._notify())
+
+    def stop_holding_jit(self) -> None:
+        """Answer every ``generatejitconfig`` at once again (held ones too)."""
+        self.hold_jit = False
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _jit_turn(self) -> None:
+        self.jit_waiting += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self.hold_jit or self._jit_tickets > 0)
+                if self.hold_jit:
+                    self._jit_tickets -= 1
+        finally:
+            self.jit_waiting -= 1
+
     def acquired_by(self) -> dict[int, int | None]:
         return {rid: job.scale_set for rid, job in self.jobs.items()}
 
@@ -180,6 +208,9 @@ class FakeScaleSetService:
         self.requests.append((request.method, path))
         if request.query.get("api-version") != API_VERSION:
             return self._violation(f"{request.method} {path}: api-version missing")
+        if request.method == "POST" and path.endswith("/generatejitconfig"):
+            await self._jit_turn()
+            await asyncio.sleep(self.jit_delay_s)
         for fault in self.faults:
             if fault.times > 0 and fault.method == request.method and re.fullmatch(
                 fault.path, path

@@ -276,3 +276,26 @@ async def test_the_vm_is_queued_before_the_runner_is_registered_and_a_failed_reg
         assert registrations(fake) == 1
         assert len(daemon.jobs) == 2
         assert len(daemon.cancelled) == 1
+
+
+async def test_a_vm_that_ends_while_its_runner_registers_leaves_no_registration(
+    fake: FakeGitHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM's restore fails before GitHub answers: the runner GitHub registered anyway
+    is removed at once (nothing will ever run it) and the profile backs off."""
+    source, daemon = make_source(fake, tmp_path)
+    async with source.open():
+        register = source.client.generate_jitconfig
+
+        async def slow_github(*args: Any, **kwargs: Any) -> Any:
+            (job,) = daemon.jobs.values()  # queued before GitHub was asked
+            daemon.end(job.id, JobState.SYSTEM_FAILURE)  # its restore failed meanwhile
+            return await register(*args, **kwargs)
+
+        monkeypatch.setattr(source.client, "generate_jitconfig", slow_github)
+        await source.start_runner(Scope.parse(REPO), "gh")
+        assert registrations(fake) == 1
+        assert fake.runners.get(REPO, {}) == {}  # removed again, not left for reconcile
+        assert source.runners == {}
+        assert source.health.failures_total["gh"] == 1
+        assert daemon.cancelled == []

@@ -25,7 +25,7 @@ from runner.forge.github.config import GitHubConfig
 from runner.forge.github.health import BackoffPolicy, ProfileHealth
 from runner.forge.github.scaleset_client import ActionsService, MessageSession, ScaleSetClient
 from runner.forge.github.scaleset_listener import ListenerConfig, ScaleSetListener
-from runner.forge.github.types import JitConfig, Scope
+from runner.forge.github.types import JitConfig, Register, Scope
 from tests.fake_github import FakeGitHub
 from tests.fake_scaleset import FakeScaleSetService
 
@@ -82,10 +82,13 @@ class Host:
     def capacity(self) -> int:
         return self.free
 
-    async def start_runner(self, jit: JitConfig) -> None:
+    async def start_runner(self, name: str, register: Register) -> JitConfig | None:
         assert self.free > 0, "asked to run beyond capacity"
+        jit = await register()
+        assert jit.name == name
         self.free -= 1
         self.started.append(jit)
+        return jit
 
     def runner_ended(self, name: str) -> None:
         self.free += 1

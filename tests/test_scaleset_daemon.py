@@ -22,8 +22,8 @@ import pytest
 from runner import compose
 from runner.config import Settings, load_settings
 from runner.forge.github import scaleset as proto
+from runner.forge.github.pending import JIT_ENV
 from runner.forge.github.scaleset_source import ScaleSetSource
-from runner.forge.github.source import JIT_ENV
 from runner.service.daemon import Daemon
 from runner.service.jobs import Job, JobState
 from tests.backends import toy
@@ -77,7 +77,8 @@ class Host:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Host]:
+async def serving(settings: Settings, service: FakeScaleSetService | None = None
+                  ) -> AsyncIterator[Host]:
     notifier = ReadyNotifier()
     daemon = compose.daemon(settings, notifier=notifier)
     source = daemon.sources["github-scaleset"]
@@ -104,6 +105,8 @@ async def serving(settings: Settings) -> AsyncIterator[Host]:
     finally:
         daemon.stop()
         hv.gate.set()
+        if service is not None:
+            service.stop_holding_jit()  # a test that failed may have left one held
         await asyncio.wait_for(serve, 30)
 
 
@@ -141,9 +144,9 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
             assert len(service.registered) == n
             unfinished = [j for j in host.daemon.jobs.values() if j.source == "github-scaleset"]
             assert [j.spec.name for j in unfinished] == [f"github runner {name}"]
-            # The JIT config reaches the VM as a secret, kept off the job's stored spec.
-            assert unfinished[0].secret_env[JIT_ENV].reveal() in service.jit_configs.values()
+            # The JIT config stays off the job's record (spec, stored secret names).
             assert JIT_ENV not in unfinished[0].spec.env
+            assert JIT_ENV not in unfinished[0].secret_env
             # Play GitHub: the runner takes the job, the job ends, then its VM ends.
             rid = service.take_job(name)
             await until(lambda: listener.intake.runners.get(name)  # noqa: B023
@@ -151,6 +154,12 @@ async def test_acquires_only_what_the_daemon_can_run_and_runs_each_in_a_vm(
             service.finish_job(rid)
             host.toy.gate.set()
             await until(count(host.ended, n), what=f"runner VM {n} to end")
+            # It reached the VM in memory, as the runner command's env (not its argv).
+            ran = runner_execs(host)[-1]
+            config = service.jit_configs[service.registered[name]]
+            assert ran.env[JIT_ENV] == config
+            assert config not in (ran.script or "")
+            assert config not in " ".join(ran.argv or ())
         assert sorted(acquired(service)) == sorted(jobs)
         won = [rid for _, _, got in service.acquire_calls for rid in got]
         assert sorted(won) == sorted(jobs)  # each acquired once
@@ -240,3 +249,150 @@ async def _stored(settings: Settings, job_id: str) -> Any:
         return job.state
     finally:
         await store.close()
+
+
+# -- the VM restores while GitHub registers its runner (issue 13: overlap) -------------
+
+JIT_PATH = r"_apis/runtime/runnerscalesets/\d+/generatejitconfig"
+
+
+def runner_jobs(host: Host) -> list[Job]:
+    """The runner VMs' daemon jobs that have not ended."""
+    return [j for j in host.daemon.jobs.values() if j.source == "github-scaleset"]
+
+
+def runner_execs(host: Host) -> list[Any]:
+    """Commands run in runner VMs (not the snapshot's warm-up)."""
+    return [c for c in host.toy.execs if JIT_ENV in c.env]
+
+
+def ended(host: Host, job: Job) -> bool:
+    return any(j.id == job.id for j in host.ended)
+
+
+async def held_registration(host: Host, service: FakeScaleSetService) -> tuple[Job, str]:
+    """Offer a job and wait until its runner's registration is held by the fake; returns
+    the runner VM's job and the VM, both made before GitHub answered."""
+    await until(lambda: service.sessions, what="a message session")
+    service.add_job(REPO, ["linux"])
+    await until(lambda: service.jit_waiting == 1, what="the JIT request")
+    (job,) = runner_jobs(host)
+    await until(lambda: host.toy.live, what="its VM restoring")
+    (vm_id,) = host.toy.live
+    assert service.registered == {}  # GitHub has not answered yet
+    return job, vm_id
+
+
+async def test_the_vm_restores_while_github_registers_its_runner(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    service.hold_jit = True
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings, service) as host:
+        job, _vm = await held_registration(host, service)
+        host.toy.gate.set()  # the restore ends first: the VM waits for its config
+        await until(lambda: host.toy.restores == 1, what="the VM restored")
+        await until(lambda: job.state is JobState.RUNNING, what="the job running")
+        await asyncio.sleep(0.3)
+        assert runner_execs(host) == []  # no runner without its config
+        service.release_jit()
+        await until(lambda: runner_execs(host), what="the runner started")
+        (name,) = service.registered
+        assert job.spec.name == f"github runner {name}"
+        assert runner_execs(host)[0].env[JIT_ENV] == service.jit_configs[service.registered[name]]
+
+
+async def test_a_refused_registration_cancels_the_vm_and_registers_nothing(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    service.hold_jit = True
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings, service) as host:
+        listener = host.source.listeners[0]
+        job, vm_id = await held_registration(host, service)
+        service.inject("POST", JIT_PATH, 409)  # the held request is refused
+        service.release_jit()
+        await until(lambda: ended(host, job), what="the VM's job to end")
+        assert job.state is JobState.CANCELLED
+        assert vm_id in host.toy.destroyed
+        assert vm_id not in host.toy.live
+        assert service.registered == {}
+        assert service.runners == {}
+        history = await host.daemon.history(job.id)
+        assert any("runner not registered" in (note or "") for _, _, note in history), history
+        # A refusal is no runner failure: the job is still ours and is tried again at once.
+        assert host.source.health.failures_total["default"] == 0
+        await until(lambda: service.jit_waiting == 1, what="a second try")
+        (retry,) = runner_jobs(host)
+        assert retry.id != job.id
+        service.release_jit()
+        await until(lambda: service.registered, what="the runner registered")
+        await asyncio.sleep(0.5)
+        assert len(service.registered) == 1  # nothing registered twice
+        assert list(listener.intake.runners) == list(service.registered)
+        assert len(acquired(service)) == 1
+
+
+async def test_a_vm_that_fails_to_restore_before_github_answers_leaves_no_runner(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    service.hold_jit = True
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings, service) as host:
+        listener = host.source.listeners[0]
+        job, _vm = await held_registration(host, service)
+        host.toy.fail_restore = 1
+        host.toy.gate.set()
+        await until(lambda: ended(host, job), what="the failed restore")
+        assert job.state is JobState.SYSTEM_FAILURE
+        service.release_jit()  # GitHub registers the runner after all
+        await until(lambda: service.registered, what="the late registration")
+        await until(lambda: not service.runners, 5, "the registration removed")
+        assert listener.intake.runners == {}
+        assert host.source.health.failures_total["default"] == 1
+        assert host.source.health.wait_s("default") > 0  # backing off, not retrying at once
+        await asyncio.sleep(0.5)
+        assert len(service.registered) == 1
+        assert runner_execs(host) == []
+
+
+async def test_a_vm_that_fails_to_restore_after_registration_leaves_no_runner(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings) as host:
+        await until(lambda: service.sessions, what="a message session")
+        service.add_job(REPO, ["linux"])
+        await until(lambda: service.runners, what="the runner registered")
+        (job,) = runner_jobs(host)
+        host.toy.fail_restore = 1
+        host.toy.gate.set()
+        await until(lambda: ended(host, job), what="the failed restore")
+        await until(lambda: not service.runners, 5, "the registration removed")
+        assert host.source.health.failures_total["default"] == 1
+        assert len(service.registered) == 1
+
+
+async def test_shutdown_while_github_registers_undoes_the_vm_and_the_runner(
+    tmp_path: Path, fake: Fake
+) -> None:
+    service = fake.service
+    service.hold_jit = True
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings, service) as host:
+        job, vm_id = await held_registration(host, service)
+        host.daemon.stop()
+        await asyncio.sleep(0.1)
+        service.release_jit()
+        await until(lambda: ended(host, job), 5, "the VM's job to end")
+        await until(lambda: not service.runners, 5, "the runner deregistered")
+        await until(lambda: not service.sessions, 5, "the session deleted")
+        assert job.state is JobState.CANCELLED
+        assert vm_id in host.toy.destroyed
+    assert len(service.registered) == 1
+    assert service.runners == {}
+    assert host.toy.live == {}

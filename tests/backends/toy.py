@@ -157,6 +157,7 @@ class ToyMachine(Machine):
             proc.stdin.close()
         session = ToySession(proc, command.timeout)
         self._sessions.append(session)
+        self._owner.execs.append(command)
         return session
 
     async def attach(self, devices: Devices) -> None:
@@ -201,6 +202,7 @@ class ToyHypervisor(Hypervisor):
         self.fail_restore = 0
         self.restores = 0
         self.destroyed: list[str] = []
+        self.execs: list[Command] = []  # every command run in one of its VMs, in order
         self.calls: list[float] = []  # monotonic time of each restore's start (bench.daemon)
         self.called = asyncio.Event()  # set at each restore's start
         self._next = 0

@@ -272,7 +272,8 @@ class RunnerState(StrEnum):
     """One of our JIT runners, from registration until its VM ends."""
 
     WAITING = "waiting"
-    """Registered, its VM queued or booting or listening: it has taken no job."""
+    """Being registered or registered, its VM queued, restoring or listening: it has
+    taken no job."""
     BUSY = "busy"
     """GitHub said it started a job."""
 
@@ -384,7 +385,7 @@ class Intake:
         return min(max(0, self.demand - self.waiting), max(0, free))
 
     def runner_started(self, name: str) -> None:
-        """A JIT runner was registered and its VM submitted."""
+        """A JIT runner is starting: its VM queued, its registration asked for."""
         self.runners[name] = RunnerState.WAITING
 
     def runner_ended(self, name: str) -> bool:

@@ -9,7 +9,8 @@ acquiring and starting at once and deletes its session (in bounded time).
 
 The host is reached through two callbacks, so the daemon adapter stays thin:
 ``capacity()`` (how many more jobs this host can take for the profile) and
-``start_runner(jit)`` (queue a VM that runs ``run.sh --jitconfig``). The
+``start_runner(name, register)`` (queue a VM for runner ``name``, then call
+``register()`` for its JIT config while the VM restores, see `pending`). The
 adapter calls ``runner_ended(name)`` when that VM ends.
 """
 
@@ -33,13 +34,14 @@ from runner.forge.github import scaleset as proto
 from runner.forge.github._http import RetryPolicy, Sleep
 from runner.forge.github.health import LIKELY_CAUSE, ProfileHealth
 from runner.forge.github.scaleset_client import MessageSession, ScaleSetClient
-from runner.forge.github.types import FORGE, JitConfig
+from runner.forge.github.types import FORGE, JitConfig, Register
 
 log = structlog.get_logger("snapfleet.github.scaleset")
 _RNG = random.Random()
 
 Capacity = Callable[[], int]
-StartRunner = Callable[[JitConfig], Awaitable[None]]
+StartRunner = Callable[[str, Register], Awaitable[JitConfig | None]]
+"""Queue runner ``name``'s VM, then register it; None if the VM ended first."""
 
 
 @dataclass(frozen=True)
@@ -262,17 +264,24 @@ class ScaleSetListener:
                 return
 
     async def _start_one(self) -> None:
+        """Start one runner: its VM restores while GitHub registers it."""
         assert self.scale_set is not None
+        scale_set_id = self.scale_set.id
         name = f"{self.config.runner_prefix}{secrets.token_hex(4)}"
-        jit = await self.client.generate_jitconfig(self.scale_set.id, name)
-        self.intake.runner_started(jit.name)
+
+        async def register() -> JitConfig:
+            return await self.client.generate_jitconfig(scale_set_id, name)
+
+        self.intake.runner_started(name)  # supply from now on: one runner per job
         try:
-            await self._start_runner(jit)
+            jit = await self._start_runner(name, register)
         except BaseException:
-            self.intake.runner_ended(jit.name)
-            with contextlib.suppress(SnapfleetError):
-                await self.client.remove_runner(jit.runner_id)
+            # Nothing registered and its VM cancelled: no news about the profile's health.
+            self.intake.runner_ended(name)
             raise
+        if jit is None:
+            self.runner_ended(name)  # its VM ended before GitHub answered: back off
+            return
         self.started_total += 1
         log.info("runner started", runner=jit.name, profile=self.config.profile,
                  scale_set=self.scale_set.name, forge=FORGE)

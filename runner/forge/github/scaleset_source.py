@@ -30,11 +30,11 @@ from runner.forge.github._http import RetryPolicy
 from runner.forge.github.api import GitHubClient
 from runner.forge.github.config import GitHubConfig
 from runner.forge.github.health import ProfileHealth
+from runner.forge.github.pending import RUNNER_SCRIPT, PendingRunner
 from runner.forge.github.reconcile import runner_prefix
 from runner.forge.github.scaleset_client import ActionsService, ScaleSetClient
 from runner.forge.github.scaleset_listener import ListenerConfig, ScaleSetListener
-from runner.forge.github.source import JIT_ENV, RUNNER_SCRIPT
-from runner.forge.github.types import FORGE, JitConfig, Scope
+from runner.forge.github.types import FORGE, JitConfig, Register, Scope
 from runner.service.jobs import Job, JobSpec
 
 if TYPE_CHECKING:
@@ -50,10 +50,12 @@ RESTART = RetryPolicy(base_delay_s=2.0, max_delay_s=120.0)
 _RNG = random.Random()
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Runner:
     listener: ScaleSetListener
-    jit: JitConfig
+    name: str
+    jit: JitConfig | None = None
+    """None while its registration is in flight (its start path owns it until then)."""
 
 
 class ScaleSetSource:
@@ -75,7 +77,7 @@ class ScaleSetSource:
         """The last failure of each listener that is waiting to start again, by scale set."""
         self._scopes: dict[int, Scope] = {}  # by id() of the listener
         self._runners: dict[str, _Runner] = {}  # by daemon job id
-        self._submitting = 0  # runners registered whose job is not queued yet
+        self._submitting = 0  # runners whose VM's job is being queued
         self._acquiring = asyncio.Lock()
         self._cleanups: set[asyncio.Task[None]] = set()
         port.subscribe(self._job_ended)
@@ -150,9 +152,9 @@ class ScaleSetSource:
             assert listener is not None
             return self._capacity(listener)
 
-        async def start_runner(jit: JitConfig) -> None:
+        async def start_runner(name: str, register: Register) -> JitConfig | None:
             assert listener is not None
-            await self._start_runner(listener, jit)
+            return await self._start_runner(listener, name, register)
 
         listener = ScaleSetListener(client, config, capacity=capacity, start_runner=start_runner,
                                     state_file=Path(state), health=self.health,
@@ -173,22 +175,40 @@ class ScaleSetSource:
         free = self.port.free_slots(listener.config.profile)
         return max(0, free - owed - self._submitting)
 
-    async def _start_runner(self, listener: ScaleSetListener, jit: JitConfig) -> None:
-        """Queue the VM that runs ``jit`` (the config reaches the guest as a secret env)."""
+    async def _start_runner(self, listener: ScaleSetListener, name: str, register: Register
+                            ) -> JitConfig | None:
+        """Queue runner ``name``'s VM, then ``register`` it while the VM restores.
+
+        The JIT config reaches the guest in memory only (see `pending`). None when the
+        VM ended first (its registration is removed again); if registering fails, the
+        VM is cancelled and the error raised.
+        """
         spec = JobSpec(script=RUNNER_SCRIPT, profile=listener.config.profile,
-                       name=f"github runner {jit.name}")
+                       name=f"github runner {name}")
         self._submitting += 1
         try:
-            job = await self.port.submit(spec, source=self.name,
-                                         secret_env={JIT_ENV: jit.encoded_jit_config})
+            vm = await PendingRunner.queue(self.port, spec, source=self.name)
         finally:
             self._submitting -= 1
-        self._runners[job.id] = _Runner(listener, jit)
+        runner = self._runners[vm.job_id] = _Runner(listener, name)
+
+        async def unregister(jit: JitConfig) -> None:
+            await listener.client.remove_runner(jit.runner_id)
+
+        try:
+            runner.jit = await vm.register(register, unregister=unregister)
+        finally:
+            if runner.jit is None:
+                self._runners.pop(vm.job_id, None)
+        return runner.jit
 
     def _job_ended(self, job: Job) -> None:
         """A runner VM ended (did it take a job?); any job ending may free room."""
-        if job.source == self.name and (runner := self._runners.pop(job.id, None)):
-            name = runner.jit.name
+        runner = self._runners.get(job.id) if job.source == self.name else None
+        # One still registering is its start path's to settle (see `pending`).
+        if runner is not None and runner.jit is not None:
+            del self._runners[job.id]
+            name = runner.name
             idle = runner.listener.intake.runners.get(name) is proto.RunnerState.WAITING
             runner.listener.runner_ended(name)
             if idle:
@@ -201,11 +221,12 @@ class ScaleSetSource:
             listener.wake()
 
     async def _deregister(self, runner: _Runner) -> None:
+        assert runner.jit is not None
         try:
             await runner.listener.client.remove_runner(runner.jit.runner_id)
         except SnapfleetError as exc:
             log.warning("could not remove the registration of a runner that took no job",
-                        runner=runner.jit.name, error=str(exc), forge=FORGE)
+                        runner=runner.name, error=str(exc), forge=FORGE)
 
     # -- running a listener -------------------------------------------------------------
 
@@ -243,8 +264,8 @@ class ScaleSetSource:
         Runners busy with a job are left to finish (GitHub removes them after it).
         """
         idle = [(job_id, r.jit) for job_id, r in self._runners.items()
-                if r.listener is listener and listener.intake.runners.get(r.jit.name)
-                is proto.RunnerState.WAITING]
+                if r.listener is listener and r.jit is not None
+                and listener.intake.runners.get(r.name) is proto.RunnerState.WAITING]
         if not idle:
             return
         try:

@@ -32,12 +32,12 @@ from runner.errors import (
     WebhookError,
     WebhookSignatureError,
 )
-from runner.execution import Command, Outcome, Work, execute
 from runner.forge.github import persist, reconcile
 from runner.forge.github.api import GitHubClient
 from runner.forge.github.config import GitHubConfig
 from runner.forge.github.health import LIKELY_CAUSE, ProfileHealth
-from runner.forge.github.types import Runner, Scope
+from runner.forge.github.pending import RUNNER_SCRIPT, PendingRunner
+from runner.forge.github.types import JitConfig, Runner, Scope
 from runner.forge.github.webhook import (
     DeliveryDedupe,
     Ping,
@@ -46,17 +46,13 @@ from runner.forge.github.webhook import (
     verify_signature,
 )
 from runner.listen import TCPListen, describe, parse_listen
-from runner.secret import Secret
 from runner.service.jobs import Job, JobSpec
 from runner.service.scheduler import choose_profile
 
 if TYPE_CHECKING:
     from runner.service.port import JobPort
-    from runner.vm.backend import Machine
 
 log = structlog.get_logger("snapfleet.github")
-RUNNER_SCRIPT = "exec /usr/local/bin/snapfleet-github-runner"
-JIT_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 FRESH_S = 30.0
 CLEANUP_S = 10.0
 """Time allowed for deleting our unused registrations at start and at shutdown."""
@@ -431,53 +427,44 @@ class GitHubSource:
         name = f"{self.prefix}{secrets.token_hex(4)}"
         runner = RunnerVM(name, scope, profile, time.time())
         self.runners[name] = runner  # before registering: never mistaken for an orphan
-        config: asyncio.Future[Secret] = asyncio.get_running_loop().create_future()
+        labels = self.daemon.settings.profile(profile).labels
         spec = JobSpec(script=RUNNER_SCRIPT, profile=profile, name=f"github runner {name}")
-        try:
-            job = await self.daemon.submit(spec, source="github",
-                                           work=self._runner_work(name, config))
-        except BaseException:
-            self.runners.pop(name, None)
-            raise
-        runner.job_id = job.id
-        try:
-            labels = self.daemon.settings.profile(profile).labels
-            jit = await self.client.generate_jitconfig(
+
+        async def register() -> JitConfig:
+            return await self.client.generate_jitconfig(
                 scope, name=name, labels=labels, runner_group_id=self.config.runner_group_id
             )
+
+        async def unregister(jit: JitConfig) -> None:
+            await self.client.delete_runner(scope, jit.runner_id)
+
+        try:
+            vm = await PendingRunner.queue(self.daemon, spec, source="github")
+            runner.job_id = vm.job_id
+            jit = await vm.register(register, unregister=unregister)
         except BaseException:
             self.runners.pop(name, None)  # its VM ending is no news about the runner
-            config.cancel()
-            await self.daemon.cancel(job.id)
             raise
+        if jit is None:
+            self.runners.pop(name, None)
+            if self._shut:  # shutdown ended its VM: no news about the profile
+                return
+            pause = self.health.failed(profile)
+            # Its job's record says why (a failed restore, most likely).
+            log.warning("runner VM ended before its runner was registered; registration "
+                        "removed, backing off the profile", runner=name, profile=profile,
+                        job_id=vm.job_id, pause_s=pause, forge="github")
+            return
         runner.runner_id = jit.runner_id
-        config.set_result(jit.encoded_jit_config)
-        log.info("runner started", runner=name, profile=profile, job_id=job.id, forge="github")
-
-    def _runner_work(self, name: str, config: asyncio.Future[Secret]) -> Work:
-        """The runner VM's work: wait for the JIT config (kept in memory only), run it."""
-
-        async def work(machine: Machine, remaining: float) -> Outcome:
-            started = time.monotonic()
-            jit = await config
-            runner = self.runners.get(name)
-            job_log = self.daemon.job_log(runner.job_id or "") if runner else None
-
-            def sink(_stream: str, data: bytes) -> None:
-                if job_log is not None:
-                    job_log.write(data)
-
-            left = max(1.0, remaining - (time.monotonic() - started))
-            command = Command(script=RUNNER_SCRIPT, env={JIT_ENV: jit.reveal()})
-            return await execute(machine, command, sink, left)
-
-        return work
+        log.info("runner started", runner=name, profile=profile, job_id=vm.job_id,
+                 forge="github")
 
     def _job_ended(self, job: Job) -> None:
         if job.source != "github":
             return
         for name, runner in list(self.runners.items()):
-            if runner.job_id == job.id:
+            # One still registering is its start path's to settle (see `pending`).
+            if runner.job_id == job.id and runner.runner_id is not None:
                 del self.runners[name]
                 log.info("runner VM ended", runner=name, job_id=job.id, state=str(job.state))
                 if runner.took_job:

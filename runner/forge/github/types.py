@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
@@ -52,6 +53,10 @@ class JitConfig:
     runner_id: int
     name: str
     encoded_jit_config: Secret
+
+
+Register = Callable[[], Awaitable[JitConfig]]
+"""Ask GitHub for a runner's JIT config (which registers the runner)."""
 
 
 @dataclass(frozen=True)
