@@ -20,8 +20,9 @@ from runner import cache_gc, compose
 from runner.cache_gc import Entry, Keep, Kind, plan
 from runner.config import load_settings
 from runner.images import archives, build_image
-from runner.images.cache import Holds
-from runner.snapshots import SNAPSHOTS_DIR, MachineSpec, SnapshotStore, Vmm
+from runner.images.cache import Holds, detach
+from runner.snapshots import SNAPSHOTS_DIR, SnapshotStore, Vmm
+from runner.vm.backend import MachineSpec
 from tests.test_images import FakeLayers, make_recipes
 
 DAY = 86400.0
@@ -315,8 +316,8 @@ def test_holds_see_an_entry_gc_took_away(tmp_path: Path) -> None:
     layer.mkdir()
     with Holds() as holds:
         assert holds.take(layer)
-        assert cache_gc.detach(layer) is None  # held: gc leaves it
-    aside = cache_gc.detach(layer)
+        assert detach(layer) is None  # held: gc leaves it
+    aside = detach(layer)
     assert aside is not None
     assert not layer.exists()
     with Holds() as holds:
