@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from runner import disk
 from runner.errors import SnapshotError, SnapshotMismatch
-from runner.images.cache import building, layer_path, remove_stale_temps
+from runner.images.cache import Holds, building, layer_path, remove_stale_temps
 from runner.vm.backend import MachineSpec
 
 MANIFEST_VERSION = 3
@@ -32,6 +32,7 @@ MANIFEST_VERSION = 3
 # syncs its disk last, so its clones start with nothing to write back.
 TEMPLATE_REVISION = 2
 LAYER = "snapshot"  # directories are snapshot-<key>, like the image cache's layers
+SNAPSHOTS_DIR = "snapshots"  # the store's root under the cache dir
 FILES = ("memory", "state", "disk.raw", "overlay.qcow2", "vmlinux", "initramfs")
 
 
@@ -158,9 +159,16 @@ class SnapshotStore:
         await asyncio.to_thread(remove_stale_temps, self.root)
         try:
             # Built in a temp dir, renamed into place when complete (a forced
-            # re-creation replaces the old one); removed on any failure.
-            async with building(self.root, LAYER, key) as tmp:
-                await self._build(tmp, final, key, template, image_digest, spec, rootfs, progress)
+            # re-creation replaces the old one); removed on any failure. The
+            # image's directories stay share-locked meanwhile, so `cache gc`
+            # does not take them away half-way through the copy.
+            with Holds() as holds:
+                for source in {spec.kernel.parent, spec.initramfs.parent, rootfs.parent}:
+                    holds.take(source)
+                async with building(self.root, LAYER, key) as tmp:
+                    await self._build(
+                        tmp, final, key, template, image_digest, spec, rootfs, progress
+                    )
         except (asyncio.CancelledError, SnapshotError):
             raise
         except Exception as exc:

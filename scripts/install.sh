@@ -34,6 +34,10 @@ install_systemd() {
     install -D -m 0644 systemd/snapfleet.service "$dest/etc/systemd/system/snapfleet.service"
     install -D -m 0644 systemd/snapfleet.tmpfiles "$dest/etc/tmpfiles.d/snapfleet.conf"
     install -D -m 0644 systemd/snapfleet.sysusers "$dest/etc/sysusers.d/snapfleet.conf"
+    install -D -m 0644 systemd/snapfleet-cache-gc.service \
+        "$dest/etc/systemd/system/snapfleet-cache-gc.service"
+    install -D -m 0644 systemd/snapfleet-cache-gc.timer \
+        "$dest/etc/systemd/system/snapfleet-cache-gc.timer"
     # The group first: the tmpfiles entries name it.
     systemd-sysusers --root="${dest:-/}" "$dest/etc/sysusers.d/snapfleet.conf"
     systemd-tmpfiles --root="${dest:-/}" --create "$dest/etc/tmpfiles.d/snapfleet.conf"

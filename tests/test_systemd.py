@@ -218,3 +218,27 @@ def test_install_systemd_into_a_destdir(tmp_path: Path) -> None:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     assert config.read_text() == "# edited\n"
+
+
+GC_SERVICE = ROOT / "systemd" / "snapfleet-cache-gc.service"
+GC_TIMER = ROOT / "systemd" / "snapfleet-cache-gc.timer"
+
+
+@needs
+def test_cache_gc_timer_and_service_verify(tmp_path: Path) -> None:
+    (tmp_path / GC_TIMER.name).write_text(GC_TIMER.read_text())
+    service = tmp_path / GC_SERVICE.name
+    service.write_text(GC_SERVICE.read_text().replace(INSTALLED_BINARY, str(console_script())))
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / GC_TIMER.name),
+                           str(service)], capture_output=True, text=True, timeout=60)
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "cache-gc" in line]
+    assert said == []
+
+
+def test_cache_gc_service_runs_gc() -> None:
+    [start] = [v for k, v in unit_entries(GC_SERVICE.read_text())["Service"] if k == "ExecStart"]
+    argv = start.split()
+    assert argv[0] == INSTALLED_BINARY
+    args = _parser().parse_args(argv[1:])
+    assert (args.command, args.action, args.dry_run) == ("cache", "gc", False)
+    assert args.config == Path("/etc/snapfleet/config.toml")

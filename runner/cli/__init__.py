@@ -37,6 +37,7 @@ COMMANDS = {
     "snapshot": ("engine_cmds", "snapshot"),
     "doctor": ("engine_cmds", "doctor"),
     "config": ("engine_cmds", "config"),
+    "cache": ("cache_cmds", "cache"),
     "serve": ("daemon_cmds", "serve"),
     "submit": ("client_cmds", "submit"),
     "jobs": ("client_cmds", "jobs"),
@@ -104,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     snap.add_parser("list", help="list stored snapshots")
     verify = snap.add_parser("verify", help="re-hash a profile's snapshot files")
     verify.add_argument("--profile")
+
+    cache = commands(sub.add_parser("cache", help="the image and snapshot cache"), "action")
+    gc = cache.add_parser(
+        "gc", help="remove images, layers and snapshots the config no longer uses"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
+    gc.add_argument("--keep-days", type=float, default=7.0, metavar="N",
+                    help="also keep whatever was used in the last N days (default 7)")
+    gc.add_argument("--cache-dir", type=Path, metavar="DIR",
+                    help="the cache to clean (default: paths.cache_dir)")
 
     sub.add_parser("serve", help="run the fleet daemon (systemd runs this)")
     submit = sub.add_parser("submit", help="queue a job with the daemon")

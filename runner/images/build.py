@@ -71,13 +71,33 @@ async def build_image(
     ``os.environ``) supplies ``env:NAME`` archive sources; archive URLs are
     downloaded into ``cache_dir``.
     """
+    # Every layer and download used is share-locked until the build ends, so
+    # `snapfleet cache gc` never takes one away from under it.
+    with cache.Holds() as holds:
+        return await _build(
+            name, cache_dir, recipes_dir, progress, force, verify, environ, holds
+        )
+
+
+async def _build(
+    name: str,
+    cache_dir: Path,
+    recipes_dir: Path | None,
+    progress: ProgressFn,
+    force: bool,
+    verify: bool,
+    environ: Mapping[str, str] | None,
+    holds: cache.Holds,
+) -> Image:
     loaded = load_recipe(name, recipes_dir)
     env = os.environ if environ is None else environ
     fetched = await archives.fetch(loaded, cache_dir, env, progress)
+    for archive in fetched:
+        holds.take(archive.path)
     inputs = await asyncio.to_thread(keys.gather_inputs, loaded, fetched)
     k = keys.layer_keys(inputs)
     final = cache.layer_path(cache_dir, "image", k.image)
-    if not force and (final / MANIFEST).is_file():
+    if not force and (final / MANIFEST).is_file() and holds.take(final):
         progress(f"image {name} is cached at {final}")
         return await asyncio.to_thread(load_image_dir, final, verify=verify)
 
@@ -88,6 +108,7 @@ async def build_image(
         "kernel",
         k.kernel,
         force,
+        holds,
         progress,
         lambda out: kernel.build_kernel_layer(loaded.recipe.kernel_package, out, progress),
     )
@@ -97,6 +118,7 @@ async def build_image(
         "rootfs-base",
         k.rootfs_base,
         force,
+        holds,
         progress,
         lambda out: _base(loaded, out, progress),
     )
@@ -106,6 +128,7 @@ async def build_image(
         "initramfs",
         k.initramfs,
         force,
+        holds,
         progress,
         lambda out: build_initramfs_layer(
             kdir, kinfo, inputs.init_script, r.modules, r.busybox, out, progress
@@ -144,16 +167,18 @@ async def _layer(
     layer: str,
     key: str,
     force: bool,
+    holds: cache.Holds,
     progress: ProgressFn,
     make: Callable[[Path], Awaitable[object]],
 ) -> Path:
-    """Return ``<layer>-<key>``, building it with ``make(tmpdir)`` if absent."""
+    """Return ``<layer>-<key>`` (held), building it with ``make(tmpdir)`` if absent."""
     path = cache.layer_path(cache_dir, layer, key)
-    if path.is_dir() and not force:
+    if path.is_dir() and not force and holds.take(path):
         progress(f"using cached {path.name}")
         return path
     async with cache.building(cache_dir, layer, key) as out:
         await make(out)
+    holds.take(path)
     return path
 
 
