@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +34,7 @@ from runner.forge.github._http import RetryPolicy, Sleep
 from runner.forge.github.health import LIKELY_CAUSE, ProfileHealth
 from runner.forge.github.scaleset_client import MessageSession, ScaleSetClient
 from runner.forge.github.types import FORGE, JitConfig, Register
+from runner.private_file import write_private
 
 log = structlog.get_logger("snapfleet.github.scaleset")
 _RNG = random.Random()
@@ -323,18 +323,7 @@ class ScaleSetListener:
             data.pop(str(self.scale_set.id), None)
         else:
             data[str(self.scale_set.id)] = session_id
-        _write_private(self._state_file, json.dumps(data))
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with a 0600 file (session ids are not secrets, but
-    nobody else has business with them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+        write_private(self._state_file, json.dumps(data))  # session ids: nobody else's business
 
 
 def listeners_status(listeners: Sequence[ScaleSetListener]) -> dict[str, Any]:
