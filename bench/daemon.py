@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._daemon import first_output_ms, percentiles, running_daemon
+from bench._stats import log, print_table
 from runner.api.client import ApiClient
 
 
@@ -116,8 +116,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args, log))
     if args.json:
@@ -127,10 +125,8 @@ def main() -> None:
     print(f"daemon overhead (queue → engine call): p50 {over['p50']} ms, p95 {over['p95']} ms, "
           f"n {over['n']}")
     lat = result["queue_to_first_output_ms"]
-    print(f"{'queue → first output':24}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for name in ("warm_pool", "no_pool"):
-        r = lat[name]
-        print(f"{name.replace('_', ' '):24}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("queue → first output",
+                [(name.replace("_", " "), lat[name]) for name in ("warm_pool", "no_pool")])
     print(f"throughput: {result['jobs_per_minute']} jobs/min at concurrency "
           f"{result['concurrency']}")
     rss = result["daemon_rss_mib"]

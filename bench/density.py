@@ -29,7 +29,6 @@ import errno
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench._stats import log
 from runner import compose
 from runner.agent.messages import Command
 from runner.config import Settings, load_settings
@@ -517,8 +517,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args, log))
     if args.json:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from bench._daemon import percentiles, running_daemon
+from bench._stats import log, print_table
 from runner.api.client import ApiClient
 from runner.images import build_image
 from tests.fake_github import FakeGitHub
@@ -222,18 +222,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(bench(args.runs, args.cache_dir,
-                               lambda m: print(m, file=sys.stderr, flush=True),
+                               log,
                                jit_delay_s=args.jit_delay_ms / 1000,
                                scaleset_only=args.scaleset_only))
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{'event → runner started':32}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
     rows = {f"webhook, {k.replace('_', ' ')}": r
             for k, r in result.get("webhook_to_runner_ms", {}).items()}
     rows["scale set message, warm pool"] = result["scaleset_ms"]
-    for name, r in rows.items():
-        print(f"{name:32}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("event → runner started", rows.items())
 
 
 if __name__ == "__main__":

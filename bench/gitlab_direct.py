@@ -28,12 +28,12 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._daemon import percentiles, running_daemon
+from bench._stats import log, print_table
 from bench.gitlab_prepare import pools_full, step
 from runner.api.local import DaemonClient
 from tests.fake_gitlab import FakeGitLab, make_job, variable
@@ -145,17 +145,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args.runs, args.cache_dir, log))
-    print(f"{'':40}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for label, key in (("direct: available → VM's first bytes", "direct_ms"),
-                       ("direct: available → first trace bytes", "direct_first_bytes_ms"),
-                       ("direct: available → job's echo", "direct_job_output_ms"),
-                       ("custom executor: config → run output", "custom_executor_ms")):
-        r = result[key]
-        print(f"{label:40}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("", [(label, result[key]) for label, key in (
+        ("direct: available → VM's first bytes", "direct_ms"),
+        ("direct: available → first trace bytes", "direct_first_bytes_ms"),
+        ("direct: available → job's echo", "direct_job_output_ms"),
+        ("custom executor: config → run output", "custom_executor_ms"))])
     if args.json:
         print(json.dumps(result))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._daemon import percentiles, running_daemon
+from bench._stats import log, print_table
 from runner.api.local import DaemonClient
 
 PROFILES = {"hot_pool": "hot", "warm_pool": "warm", "no_pool": "default"}
@@ -165,13 +166,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     # Start-up costs first, while no VM of this bench is running.
     costs = start_costs(args.start_runs)
     result = {**jobs(args.runs, args.cache_dir, log), **costs}
-    print(f"{'':34}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
     rows: list[tuple[str, dict[str, Any]]] = []
     for what in ("prepare_wall_ms", "restore_ms"):
         for variant in PROFILES:
@@ -183,8 +181,7 @@ def main() -> None:
     rows += [(f"{action}, no daemon: wall", result["start_ms"][action]) for action in STEPS]
     rows += [(f"{action}: imports (importtime)", result["imports_ms"][action])
              for action in STEPS]
-    for label, r in rows:
-        print(f"{label:34}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("", rows)
     if args.json:
         print(json.dumps(result))
 

@@ -24,13 +24,12 @@ import argparse
 import asyncio
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._stats import percentiles
+from bench._stats import log, percentiles, print_table
 from runner import compose
 from runner.config import load_settings
 from runner.engine import Engine
@@ -123,16 +122,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args.runs, args.cache_dir, log))
-    print(f"{'start → guest shows the device':34}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for key, label in (("restore_plug_ms", "restore + hot-plug"),
-                       ("coldboot_device_ms", "cold boot with the device"),
-                       ("visible_after_restore_ms", "  (clone answering → device)")):
-        r = result[key]
-        print(f"{label:34}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("start → guest shows the device", [(label, result[key]) for key, label in (
+        ("restore_plug_ms", "restore + hot-plug"),
+        ("coldboot_device_ms", "cold boot with the device"),
+        ("visible_after_restore_ms", "  (clone answering → device)"))])
     speedup = result["coldboot_device_ms"]["p50"] / max(result["restore_plug_ms"]["p50"], 1e-9)
     print(f"restore + hot-plug is {speedup:.1f}x faster than a cold boot with the device (p50)")
     if args.json:

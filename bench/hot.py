@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._daemon import first_output_ms, percentiles, running_daemon
+from bench._stats import log, print_table
 from runner.api.client import ApiClient
 
 PROFILES = """
@@ -84,16 +84,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args, log))
-    print(f"{'queued → first output':26}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for key, label in (("hot_ms", "hot pool"), ("warm_ms", "warm pool"), ("none_ms", "no pool"),
-                       ("hot_back_to_back_ms", "hot, back to back"),
-                       ("hot_refill_ms", "hot pool full again")):
-        r = result[key]
-        print(f"{label:26}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("queued → first output", [(label, result[key]) for key, label in (
+        ("hot_ms", "hot pool"), ("warm_ms", "warm pool"), ("none_ms", "no pool"),
+        ("hot_back_to_back_ms", "hot, back to back"), ("hot_refill_ms", "hot pool full again"))])
     if args.json:
         print(json.dumps(result))
 

@@ -18,14 +18,13 @@ import asyncio
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench._stats import first_output_ms, percentiles
+from bench._stats import first_output_ms, log, percentiles, print_table
 from runner import compose
 from runner.config import Profile, load_settings
 from runner.engine import Engine
@@ -123,18 +122,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args.runs, args.cache_dir, log))
     if args.json:
         print(json.dumps(result))
         return
     print(f"accel {result['accel']}, QEMU {result['qemu']}, {result['memory_mib']} MiB guest")
-    print(f"{'restore → first output':26}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for label, name in (("warm pool", "warm_ms"), ("cold (prepare now)", "cold_ms")):
-        r = result[name]
-        print(f"{label:26}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("restore → first output", [("warm pool", result["warm_ms"]),
+                                            ("cold (prepare now)", result["cold_ms"])])
     print(f"pool hits {result['warm_hits']}/{result['warm_ms']['n']}")
     print(f"the pool saves {result['saved_p50_ms']} ms at p50")
     for label, name in (("warm", "warm_phases_ms"), ("cold", "cold_phases_ms")):

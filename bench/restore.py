@@ -14,13 +14,12 @@ import asyncio
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._stats import first_output_ms, percentiles
+from bench._stats import first_output_ms, log, percentiles, print_table
 from runner import compose
 from runner.config import load_settings
 
@@ -95,18 +94,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = asyncio.run(bench(args.runs, args.clones, args.cache_dir, log))
     if args.json:
         print(json.dumps(result))
         return
     print(f"accel {result['accel']}, QEMU {result['qemu']}, {result['memory_mib']} MiB guest")
-    print(f"{'':22}{'p50 ms':>10}{'p95 ms':>10}{'n':>5}")
-    for name in ("cold_boot_ms", "restore_ms"):
-        r = result[name]
-        print(f"{name[:-3].replace('_', ' '):22}{r['p50']:>10}{r['p95']:>10}{r['n']:>5}")
+    print_table("", [(name[:-3].replace("_", " "), result[name])
+                     for name in ("cold_boot_ms", "restore_ms")])
     print(f"restore is {result['speedup_p50']}x faster (p50)")
     print(
         "restore phases (mean ms): "

@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench._stats import log
 from runner.api.client import ApiClient
 from runner.net import NetConfig
 from runner.net.config import instance_id
@@ -204,8 +205,6 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     result = asyncio.run(soak(args, log))
     print(f"jobs {result['jobs']}, lost {result['lost']}, leaked {result['leaked']}, "
