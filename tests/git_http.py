@@ -12,8 +12,11 @@ import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+
+from tests.fake_gitlab import make_job
 
 GIT = "/usr/bin/git"
 PROJECT = "group/project"
@@ -44,6 +47,17 @@ class GitServer:
         """GitLab keeps ``refs/pipelines/<id>`` for every pipeline; jobs' refspecs fetch it
         (``tests.fake_gitlab.make_job`` names pipeline 9000 + job id)."""
         git(self.root / f"{PROJECT}.git", "update-ref", f"refs/pipelines/{9000 + job_id}", sha)
+
+    def job(self, job_id: int, **kw: Any) -> dict[str, Any]:
+        """A job payload (``tests.fake_gitlab.make_job``) whose checkout this server serves:
+        its pipeline ref exists and its token is accepted; by default a depth-1 fetch of the
+        second commit."""
+        kw.setdefault("sha", self.shas[1])
+        kw.setdefault("depth", 1)
+        payload = make_job(job_id, server_url=self.url, **kw)
+        self.pipeline_ref(job_id, kw["sha"])
+        self.tokens.add(payload["token"])
+        return payload
 
 
 async def _cgi(server: GitServer, request: web.Request) -> web.StreamResponse:

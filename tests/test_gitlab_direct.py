@@ -23,7 +23,7 @@ import pytest
 
 from runner.api.client import ApiClient
 from tests.daemons import DaemonProcess
-from tests.fake_gitlab import FakeGitLab, FakeJob, make_job, variable
+from tests.fake_gitlab import FakeGitLab, FakeJob, variable
 from tests.git_http import GitServer, serve_repo
 
 pytestmark = pytest.mark.vm
@@ -80,15 +80,6 @@ labels = ["microvm"]
     return make
 
 
-def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
-    kw.setdefault("sha", server.shas[1])
-    kw.setdefault("depth", 1)
-    payload = make_job(job_id, server_url=server.url, **kw)
-    server.pipeline_ref(job_id, kw["sha"])
-    server.tokens.add(payload["token"])
-    return payload
-
-
 async def until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     started = time.monotonic()
     while not predicate():
@@ -121,9 +112,8 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     d = gl_daemon()
     d.start()
     d.wait_for("READY=1")
-    passing = await fake.enqueue(_job(
-        git_server, 501,
-        variables=[variable("DEPLOY_KEY", MASKED, masked=True)],
+    passing = await fake.enqueue(git_server.job(
+        501, variables=[variable("DEPLOY_KEY", MASKED, masked=True)],
         script=["sh build.sh", "cat README.md", 'echo "key=$DEPLOY_KEY"',
                 'printf "%s" "$DEPLOY_KEY" | cut -c1-8'],
         artifacts=[{"name": "build", "untracked": False, "paths": ["out/"], "exclude": [],
@@ -148,7 +138,7 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     for recorded in fake.requests:
         assert MASKED.encode() not in recorded.body, recorded.path
 
-    failing = await fake.enqueue(_job(git_server, 502, script=["echo before", "exit 3"]))
+    failing = await fake.enqueue(git_server.job(502, script=["echo before", "exit 3"]))
     await until(lambda: failing.status == "failed", 300, "the failing job")
     update = final_update(failing)
     assert update["failure_reason"] == "script_failure"
@@ -157,12 +147,12 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
 
     steps = [{"name": "script", "script": ["echo tick; sleep 60"], "timeout": 2,
               "when": "on_success", "allow_failure": False}]
-    late = await fake.enqueue(_job(git_server, 504, steps=steps))
+    late = await fake.enqueue(git_server.job(504, steps=steps))
     await until(lambda: late.status == "failed", 120, "the step timeout")
     assert final_update(late)["failure_reason"] == "job_execution_timeout"
     assert "exceeded its timeout of 2 s" in late.trace.decode(errors="replace")
 
-    slow = await fake.enqueue(_job(git_server, 503, script=["echo started-slow; sleep 120"],
+    slow = await fake.enqueue(git_server.job(503, script=["echo started-slow; sleep 120"],
                                    after_script=["echo after-ran"]))
     await until(lambda: b"started-slow\n" in slow.trace, 300, "the slow job to start")
     fake.cancel(slow.id)
@@ -192,7 +182,7 @@ async def test_daemon_killed_mid_job_reports_it_failed_after_restart(
     d = gl_daemon()
     d.start()
     d.wait_for("READY=1")
-    job = await fake.enqueue(_job(git_server, 601, script=["echo started-long; sleep 300"]))
+    job = await fake.enqueue(git_server.job(601, script=["echo started-long; sleep 300"]))
     await until(lambda: b"started-long\n" in job.trace, 300, "the job to start")
     journal = d.state / "gitlab" / "runner-77"
     assert (journal / "601.json").stat().st_mode & 0o077 == 0
@@ -229,17 +219,17 @@ async def test_a_cache_passes_between_jobs_of_one_project_and_no_other(
     d.wait_for("READY=1")
     cache = [{"key": "deps-main", "untracked": False, "policy": "pull-push",
               "paths": ["vendor/"], "when": "on_success", "fallback_keys": []}]
-    writer = await fake.enqueue(_job(
-        git_server, 701, cache=cache,
+    writer = await fake.enqueue(git_server.job(
+        701, cache=cache,
         script=["test ! -e vendor/lib.txt", "mkdir -p vendor && echo from-701 > vendor/lib.txt"]))
     await until(lambda: writer.status in ("success", "failed"), 300,
                 "the job that fills the cache")
     assert writer.status == "success", writer.trace.decode(errors="replace")
     assert "Kept the cache deps-main on this host" in writer.trace.decode(errors="replace")
 
-    reader = await fake.enqueue(_job(git_server, 702, cache=cache,
+    reader = await fake.enqueue(git_server.job(702, cache=cache,
                                      script=["cat vendor/lib.txt"]))
-    other = await fake.enqueue(_job(git_server, 703, cache=cache, project_id=99,
+    other = await fake.enqueue(git_server.job(703, cache=cache, project_id=99,
                                     script=["test ! -e vendor/lib.txt && echo clean"]))
     ended = ("success", "failed")
     await until(lambda: reader.status in ended and other.status in ended, 300,

@@ -127,13 +127,11 @@ async def run_job(
                time.monotonic() - started, layout, seen)
 
 
-def _job(server: GitServer, job_id: int, **kw: Any) -> dict[str, Any]:
-    kw.setdefault("sha", server.shas[1])
-    kw.setdefault("depth", 1)
-    payload = make_job(job_id, server_url=server.url, **kw)
-    server.pipeline_ref(job_id, kw["sha"])
-    server.tokens.add(payload["token"])
-    return payload
+def _another_vm(tmp_path: Path, name: str) -> tuple[Path, GuestLayout]:
+    """A second job's fresh directories, as a new VM would have them."""
+    root = tmp_path / name
+    root.mkdir()
+    return root, GuestLayout(str(root / "builds"), str(root / "work"))
 
 
 def _zip_names(path: str) -> list[str]:
@@ -147,9 +145,8 @@ def _zip_names(path: str) -> list[str]:
 async def test_passing_job_checks_out_runs_steps_and_zips_artifacts(
     git_server: GitServer, tmp_path: Path
 ) -> None:
-    payload = _job(
-        git_server, 101,
-        variables=[variable("DEPLOY_KEY", "k3y-v4lue-secret", masked=True),
+    payload = git_server.job(
+        101, variables=[variable("DEPLOY_KEY", "k3y-v4lue-secret", masked=True),
                    variable("CONF", "line1\nline2 $HOME\n", file=True, raw=True),
                    variable("GREETING", "hello $CI_PROJECT_NAME", raw=False),
                    variable("RAW", "keep $CI_PROJECT_NAME", raw=True)],
@@ -196,9 +193,8 @@ async def test_passing_job_checks_out_runs_steps_and_zips_artifacts(
 async def test_failing_step_stops_the_script_and_after_script_sees_failed(
     git_server: GitServer, tmp_path: Path
 ) -> None:
-    payload = _job(
-        git_server, 102,
-        script=["echo one", "echo oops > failure.log; exit 3", "echo never"],
+    payload = git_server.job(
+        102, script=["echo one", "echo oops > failure.log; exit 3", "echo never"],
         after_script=['echo "after: status=$CI_JOB_STATUS"', "exit 9"],
         artifacts=[{"name": "a", "untracked": False, "paths": ["README.md"], "exclude": [],
                     "when": "on_success", "artifact_type": "archive",
@@ -229,7 +225,7 @@ async def test_step_timeout_kills_the_step_group_and_after_script_still_runs(
         {"name": "after_script", "script": ['echo "after: $CI_JOB_STATUS"'], "timeout": 5,
          "when": "always", "allow_failure": True},
     ]
-    run = await run_job(tmp_path, _job(git_server, 103, steps=steps))
+    run = await run_job(tmp_path, git_server.job(103, steps=steps))
     assert run.result is not None
     assert run.result.timed_out
     assert run.result.step == "script"
@@ -244,7 +240,7 @@ async def test_sigterm_cancels_the_running_step_promptly(
     git_server: GitServer, tmp_path: Path
 ) -> None:
     marker = tmp_path / "survived"
-    payload = _job(git_server, 104, script=[f"echo started; sleep 30; touch {marker}"],
+    payload = git_server.job(104, script=[f"echo started; sleep 30; touch {marker}"],
                    after_script=["echo after-ran"])
     started = time.monotonic()
     run = await run_job(tmp_path, payload, cancel_after="started")
@@ -261,7 +257,7 @@ async def test_sigterm_cancels_the_running_step_promptly(
 async def test_wrong_token_fails_get_sources_and_runs_no_step(
     git_server: GitServer, tmp_path: Path
 ) -> None:
-    payload = _job(git_server, 105, script=["echo should-not-run"],
+    payload = git_server.job(105, script=["echo should-not-run"],
                    after_script=["echo after-ran"])
     git_server.tokens.discard(payload["token"])
     run = await run_job(tmp_path, payload)  # token not known to the git server
@@ -276,12 +272,12 @@ async def test_wrong_token_fails_get_sources_and_runs_no_step(
 async def test_fetch_strategy_reuses_the_checkout_and_moves_to_the_new_sha(
     git_server: GitServer, tmp_path: Path
 ) -> None:
-    first = _job(git_server, 106, sha=git_server.shas[0], depth=0,
+    first = git_server.job(106, sha=git_server.shas[0], depth=0,
                  script=["cat README.md", "echo scratch > scratch.txt"])
     run1 = await run_job(tmp_path, first)
     assert "first\n" in run1.text
     assert "Created fresh repository." in run1.text
-    second = _job(git_server, 107, script=["cat README.md", "test ! -e scratch.txt"])
+    second = git_server.job(107, script=["cat README.md", "test ! -e scratch.txt"])
     run2 = await run_job(tmp_path, second)
     assert run2.result is not None
     assert run2.result.status == "success", run2.text
@@ -298,8 +294,8 @@ async def test_dependencies_arrive_in_parts_and_are_extracted(
         z.writestr("dist/blob.bin", big)
         z.writestr("dist/version.txt", "1.2.3\n")
     (tmp_path / "blob").write_bytes(big)
-    payload = _job(git_server, 108,
-                   script=["cat dist/version.txt", f"cmp dist/blob.bin {tmp_path / 'blob'}"],
+    payload = git_server.job(
+                   108, script=["cat dist/version.txt", f"cmp dist/blob.bin {tmp_path / 'blob'}"],
                    dependencies=[{"id": 90, "name": "compile", "token": "dep-token",
                                   "artifacts_file": {"filename": "artifacts.zip", "size": 1}}])
     layout = GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
@@ -326,7 +322,7 @@ async def test_caches_are_restored_before_the_steps_and_saved_after(
     git_server: GitServer, tmp_path: Path
 ) -> None:
     layout = GuestLayout(str(tmp_path / "builds"), str(tmp_path / "work"))
-    writes = _job(git_server, 109, script=["mkdir -p vendor && echo v1 > vendor/lib.txt"],
+    writes = git_server.job(109, script=["mkdir -p vendor && echo v1 > vendor/lib.txt"],
                   cache=[_cache("deps-main", "pull-push", ["vendor/"]),
                          _cache("read-only", "pull", ["vendor/"])])
     first = await run_job(tmp_path, writes, layout=layout)
@@ -338,11 +334,9 @@ async def test_caches_are_restored_before_the_steps_and_saved_after(
     assert "1 files found to cache" in first.text
 
     kept = Path(layout.cache_path(0)).read_bytes()
-    reads = _job(git_server, 110, script=["cat vendor/lib.txt"],
+    reads = git_server.job(110, script=["cat vendor/lib.txt"],
                  cache=[_cache("deps-main", "pull", ["vendor/"])])
-    again = tmp_path / "again"
-    again.mkdir()
-    layout2 = GuestLayout(str(again / "builds"), str(again / "work"))
+    again, layout2 = _another_vm(tmp_path, "again")
     second = await run_job(again, reads, layout=layout2,
                            put=guest_parts(layout2.cache_in_dir(), [(0, kept)]))
     assert second.result is not None
@@ -351,11 +345,9 @@ async def test_caches_are_restored_before_the_steps_and_saved_after(
     assert "\nv1\n" in second.text
     assert second.result.caches == ()
 
-    pushes_only = _job(git_server, 111, script=["test ! -e vendor/lib.txt"],
+    pushes_only = git_server.job(111, script=["test ! -e vendor/lib.txt"],
                        cache=[_cache("deps-main", "push", ["vendor/"])])
-    third_dir = tmp_path / "third"
-    third_dir.mkdir()
-    layout3 = GuestLayout(str(third_dir / "builds"), str(third_dir / "work"))
+    third_dir, layout3 = _another_vm(tmp_path, "third")
     third = await run_job(third_dir, pushes_only, layout=layout3,
                           put=guest_parts(layout3.cache_in_dir(), [(0, kept)]))
     assert third.result is not None

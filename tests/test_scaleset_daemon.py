@@ -270,27 +270,29 @@ def ended(host: Host, job: Job) -> bool:
     return any(j.id == job.id for j in host.ended)
 
 
-async def held_registration(host: Host, service: FakeScaleSetService) -> tuple[Job, str]:
-    """Offer a job and wait until its runner's registration is held by the fake; returns
-    the runner VM's job and the VM, both made before GitHub answered."""
-    await until(lambda: service.sessions, what="a message session")
-    service.add_job(REPO, ["linux"])
-    await until(lambda: service.jit_waiting == 1, what="the JIT request")
-    (job,) = runner_jobs(host)
-    await until(lambda: host.toy.live, what="its VM restoring")
-    (vm_id,) = host.toy.live
-    assert service.registered == {}  # GitHub has not answered yet
-    return job, vm_id
+@contextlib.asynccontextmanager
+async def registration_held(tmp_path: Path, fake: Fake) -> AsyncIterator[tuple[Host, Job, str]]:
+    """A daemon (one runner slot) offered a job whose runner's registration the fake holds;
+    yields the host, the runner VM's job and the VM, both made before GitHub answered."""
+    service = fake.service
+    service.hold_jit = True
+    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
+    async with serving(settings, service) as host:
+        await until(lambda: service.sessions, what="a message session")
+        service.add_job(REPO, ["linux"])
+        await until(lambda: service.jit_waiting == 1, what="the JIT request")
+        (job,) = runner_jobs(host)
+        await until(lambda: host.toy.live, what="its VM restoring")
+        (vm_id,) = host.toy.live
+        assert service.registered == {}  # GitHub has not answered yet
+        yield host, job, vm_id
 
 
 async def test_the_vm_restores_while_github_registers_its_runner(
     tmp_path: Path, fake: Fake
 ) -> None:
     service = fake.service
-    service.hold_jit = True
-    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
-    async with serving(settings, service) as host:
-        job, _vm = await held_registration(host, service)
+    async with registration_held(tmp_path, fake) as (host, job, _vm):
         host.toy.gate.set()  # the restore ends first: the VM waits for its config
         await until(lambda: host.toy.restores == 1, what="the VM restored")
         await until(lambda: job.state is JobState.RUNNING, what="the job running")
@@ -307,11 +309,8 @@ async def test_a_refused_registration_cancels_the_vm_and_registers_nothing(
     tmp_path: Path, fake: Fake
 ) -> None:
     service = fake.service
-    service.hold_jit = True
-    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
-    async with serving(settings, service) as host:
+    async with registration_held(tmp_path, fake) as (host, job, vm_id):
         listener = host.source.listeners[0]
-        job, vm_id = await held_registration(host, service)
         service.inject("POST", JIT_PATH, 409)  # the held request is refused
         service.release_jit()
         await until(lambda: ended(host, job), what="the VM's job to end")
@@ -339,11 +338,8 @@ async def test_a_vm_that_fails_to_restore_before_github_answers_leaves_no_runner
     tmp_path: Path, fake: Fake
 ) -> None:
     service = fake.service
-    service.hold_jit = True
-    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
-    async with serving(settings, service) as host:
+    async with registration_held(tmp_path, fake) as (host, job, _vm):
         listener = host.source.listeners[0]
-        job, _vm = await held_registration(host, service)
         host.toy.fail_restore = 1
         host.toy.gate.set()
         await until(lambda: ended(host, job), what="the failed restore")
@@ -381,10 +377,7 @@ async def test_shutdown_while_github_registers_undoes_the_vm_and_the_runner(
     tmp_path: Path, fake: Fake
 ) -> None:
     service = fake.service
-    service.hold_jit = True
-    settings = scaleset_settings(tmp_path, fake, host="h1", concurrency=1)
-    async with serving(settings, service) as host:
-        job, vm_id = await held_registration(host, service)
+    async with registration_held(tmp_path, fake) as (host, job, vm_id):
         host.daemon.stop()
         await asyncio.sleep(0.1)
         service.release_jit()
