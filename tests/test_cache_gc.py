@@ -213,7 +213,7 @@ async def test_gc_removes_only_what_is_superseded_and_old(
     dead_temp = site.cache / ".tmp-image-0123456789abcdef-999999999-abc"
     dead_temp.mkdir()
     (dead_temp / "rootfs.ext4").write_bytes(b"half a disk")
-    unknown = [site.cache / "gitlab-caches/project/cache.zip", site.cache / "notes.txt",
+    unknown = [site.cache / "mirror/debian/pool.tar", site.cache / "notes.txt",
                site.cache / "image-not-a-key/x", site.cache / "snapshots/mine/x",
                site.cache / "downloads/.partial.part"]
     for path in unknown:
