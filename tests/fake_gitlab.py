@@ -118,6 +118,14 @@ class FakeJob:
     updates: list[Json] = field(default_factory=list)
     artifacts: list[tuple[dict[str, str], str, bytes]] = field(default_factory=list)
     stored_artifact: bytes | None = None
+    told_canceling_at: float | None = None
+    """When the runner was first answered ``Job-Status: canceling`` (monotonic)."""
+    ended_at: float | None = None
+    """When the final update was accepted (monotonic)."""
+
+    def told(self) -> None:
+        if self.status == "canceling" and self.told_canceling_at is None:
+            self.told_canceling_at = time.monotonic()
 
     @property
     def id(self) -> int:
@@ -423,6 +431,7 @@ class FakeGitLab:
             return self._violation(f"trace: Content-Range {start}-{end} for {len(data)} bytes")
         state = {"Job-Status": job.status, "X-GitLab-Trace-Update-Interval":
                  str(self.update_interval)}
+        job.told()
         if job.status not in ("running", "canceling"):
             return web.Response(status=403, headers=state)
         if start != len(job.trace):
@@ -452,6 +461,7 @@ class FakeGitLab:
         if job.status in ("success", "failed", "canceled"):
             return web.Response(status=403, headers=state)
         job.updates.append(raw)
+        job.told()
         if body.state == "running":
             return web.Response(status=200, text="200", headers=state)
         expected = f"crc32:{zlib.crc32(bytes(job.trace)):08x}"
@@ -462,6 +472,7 @@ class FakeGitLab:
             self._pending_accepts[job.id] = left - 1
             return web.Response(status=202, text="202", headers=state)
         job.status = "canceled" if job.status == "canceling" else body.state
+        job.ended_at = time.monotonic()
         return web.Response(status=200, text="200", headers={**state, "Job-Status": job.status})
 
     async def _upload(self, request: web.Request) -> web.Response:
