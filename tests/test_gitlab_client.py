@@ -17,16 +17,10 @@ import pytest
 from runner.errors import ForgeAuthError, JobPayloadError
 from runner.forge.gitlab.client import FEATURES, GitLabClient
 from runner.forge.gitlab.payload import JobPayload, When
-from runner.forge.gitlab.session import (
-    Backoff,
-    JobOutcome,
-    JobPoller,
-    TraceStream,
-    download_dependencies,
-    supported_failure_reason,
-    upload_artifact,
-)
+from runner.forge.gitlab.poller import JobPoller
+from runner.forge.gitlab.session import Backoff, JobOutcome, TraceStream, supported_failure_reason
 from runner.forge.gitlab.trace import Masker, TraceBuffer, section_end, section_start
+from runner.forge.gitlab.transfer import download_dependencies, upload_artifact
 from runner.secret import Secret
 from tests.fake_gitlab import FakeGitLab, make_job, variable
 

@@ -26,15 +26,13 @@ import pytest
 
 from runner.forge.gitlab import _collect
 from runner.forge.gitlab.payload import JobPayload
+from runner.forge.gitlab.result import ResultReader, ScriptResult, outcome
 from runner.forge.gitlab.script import (
     CHUNK,
     GuestLayout,
-    ResultReader,
-    ScriptResult,
     build_script,
     expand,
     guest_parts,
-    outcome,
     unsupported_reason,
 )
 from runner.forge.gitlab.session import JobOutcome

@@ -1,12 +1,12 @@
 """GitLab's runner API over aiohttp: one method per endpoint, failures translated.
 
 Each method sends one request and says what GitLab answered; the loops that
-retry, pace and back off live in `runner.forge.gitlab.session`. Every aiohttp
-exception and unhappy status becomes a ``runner.errors`` forge error here:
-``ForgeUnavailable`` (network, 429, 5xx: try again later, ``retry_after``
-when GitLab said), ``ForgeAuthError`` (401/403: the token is wrong or the job
-is gone), ``ForgeError`` (anything else). Messages name the method and path,
-never a token or a body we sent.
+retry, pace and back off live in `runner.forge.gitlab.poller`, `.session` and
+`.transfer`. Every aiohttp exception and unhappy status becomes a
+``runner.errors`` forge error here: ``ForgeUnavailable`` (network, 429, 5xx:
+try again later, ``retry_after`` when GitLab said), ``ForgeAuthError``
+(401/403: the token is wrong or the job is gone), ``ForgeError`` (anything
+else). Messages name the method and path, never a token or a body we sent.
 
 Endpoints (as gitlab-runner's ``network/gitlab.go`` uses them):
 ``POST /runners/verify``, ``POST /jobs/request`` (201 job, 204 none, long

@@ -1,16 +1,16 @@
-"""The loops around the runner API: polling for jobs, streaming one job's trace, finishing it.
+"""One job's conversation with GitLab: its trace streamed, its end reported.
 
-`JobPoller.next_job` long-polls ``/jobs/request`` until a job comes: it keeps
-GitLab's ``last_update`` cursor, backs off with jitter on failures (honouring
-``Retry-After``), and never asks faster than ``check_interval_s`` when GitLab
-answers "no job" at once. `TraceStream` owns one job's trace: the runner
+`TraceStream` owns one job's trace: the runner
 writes output into it, a background task sends it in patches every
 ``X-GitLab-Trace-Update-Interval``, resyncing on 416, and sets
 `TraceStream.cancel_requested` / `TraceStream.aborted` when GitLab says the
 job is being cancelled or is gone. `TraceStream.finish` sends the rest of the
 trace and the final ``PUT /jobs/:id``, retrying until GitLab accepts it.
 
-Clock, sleep and RNG are injectable, for tests that count requests.
+`JobOutcome` is how a job ended, in GitLab's terms; `Backoff` is the retry
+pacing every loop around the runner API shares (`runner.forge.gitlab.poller`,
+`runner.forge.gitlab.transfer`). Clock, sleep and RNG are injectable, for
+tests that count requests.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Self
 
 import structlog
 
-from runner.errors import ForgeAuthError, ForgeError, ForgeUnavailable, JobPayloadError
+from runner.errors import ForgeError, ForgeUnavailable
 from runner.forge.gitlab.client import GitLabClient, JobUpdate, RemoteState
-from runner.forge.gitlab.payload import Artifact, Dependency, JobPayload
+from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.trace import (
     DEFAULT_LIMIT,
     Masker,
@@ -99,84 +98,6 @@ def supported_failure_reason(reason: str, accepted: Iterable[str]) -> str:
     if compatible in known:
         return compatible
     return "unknown_failure"
-
-
-class JobPoller:
-    """Asks GitLab for jobs with one runner token until one comes."""
-
-    def __init__(
-        self,
-        client: GitLabClient,
-        token: Secret,
-        *,
-        system_id: str,
-        check_interval_s: float = 3.0,
-        backoff: Backoff | None = None,
-        sleep: Sleep = asyncio.sleep,
-        clock: Clock = time.monotonic,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._client = client
-        self._token = token
-        self._system_id = system_id
-        self._check_interval = check_interval_s
-        self._backoff = backoff or Backoff()
-        self._sleep = sleep
-        self._clock = clock
-        self._rng = rng or random.Random()
-        self.last_update: str | None = None
-        self.requests = 0
-        """Requests sent so far (for metrics and tests)."""
-
-    async def next_job(self) -> JobPayload:
-        """The next job for this runner. Call it only with capacity free for a job.
-
-        Retries network failures, 429 and 5xx forever with backoff (the daemon
-        stops it by cancelling). A malformed job is reported failed
-        (``runner_system_failure``) and skipped. Raises ``ForgeAuthError`` when
-        GitLab rejects the runner token: the operator must re-register.
-        """
-        failures = 0
-        while True:
-            started = self._clock()
-            self.requests += 1
-            try:
-                answer = await self._client.request_job(
-                    self._token, system_id=self._system_id, last_update=self.last_update
-                )
-            except JobPayloadError as exc:
-                await self._reject(exc)
-                continue
-            except ForgeAuthError:
-                raise
-            except ForgeError as exc:
-                failures += 1
-                delay = self._backoff.delay(failures, self._rng)
-                if isinstance(exc, ForgeUnavailable) and exc.retry_after:
-                    delay = max(delay, exc.retry_after)
-                log.warning("gitlab job request failed; backing off", error=str(exc),
-                            delay_s=round(delay, 2))
-                await self._sleep(delay)
-                continue
-            failures = 0
-            self.last_update = answer.last_update
-            if answer.job is not None:
-                return answer.job
-            # A "no job" that came back at once (no long polling in front of
-            # GitLab) must not turn into a busy loop.
-            rest = self._check_interval - (self._clock() - started)
-            if rest > 0:
-                await self._sleep(rest)
-
-    async def _reject(self, exc: JobPayloadError) -> None:
-        log.error("gitlab sent a job we cannot read", error=str(exc), job_id=exc.job_id)
-        if exc.job_id is None or not isinstance(exc.job_token, Secret):
-            return
-        stream = TraceStream(self._client, exc.job_id, exc.job_token, sleep=self._sleep,
-                             clock=self._clock, rng=self._rng, max_finish_s=60.0)
-        stream.write(f"\x1b[31;1mERROR: snapfleet cannot run this job: {exc}\x1b[0;m\n".encode())
-        with contextlib.suppress(ForgeError):
-            await stream.finish(JobOutcome.failed("runner_system_failure"))
 
 
 class TraceStream:
@@ -414,68 +335,3 @@ class TraceStream:
                     forge="gitlab",
                 )
             await self._sleep(delay)
-
-
-async def upload_artifact(
-    client: GitLabClient,
-    job: JobPayload,
-    trace: TraceStream,
-    artifact: Artifact,
-    data: bytes,
-    *,
-    attempts: int = 3,
-    backoff: Backoff | None = None,
-    sleep: Sleep = asyncio.sleep,
-    rng: random.Random | None = None,
-) -> bool:
-    """Upload one artifacts archive as gitlab-runner does, saying so in the trace.
-
-    Retries network failures, 429 and 5xx ``attempts`` times; returns whether
-    GitLab took it. A refusal (too large, forbidden) is a note in the trace.
-    """
-    backoff = backoff or Backoff()
-    rng = rng or random.Random()
-    kind = artifact.artifact_type or "archive"
-    filename = f"{artifact.name or 'artifacts'}.zip"
-    for attempt in range(1, attempts + 1):
-        try:
-            await client.upload_artifact(
-                job.id, job.token, data, filename=filename, artifact_type=kind,
-                artifact_format=artifact.artifact_format or "zip", expire_in=artifact.expire_in,
-            )
-        except ForgeUnavailable as exc:
-            trace.write(f"WARNING: Uploading artifacts as \"{kind}\" failed: {exc}\n".encode())
-            if attempt < attempts:
-                await sleep(backoff.delay(attempt, rng))
-            continue
-        except ForgeError as exc:
-            trace.write(f"ERROR: Uploading artifacts as \"{kind}\" refused: {exc}\n".encode())
-            return False
-        trace.write(
-            f"Uploading artifacts as \"{kind}\" to coordinator... 201 Created"
-            f"  id={job.id} bytes={len(data)}\n".encode()
-        )
-        return True
-    return False
-
-
-async def download_dependencies(
-    client: GitLabClient, job: JobPayload, trace: TraceStream, dest: Path
-) -> list[tuple[Dependency, Path]]:
-    """Download every dependency that has artifacts into ``dest``, saying so in the trace.
-
-    Returns ``(dependency, archive path)`` pairs, in payload order. A failed
-    download raises: the job cannot run without its inputs (a system failure
-    if GitLab was unavailable, else the job's own).
-    """
-    saved: list[tuple[Dependency, Path]] = []
-    for dep in job.dependencies:
-        if dep.artifacts_file is None or not dep.artifacts_file.filename:
-            continue
-        trace.write(f"Downloading artifacts for {dep.name} ({dep.id})...\n".encode())
-        path = dest / f"{dep.id}.zip"
-        size = await client.download_artifacts(dep.id, dep.token, path)
-        trace.write(f"Downloading artifacts from coordinator... ok  id={dep.id} bytes={size}\n"
-                    .encode())
-        saved.append((dep, path))
-    return saved

@@ -23,22 +23,11 @@ from runner.execution import Command, Outcome, execute
 from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.payload import JobPayload
-from runner.forge.gitlab.script import (
-    GuestLayout,
-    ResultReader,
-    build_script,
-    cache_key,
-    guest_parts,
-    outcome,
-    pulls,
-)
-from runner.forge.gitlab.session import (
-    JobOutcome,
-    TraceStream,
-    download_dependencies,
-    upload_artifact,
-)
+from runner.forge.gitlab.result import ResultReader, outcome
+from runner.forge.gitlab.script import GuestLayout, build_script, cache_key, guest_parts, pulls
+from runner.forge.gitlab.session import JobOutcome, TraceStream
 from runner.forge.gitlab.trace import Masker
+from runner.forge.gitlab.transfer import download_dependencies, upload_artifact
 from runner.service.jobs import Job, JobState
 
 if TYPE_CHECKING:
