@@ -168,3 +168,19 @@ async def test_check_says_when_gitlab_is_unreachable(config: Path, tmp_path: Pat
     assert done.code == 1
     assert "cannot reach GitLab" in done.out
     assert "glrt-fake-runner" not in done.out + done.err
+
+
+async def test_register_into_an_unwritable_place_creates_no_runner(
+    gitlab: FakeGitLab, config: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the token's directory should be\n")
+    done = await snapfleet(config, "gitlab", "register", "--url", gitlab.url, "--group",
+                           "acme/platform", "--tag", "x", "--output",
+                           str(blocker / "runner.token"), stdin=ACCESS)
+    assert done.code != 0
+    lines = [line for line in done.err.splitlines() if line.strip()]
+    assert len(lines) == 1, done.err
+    assert "cannot write the runner token" in lines[0]
+    assert "nothing was registered" in lines[0]
+    assert gitlab.registered == {}  # no orphan runner in GitLab

@@ -19,6 +19,7 @@ import asyncio
 import getpass
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,6 +140,10 @@ async def register(args: argparse.Namespace, url: str, credentials: Path) -> int
     }
     if args.maximum_timeout:
         params["maximum_timeout"] = args.maximum_timeout
+    # Where the token goes must be writable before GitLab makes a runner whose token
+    # would otherwise be lost (an orphan runner nobody can use or delete with it).
+    directory = args.output.parent if args.output else credentials
+    _check_writable(directory, "--output" if args.output else "paths.state_dir")
     created = await asyncio.to_thread(_create_runner, url, access, params, args.group,
                                       args.project)
     del access  # used once: nothing below may see it
@@ -146,11 +151,36 @@ async def register(args: argparse.Namespace, url: str, credentials: Path) -> int
     if not isinstance(runner_id, int) or not isinstance(token, str) or not token:
         raise ForgeError("POST /user/runners: answer has no runner id and token", forge=FORGE)
     path = args.output or credentials / f"gitlab-{_host_slug(url)}-{runner_id}.token"
-    write_private(path, token + "\n", parent_mode=None if path.parent.exists() else 0o700)
+    try:
+        write_private(path, token + "\n", parent_mode=None if path.parent.exists() else 0o700)
+    except OSError as exc:
+        await _undo_registration(url, Secret(token), runner_id)
+        raise ConfigError("--output" if args.output else "paths.state_dir",
+                          f"cannot write the runner token to {path}: {exc.strerror or exc};"
+                          f" runner {runner_id} was deleted again") from None
     print(f"Registered GitLab runner {runner_id} ({kind}); its token is in {path} (0600).")
     print("Add this to the Snapfleet config (or point LoadCredential= at the file):\n")
     print(config_section(url, runner_id, path, tags, args.run_untagged))
     return 0
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    """Make ``directory`` (0700 if new) and prove a file can be written in it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".snapfleet-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(key, f"cannot write the runner token in {directory}:"
+                               f" {exc.strerror or exc}; nothing was registered") from None
+
+
+async def _undo_registration(url: str, token: Secret, runner_id: int) -> None:
+    try:
+        await asyncio.to_thread(_delete_runner, url, token)
+    except ForgeError as exc:
+        print(f"could not delete runner {runner_id} again ({exc}): delete it in GitLab's"
+              " runner settings", file=sys.stderr)
 
 
 def config_section(url: str, runner_id: int, token_file: Path, tags: list[str],
