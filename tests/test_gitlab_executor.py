@@ -21,6 +21,8 @@ import pytest
 
 from runner.api.client import ApiClient
 from runner.api.local import DaemonClient
+from runner.forge import gitlab_executor
+from runner.limits import MAX_TIMEOUT_S
 from runner.vm.qemu import qemu_processes
 from tests.daemons import DaemonProcess
 
@@ -378,3 +380,28 @@ async def test_a_stage_the_agent_cannot_take_is_a_build_failure_and_the_vm_lives
     assert after.stdout == "still-here\n", after.stderr
     ok(runner.step("cleanup"))
     assert "Traceback" not in gl_daemon.log()
+
+
+async def test_the_vm_lives_as_long_as_the_gitlab_job_may(
+    gl_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    assert gitlab_executor.MAX_VM_S == MAX_TIMEOUT_S
+    runner = Runner(gl_daemon, 512, tmp_path)
+    runner.env["CUSTOM_ENV_CI_JOB_TIMEOUT"] = "7200"  # the profile's own timeout is 3600
+    prepare = runner.step("prepare")
+    ok(prepare)
+    assert "limit" not in prepare.stdout
+    async with ApiClient(gl_daemon.api) as api:
+        (job,) = [j for j in await api.jobs() if j["state"] == "running"]
+    assert job["timeout_s"] == 7200 + 60  # a minute on top for the stages after the script
+    ok(runner.step("cleanup"))
+
+    longer = Runner(gl_daemon, 513, tmp_path)
+    longer.env["CUSTOM_ENV_CI_JOB_TIMEOUT"] = str(30 * 86400)
+    prepare = longer.step("prepare")
+    ok(prepare)
+    assert "beyond Snapfleet's limit; its VM lives at most 604800 s" in prepare.stdout
+    async with ApiClient(gl_daemon.api) as api:
+        (job,) = [j for j in await api.jobs() if j["state"] == "running"]
+    assert job["timeout_s"] == MAX_TIMEOUT_S
+    ok(longer.step("cleanup"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -42,6 +43,10 @@ DRIVER = "snapfleet"
 MAX_SCRIPT_FRAME = (1 << 20) - 64 * 1024
 """`runner.limits.MAX_JOB_BYTES`, not imported from there (it costs pydantic); a test
 holds them equal."""
+
+MAX_VM_S = 7 * 86400.0
+"""`runner.limits.MAX_TIMEOUT_S`, the longest a lease may live (not imported from there:
+pydantic would double a stage's start-up)."""
 
 
 class ExecutorEnv:
@@ -103,6 +108,10 @@ def prepare(settings: ClientSettings, env: ExecutorEnv) -> int:
         # The VM lives as long as the GitLab job may (not the profile's timeout),
         # with a minute on top for the stages after the script.
         timeout = None if env.job_timeout is None else env.job_timeout + 60
+        if timeout is not None and timeout > MAX_VM_S:
+            print(f"Snapfleet: the job's timeout ({env.job_timeout:g} s) is beyond Snapfleet's"
+                  f" limit; its VM lives at most {MAX_VM_S:g} s", flush=True)
+            timeout = MAX_VM_S
         lease = DaemonClient(settings.api_socket).acquire_lease(
             key, env.profile, timeout, on_wait=_Waiting(profile).tell
         )
@@ -218,7 +227,7 @@ def _seconds(text: str | None) -> float | None:
         value = float(text) if text else None
     except ValueError:
         return None
-    return value if value is not None and 0 < value <= 7 * 86400 else None
+    return value if value is not None and 0 < value < math.inf else None
 
 
 def _stage_name(stage: str) -> str | None:

@@ -212,6 +212,7 @@ class Job:
             "finished_at": self.finished_at,
             "exit_code": self.exit_code,
             "reason": self.reason,
+            "timeout_s": self.spec.timeout_s,  # None: the profile's
             "vm_id": self.vm_id,
             "log_bytes": self.log_bytes,
             "env_keys": list(self.env_keys),
