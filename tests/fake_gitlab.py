@@ -496,6 +496,8 @@ class FakeGitLab:
         if query.get("artifact_format", "zip") == "zip" and not is_zip:
             return self._violation("artifacts: 'file' is not a zip archive")
         job.artifacts.append((query, filename, bytes(data)))
+        if query.get("artifact_type", "archive") == "archive":
+            job.stored_artifact = bytes(data)  # what later jobs download as a dependency
         return web.json_response({"message": "201 Created"}, status=201)
 
     async def _download(self, request: web.Request) -> web.StreamResponse:

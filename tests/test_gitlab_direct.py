@@ -138,6 +138,21 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     for recorded in fake.requests:
         assert MASKED.encode() not in recorded.body, recorded.path
 
+    # A later job gets 501's artifacts as a dependency, and a file variable as a file.
+    size = len(data)
+    consumer = await fake.enqueue(git_server.job(
+        505, variables=[variable("SETTINGS", "mode=fast\n", file=True)],
+        dependencies=[{"id": passing.id, "name": "build", "token": passing.token,
+                       "artifacts_file": {"filename": "build.zip", "size": size}}],
+        script=["cat out/app.txt", 'echo "settings at $SETTINGS"', 'cat "$SETTINGS"']))
+    await until(lambda: consumer.status in ("success", "failed"), 300, "the dependent job")
+    trace = consumer.trace.decode(errors="replace")
+    assert consumer.status == "success", trace
+    assert f"Downloading artifacts for build ({passing.id})" in trace
+    assert "\nbuilt\n" in trace  # extracted into the checkout before the script
+    assert "settings at /" in trace
+    assert "\nmode=fast\n" in trace
+
     failing = await fake.enqueue(git_server.job(502, script=["echo before", "exit 3"]))
     await until(lambda: failing.status == "failed", 300, "the failing job")
     update = final_update(failing)
@@ -170,7 +185,8 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
         jobs = await api.jobs()
     states = sorted((j["name"], j["state"]) for j in jobs if j["source"] == "gitlab-77")
     assert states == [("gitlab test #501", "succeeded"), ("gitlab test #502", "failed"),
-                      ("gitlab test #503", "cancelled"), ("gitlab test #504", "timed_out")]
+                      ("gitlab test #503", "cancelled"), ("gitlab test #504", "timed_out"),
+                      ("gitlab test #505", "succeeded")]
     assert d.stop() == 0
     # Neither the job tokens nor the masked value were left on disk (store, logs, journal).
     for job in (passing, failing, late, slow):
