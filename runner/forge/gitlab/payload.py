@@ -2,8 +2,9 @@
 
 Field names and meanings follow gitlab-runner's ``common/network.go``
 (``JobResponse`` and its parts). Unknown fields are ignored, as a runner must
-accept what newer GitLab versions add; ``null`` where a list or object is
-expected means "none". A payload we cannot use raises `JobPayloadError` with a
+accept what newer GitLab versions add; ``null`` anywhere reads as the
+field's zero value (empty, ``false``, ``0``), as gitlab-runner's Go decoder
+reads it. A payload we cannot use raises `JobPayloadError` with a
 one-line reason and, when they could be read, the job's id and token so the
 caller can still report the job failed.
 
@@ -14,7 +15,7 @@ Secrets (the job token, dependency tokens, variable values) never show in a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -34,16 +35,9 @@ from runner.secret import Secret
 FORGE = "gitlab"
 
 
-def _none_to_list(value: object) -> object:
-    return [] if value is None else value
-
-
-def _none_to_str(value: object) -> object:
-    return "" if value is None else value
-
-
-def _none_to_dict(value: object) -> object:
-    return {} if value is None else value
+def _null_as(zero: Callable[[], object]) -> BeforeValidator:
+    """``null`` read as the type's zero value (``zero()``), as Go's JSON decoder reads it."""
+    return BeforeValidator(lambda value: zero() if value is None else value)
 
 
 def _to_secret(value: object) -> object:
@@ -56,8 +50,10 @@ def _to_secret(value: object) -> object:
     return Secret(value)
 
 
-List = Annotated[list[str], BeforeValidator(_none_to_list)]
-Str = Annotated[str, BeforeValidator(_none_to_str)]
+List = Annotated[list[str], _null_as(list)]
+Str = Annotated[str, _null_as(str)]
+Bool = Annotated[bool, _null_as(bool)]
+Int = Annotated[int, _null_as(int)]
 SecretStr = Annotated[
     Secret,
     BeforeValidator(_to_secret),
@@ -98,10 +94,10 @@ class Variable(_Model):
 
     key: str = Field(min_length=1)
     value: Str = Field(default="", repr=False)
-    public: bool = True
-    masked: bool = False
-    file: bool = False
-    raw: bool = False
+    public: Bool = True
+    masked: Bool = False
+    file: Bool = False
+    raw: Bool = False
 
 
 class GitInfo(_Model):
@@ -114,7 +110,7 @@ class GitInfo(_Model):
     before_sha: Str = ""
     ref_type: Str = ""
     refspecs: List = Field(default_factory=list)
-    depth: int = 0
+    depth: Int = 0
 
 
 class Step(_Model):
@@ -122,9 +118,9 @@ class Step(_Model):
 
     name: str = Field(min_length=1)
     script: List = Field(default_factory=list)
-    timeout: int = Field(default=3600, ge=0)
+    timeout: Int = Field(default=3600, ge=0)
     when: WhenField = When.ON_SUCCESS
-    allow_failure: bool = False
+    allow_failure: Bool = False
 
 
 class Image(_Model):
@@ -140,7 +136,7 @@ class Artifact(_Model):
     """What to upload after the job (``Artifact``)."""
 
     name: Str = ""
-    untracked: bool = False
+    untracked: Bool = False
     paths: List = Field(default_factory=list)
     exclude: List = Field(default_factory=list)
     when: WhenField = When.ON_SUCCESS
@@ -153,7 +149,7 @@ class Cache(_Model):
     """A cache definition (``Cache``)."""
 
     key: Str = ""
-    untracked: bool = False
+    untracked: Bool = False
     policy: Str = ""
     paths: List = Field(default_factory=list)
     when: WhenField = When.ON_SUCCESS
@@ -164,22 +160,26 @@ class ArtifactsFile(_Model):
     """A dependency's artifacts archive (``DependencyArtifactsFile``)."""
 
     filename: Str = ""
-    size: int = 0
+    size: Int = 0
 
 
 class Dependency(_Model):
     """An earlier job whose artifacts this job downloads (``Dependency``)."""
 
-    id: int
+    id: Int
     name: Str = ""
     token: SecretStr = Field(default_factory=lambda: Secret(""))
     artifacts_file: ArtifactsFile | None = None
 
 
-class RunnerInfo(_Model):
-    """``RunnerInfo``: ``timeout`` is the job's timeout in seconds."""
+DEFAULT_TIMEOUT_S = 7200
+"""gitlab-runner's job timeout when GitLab sends none (``runner_info.timeout`` 0)."""
 
-    timeout: int = Field(default=3600, ge=0)
+
+class RunnerInfo(_Model):
+    """``RunnerInfo``: ``timeout`` is the job's timeout in seconds (0: `DEFAULT_TIMEOUT_S`)."""
+
+    timeout: Int = Field(default=0, ge=0)
 
 
 class JobInfo(_Model):
@@ -187,14 +187,14 @@ class JobInfo(_Model):
 
     name: Str = ""
     stage: Str = ""
-    project_id: int = 0
+    project_id: Int = 0
     project_name: Str = ""
 
 
 class GitLabFeatures(_Model):
     """What GitLab says it supports (``GitlabFeatures``)."""
 
-    trace_sections: bool = False
+    trace_sections: Bool = False
     token_mask_prefixes: List = Field(default_factory=list)
     failure_reasons: List = Field(default_factory=list)
 
@@ -208,30 +208,33 @@ def _nonempty_image(value: object) -> object:
 class JobPayload(_Model):
     """A job as ``POST /api/v4/jobs/request`` returns it (``JobResponse``)."""
 
-    id: int = Field(gt=0)
+    id: Int = Field(gt=0)
     token: SecretStr
-    allow_git_fetch: bool = False
-    job_info: Annotated[JobInfo, BeforeValidator(_none_to_dict)] = Field(default_factory=JobInfo)
-    git_info: Annotated[GitInfo, BeforeValidator(_none_to_dict)] = Field(default_factory=GitInfo)
-    runner_info: Annotated[RunnerInfo, BeforeValidator(_none_to_dict)] = Field(
+    allow_git_fetch: Bool = False
+    job_info: Annotated[JobInfo, _null_as(dict)] = Field(default_factory=JobInfo)
+    git_info: Annotated[GitInfo, _null_as(dict)] = Field(default_factory=GitInfo)
+    runner_info: Annotated[RunnerInfo, _null_as(dict)] = Field(
         default_factory=RunnerInfo
     )
-    variables: Annotated[list[Variable], BeforeValidator(_none_to_list)] = Field(
+    variables: Annotated[list[Variable], _null_as(list)] = Field(
         default_factory=list, repr=False
     )
-    steps: Annotated[list[Step], BeforeValidator(_none_to_list)] = Field(default_factory=list)
+    steps: Annotated[list[Step], _null_as(list)] = Field(default_factory=list)
     image: Annotated[Image | None, BeforeValidator(_nonempty_image)] = None
-    services: Annotated[list[Image], BeforeValidator(_none_to_list)] = Field(default_factory=list)
-    artifacts: Annotated[list[Artifact], BeforeValidator(_none_to_list)] = Field(
+    services: Annotated[list[Image], _null_as(list)] = Field(default_factory=list)
+    artifacts: Annotated[list[Artifact], _null_as(list)] = Field(
         default_factory=list
     )
-    cache: Annotated[list[Cache], BeforeValidator(_none_to_list)] = Field(default_factory=list)
-    dependencies: Annotated[list[Dependency], BeforeValidator(_none_to_list)] = Field(
+    cache: Annotated[list[Cache], _null_as(list)] = Field(default_factory=list)
+    dependencies: Annotated[list[Dependency], _null_as(list)] = Field(
         default_factory=list
     )
-    features: Annotated[GitLabFeatures, BeforeValidator(_none_to_dict)] = Field(
+    features: Annotated[GitLabFeatures, _null_as(dict)] = Field(
         default_factory=GitLabFeatures
     )
+    run: Str = Field(default="", repr=False)
+    """GitLab Steps (the ``run`` keyword) as JSON text; a VM runner without step-runner
+    refuses such a job (see `runner.forge.gitlab.script.unsupported_reason`)."""
 
     @classmethod
     def parse(cls, raw: bytes | str | Mapping[str, Any]) -> JobPayload:
@@ -279,5 +282,5 @@ class JobPayload(_Model):
 
     @property
     def timeout_s(self) -> int:
-        """The job's own timeout (``runner_info.timeout``), in seconds."""
-        return self.runner_info.timeout
+        """The job's own timeout (``runner_info.timeout``, else `DEFAULT_TIMEOUT_S`), in seconds."""
+        return self.runner_info.timeout or DEFAULT_TIMEOUT_S

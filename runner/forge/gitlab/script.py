@@ -22,9 +22,10 @@ hand it only to the agent (which writes it 0600 and deletes it).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -35,6 +36,13 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_REF = re.compile(r"\$(\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
 CHUNK = 512 * 1024
 """Archives reach the guest in parts of this size (one agent frame each)."""
+AFTER_SCRIPT_TIMEOUT_S = 300
+"""gitlab-runner's ``after_script`` timeout unless ``RUNNER_AFTER_SCRIPT_TIMEOUT`` says."""
+ARCHIVE_GRACE_S = 120
+"""Host-side time on top of the job's and after_script's for caches and artifacts."""
+_GO_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ def unsupported_reason(job: JobPayload) -> str | None:
     ``script_failure``): the job's configuration must change, and retrying
     on this runner, which ``runner_system_failure`` would invite, cannot help.
     """
+    if job.run.strip():
+        return ("this job uses GitLab Steps (the `run` keyword), which need step-runner;"
+                " this runner runs `script` jobs only: use `script`, or a runner with"
+                " step-runner support")
     wanted = []
     if job.image is not None:
         wanted.append(f"image {job.image.name!r}")
@@ -96,6 +108,53 @@ def unsupported_reason(job: JobPayload) -> str | None:
         return None
     return (f"this runner runs jobs in microVMs and cannot honour {' and '.join(wanted)}:"
             " remove them from the job or use a runner with a container executor")
+
+
+def parse_duration(text: str) -> int | None:
+    """Whole seconds (rounded up) from a Go duration (``5m``, ``1h30m``, ``90s``) or a
+    number of seconds, as timeout variables give them; ``None`` if it is neither."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if not _GO_DURATION.fullmatch(text):
+        return None
+    seconds = sum(float(n) * _GO_UNIT[unit] for n, unit in _GO_PART.findall(text))
+    return max(1, math.ceil(seconds))
+
+
+def go_duration(seconds: int) -> str:
+    """``seconds`` as Go prints a duration (``3s``, ``5m0s``, ``1h0m0s``), as
+    gitlab-runner names a job timeout."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _timeout_variable(job: JobPayload, name: str) -> tuple[int | None, str | None]:
+    """A timeout variable's seconds (``None``: unset or unusable) and a warning if unusable."""
+    value = job.variable(name)
+    if not value:
+        return None, None
+    seconds = parse_duration(value)
+    if seconds is None or seconds <= 0:
+        return None, f"WARNING: {name}={value!r} is not a duration (like 5m or 300); ignored"
+    return seconds, None
+
+
+def after_script_timeout(job: JobPayload) -> int:
+    """``after_script``'s own time limit: ``RUNNER_AFTER_SCRIPT_TIMEOUT``, else
+    `AFTER_SCRIPT_TIMEOUT_S` (GitLab sets the step's ``timeout`` to the job's, so it is
+    not used)."""
+    return _timeout_variable(job, "RUNNER_AFTER_SCRIPT_TIMEOUT")[0] or AFTER_SCRIPT_TIMEOUT_S
+
+
+def host_deadline_s(job: JobPayload) -> int:
+    """How long the host lets the job's VM work run: the job's timeout (which the script
+    enforces itself), then after_script's, then `ARCHIVE_GRACE_S` for the archives. It only
+    fires when the script itself hangs."""
+    return job.timeout_s + after_script_timeout(job) + ARCHIVE_GRACE_S
 
 
 def guest_parts(directory: str, archives: Iterable[tuple[int, bytes]]) -> list[tuple[str, bytes]]:
@@ -112,14 +171,17 @@ def guest_parts(directory: str, archives: Iterable[tuple[int, bytes]]) -> list[t
     return files
 
 
-def expand(variables: Sequence[tuple[str, str, bool]], paths: dict[str, str]) -> list[str]:
+def expand(variables: Sequence[tuple[str, str, bool]], paths: Mapping[str, str],
+           defined: Mapping[str, str] | None = None) -> list[str]:
     """Values with ``$NAME``/``${NAME}`` resolved against the job's variables.
 
     ``variables`` is ``(key, value, raw)``; raw values stay as they are. A
-    reference to a file variable gives its path (``paths``), an unknown name
-    nothing, and ``$$`` a literal ``$``, as gitlab-runner expands them.
+    reference to a file variable gives its path (``paths``), one to a variable
+    the runner defines (``defined``, such as ``CI_PROJECT_DIR``) its value, an
+    unknown name nothing, and ``$$`` a literal ``$``, as gitlab-runner expands them.
     """
     table = {key: paths.get(key, value) for key, value, _raw in variables}
+    table.update(defined or {})
 
     def one(match: re.Match[str]) -> str:
         name = match.group(1).strip("{}")
@@ -140,11 +202,15 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
+_SF_LEFT = "$((__sf_deadline - SECONDS > 1 ? __sf_deadline - SECONDS : 1))"
+"""The job's time left in whole seconds, at least 1 (for ``timeout``), without a fork."""
+
 _PRELUDE = r"""
 exec 3>&2 2>&1 </dev/null
 set -u
 umask 0022
 __sf_status=success __sf_exit=0 __sf_step=- __sf_timed_out=0 __sf_failed=0 __sf_child=
+__sf_expired=0 __sf_left=0
 __sf_artifacts= __sf_caches=
 # printf's own %(%s)T, not $(date +%s): a fork per section is slow in an emulated guest.
 __sf_section_start() {
@@ -168,18 +234,42 @@ __sf_cancel() {
   exit 143
 }
 trap __sf_cancel TERM INT
-# Run a step file in its own process group (timeout makes one), under a time limit.
-__sf_run() {  # name timeout file -> sets __sf_rc, __sf_step_timed_out
+# Run a step file in its own process group (timeout makes one) under a time limit (0: none).
+__sf_run() {  # limit file dir -> sets __sf_rc, __sf_step_timed_out
   local started=$SECONDS
   __sf_step_timed_out=0
-  ( cd "$CI_PROJECT_DIR" && exec timeout -k 10 "$2" bash --noprofile --norc "$3" ) 3>&- &
+  ( cd "$3" && exec timeout -k 10 "$1" bash --noprofile --norc "$2" ) 3>&- &
   __sf_child=$!
   wait "$__sf_child"
   __sf_rc=$?
   __sf_child=
-  if [ "$2" != 0 ] && { [ "$__sf_rc" = 124 ] || [ "$__sf_rc" = 137 ]; } \
-     && [ $((SECONDS - started)) -ge "$2" ]; then
+  if [ "$1" != 0 ] && { [ "$__sf_rc" = 124 ] || [ "$__sf_rc" = 137 ]; } \
+     && [ $((SECONDS - started)) -ge "$1" ]; then
     __sf_step_timed_out=1
+  fi
+}
+# The job's own timeout, counted from the script's start: what is left of it (__sf_left), or
+# false once it is spent, the job then failed as gitlab-runner fails it.
+__sf_in_time() {  # [step] -> sets __sf_left
+  __sf_left=$((__sf_deadline - SECONDS))
+  [ "$__sf_left" -gt 0 ] && return 0
+  __sf_expire 1 "${1:--}"
+  return 1
+}
+__sf_expire() {  # exit-code step
+  [ "$__sf_expired" = 0 ] || return 0
+  __sf_expired=1
+  __sf_error "ERROR: Job failed: execution took longer than $__sf_timeout_text seconds"
+  __sf_status=failed __sf_failed=1 __sf_timed_out=1 __sf_exit=$1 __sf_step=$2
+}
+# A step before after_script: under its own timeout (0: none) or the job's time left if less.
+__sf_main() {  # step own-timeout file dir -> sets __sf_rc, __sf_step_timed_out
+  if ! __sf_in_time "$1"; then __sf_rc=1 __sf_step_timed_out=1; return; fi
+  local limit=$2
+  if [ "$limit" = 0 ] || [ "$limit" -gt "$__sf_left" ]; then limit=$__sf_left; fi
+  __sf_run "$limit" "$3" "$4"
+  if [ "$__sf_step_timed_out" = 1 ] && [ "$SECONDS" -ge "$__sf_deadline" ]; then
+    __sf_expire "$__sf_rc" "$1"
   fi
 }
 """
@@ -192,6 +282,8 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
     project = layout.project_dir(job)
     out = [f"#!/bin/bash\n# Snapfleet: GitLab job {job.id}", _PRELUDE]
     out.append(f"__sf_work={_q(work)}")
+    out.append(f"__sf_deadline=$((SECONDS + {job.timeout_s})) "
+               f"__sf_timeout_text={_q(go_duration(job.timeout_s))}")
     out.append('__sf_section_start prepare_script "Preparing environment"')
     # deps/ and cache-in/ are the host's: it put archives there before the script.
     # (A fork and exec costs ~40 ms in an emulated guest: no `rm` in a fresh VM.)
@@ -214,16 +306,25 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
     return "\n".join(out)
 
 
+def runner_variables(layout: GuestLayout, project: str) -> dict[str, str]:
+    """The variables the runner defines, not GitLab (a job's own cannot override them)."""
+    return {"CI_BUILDS_DIR": layout.builds_dir, "CI_PROJECT_DIR": project}
+
+
 def _variables(job: JobPayload, layout: GuestLayout, project: str) -> list[str]:
     out = ['echo "Running on $HOSTNAME via snapfleet..."']
+    defined = runner_variables(layout, project)
+    out.append("export " + " ".join(f"{k}={_q(v)}" for k, v in defined.items()))
     usable = []
     for var in job.variables:
+        if var.key in defined:
+            continue
         if _NAME.match(var.key):
             usable.append(var)
         else:
             out.append(f"__sf_note {_q(f'WARNING: variable {var.key!r} is not a shell name')}")
     paths = {v.key: f"{layout.work_dir}/vars/{v.key}" for v in usable if v.file}
-    values = expand([(v.key, v.value, v.raw) for v in usable], paths)
+    values = expand([(v.key, v.value, v.raw) for v in usable], paths, defined)
     for var, value in zip(usable, values, strict=True):
         if var.file:
             path = paths[var.key]
@@ -231,9 +332,17 @@ def _variables(job: JobPayload, layout: GuestLayout, project: str) -> list[str]:
             out.append(f"export {var.key}={_q(path)}")
         else:
             out.append(f"export {var.key}={_q(value)}")
-    out.append(f"export CI_BUILDS_DIR={_q(layout.builds_dir)} CI_PROJECT_DIR={_q(project)}")
     out.append('__sf_section_end prepare_script')
     return out
+
+
+def _flags(job: JobPayload, name: str, default: list[str]) -> list[str]:
+    """A flags variable (``GIT_CLEAN_FLAGS``, ...) split as the shell would; ``none``: no
+    flags (the step is skipped where it has no meaning without them)."""
+    value = job.variable(name)
+    if value is None or not value.strip():
+        return default
+    return [] if value.strip() == "none" else shlex.split(value)
 
 
 def _sources(job: JobPayload, project: str) -> list[str]:
@@ -248,22 +357,26 @@ def _sources(job: JobPayload, project: str) -> list[str]:
         out.append('__sf_section_end get_sources')
         return out
     url, user, password = _git_remote(git.repo_url)
-    fetch = ["git", "fetch", "origin", "--prune", "--no-recurse-submodules"]
+    fetch = ["git", "fetch", "origin", *_flags(job, "GIT_FETCH_EXTRA_FLAGS", ["--prune"]),
+             "--no-recurse-submodules"]
     if git.depth > 0:
         fetch += ["--depth", str(git.depth)]
     fetch += git.refspecs or [f"+{git.sha}"]
-    clean_flags = job.variable("GIT_CLEAN_FLAGS") or "-ffdx"
+    clean = _flags(job, "GIT_CLEAN_FLAGS", ["-ffdx"])
     checkout = (job.variable("GIT_CHECKOUT") or "true").lower() != "false"
     depth_note = f"Fetching changes with git depth set to {git.depth}..." if git.depth else (
         "Fetching changes...")
     reuse = strategy == "fetch"
+    parts = urlsplit(url)
     body = [
-        # The token lives only in these variables, read by the credential helper
-        # (its argv holds the variable's name, not its value).
-        f"export __SF_GIT_USER={_q(user)} __SF_GIT_PASSWORD={_q(password)}",
+        "set -u",
+        # The credential helper answers only for GitLab's own host (a submodule elsewhere
+        # must not get the job token) and reads the token from the environment: its argv
+        # holds the variable's name, not its value.
         "export GIT_TERMINAL_PROMPT=0 GIT_CONFIG_COUNT=3",
         "export GIT_CONFIG_KEY_0=credential.helper GIT_CONFIG_VALUE_0=",
-        "export GIT_CONFIG_KEY_1=credential.helper GIT_CONFIG_VALUE_1="
+        "export GIT_CONFIG_KEY_1="
+        + _q(f"credential.{parts.scheme}://{parts.netloc}.helper") + " GIT_CONFIG_VALUE_1="
         + _q('!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
              '"$__SF_GIT_USER" "$__SF_GIT_PASSWORD"; }; f'),
         "export GIT_CONFIG_KEY_2=advice.detachedHead GIT_CONFIG_VALUE_2=false",
@@ -283,14 +396,18 @@ def _sources(job: JobPayload, project: str) -> list[str]:
         body += [
             f"echo {_q(f'Checking out {git.sha[:8]} as detached HEAD (ref is {git.ref})...')}",
             f"git checkout -f -q {_q(git.sha)} || exit 1",
-            f"git clean {clean_flags} -q || exit 1",
         ]
+        if clean:
+            body.append(shlex.join(["git", "clean", *clean, "-q"]) + " || exit 1")
+        body += _submodules(job, clean)
     else:
         body.append(f"__sf_note {_q('Skipping Git checkout (GIT_CHECKOUT=false)')}")
-    out.append("( " + "\n  ".join(body) + "\n)")
     out += [
-        "__sf_rc=$?",
-        'if [ "$__sf_rc" != 0 ]; then',
+        f"printf '%s' {_q(chr(10).join(body) + chr(10))} > \"$__sf_work/steps/get_sources.sh\"",
+        # The token only in this step's environment, never in a file or an argv.
+        f"__SF_GIT_USER={_q(user)} __SF_GIT_PASSWORD={_q(password)} __sf_main get_sources 0 "
+        '"$__sf_work/steps/get_sources.sh" "$__sf_work"',
+        'if [ "$__sf_rc" != 0 ] && [ "$__sf_expired" = 0 ]; then',
         '  __sf_error "ERROR: Getting the source failed (exit code $__sf_rc)"',
         '  __sf_status=failed __sf_failed=1 __sf_exit=$__sf_rc __sf_step=get_sources',
         "fi",
@@ -299,21 +416,48 @@ def _sources(job: JobPayload, project: str) -> list[str]:
     return out
 
 
+def _submodules(job: JobPayload, clean: list[str]) -> list[str]:
+    """gitlab-runner's ``GIT_SUBMODULE_STRATEGY`` (``normal``, ``recursive``), fetched
+    with the same credentials as the project."""
+    strategy = (job.variable("GIT_SUBMODULE_STRATEGY") or "none").strip()
+    if strategy not in ("normal", "recursive"):
+        return []
+    recursive = ["--recursive"] if strategy == "recursive" else []
+    update = ["git", "submodule", "update", "--init", *recursive]
+    if (depth := job.variable("GIT_SUBMODULE_DEPTH") or "").isdigit() and int(depth) > 0:
+        update += ["--depth", depth]
+    update += _flags(job, "GIT_SUBMODULE_UPDATE_FLAGS", [])
+    paths = _flags(job, "GIT_SUBMODULE_PATHS", [])
+    note = "Updating/initializing submodules" + (" recursively..." if recursive else "...")
+    out = [
+        f"echo {_q(note)}",
+        shlex.join(["git", "submodule", "init", *paths]) + " || exit 1",
+        shlex.join(["git", "submodule", "sync", *recursive, *paths]) + " || exit 1",
+        shlex.join([*update, *(["--", *paths] if paths else [])]) + " || exit 1",
+    ]
+    if clean:
+        out.append(shlex.join(["git", "submodule", "foreach", *recursive,
+                               shlex.join(["git", "clean", *clean, "-q"])]) + " || exit 1")
+    return out
+
+
 def _dependencies(job: JobPayload, layout: GuestLayout) -> list[str]:
     deps = [d for d in job.dependencies if d.artifacts_file and d.artifacts_file.filename]
     if not deps:
         return []
-    out = ['if [ "$__sf_failed" = 0 ]; then',
+    out = ['if [ "$__sf_failed" = 0 ] && __sf_in_time download_artifacts; then',
            '__sf_section_start download_artifacts "Downloading artifacts"']
     for dep in deps:
         parts = f"{layout.dependency_dir()}/{dep.id}.zip"
         out += [
             f"if ls {_q(parts)}.part* >/dev/null 2>&1; then",
             f"  cat {_q(parts)}.part* > {_q(parts)} && "
+            f'timeout -k 5 "{_SF_LEFT}" '
             f'python3 -m zipfile -e {_q(parts)} "$CI_PROJECT_DIR" && '
             f"echo {_q(f'Extracted artifacts of {dep.name} ({dep.id})')}"
-            f" || {{ __sf_error {_q(f'ERROR: artifacts of {dep.name} are not a zip')}; "
-            "__sf_status=failed __sf_failed=1 __sf_exit=1 __sf_step=download_artifacts; }",
+            f" || {{ __sf_in_time download_artifacts && "
+            f"{{ __sf_error {_q(f'ERROR: artifacts of {dep.name} are not a zip')}; "
+            "__sf_status=failed __sf_failed=1 __sf_exit=1 __sf_step=download_artifacts; }; }",
             f"else __sf_note {_q(f'WARNING: no artifacts of {dep.name} ({dep.id}) arrived')}; fi",
         ]
     out += ['__sf_section_end download_artifacts', "fi"]
@@ -339,29 +483,47 @@ def _step_file(lines: Sequence[str]) -> str:
 
 def _steps(job: JobPayload) -> list[str]:
     out = []
+    after_limit = after_script_timeout(job)
+    script_limit = _timeout_variable(job, "RUNNER_SCRIPT_TIMEOUT")[0]
+    for name in ("RUNNER_SCRIPT_TIMEOUT", "RUNNER_AFTER_SCRIPT_TIMEOUT"):
+        if (warning := _timeout_variable(job, name)[1]) is not None:
+            out.append(f"__sf_note {_q(warning)}")
     for n, step in enumerate(job.steps):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", step.name)
         path = f'"$__sf_work/steps/{n}.sh"'
         after = step.name == "after_script"
         out.append(f"printf '%s' {_q(_step_file(step.script))} > {path}")
-        cond = _WHEN[step.when]
-        out.append(f"if {cond}; then")
-        if after:
-            out.append('  if [ "$__sf_failed" = 0 ]; then export CI_JOB_STATUS=success; '
-                       "else export CI_JOB_STATUS=failed; fi")
         header = ('Running after_script' if after
                   else f'Executing "step_{name}" stage of the job script')
-        out.append(f"  __sf_section_start step_{name} {_q(header)}")
-        out.append(f"  __sf_run {_q(name)} {step.timeout} {path}")
+        if after:
+            # Also after the job's time ran out, under its own limit (gitlab-runner's).
+            limit = after_limit
+            out += [
+                f"if {_WHEN[step.when]}; then",
+                '  if [ "$__sf_failed" = 0 ]; then export CI_JOB_STATUS=success; '
+                "else export CI_JOB_STATUS=failed; fi",
+                f"  __sf_section_start step_{name} {_q(header)}",
+                f'  __sf_run {limit} {path} "$CI_PROJECT_DIR"',
+            ]
+        else:
+            # GitLab sets a step's timeout to the job's: the job's time left decides.
+            limit = min((t for t in (step.timeout, script_limit) if t), default=0)
+            out += [
+                f'if {_WHEN[step.when]} && [ "$__sf_expired" = 0 ]; then',
+                f"  __sf_section_start step_{name} {_q(header)}",
+                f'  __sf_main {_q(name)} {limit} {path} "$CI_PROJECT_DIR"',
+            ]
         out.append(f"  __sf_section_end step_{name}")
-        timeout_msg = f"ERROR: step {step.name} exceeded its timeout of {step.timeout} s"
-        out.append(f'  if [ "$__sf_step_timed_out" = 1 ]; then __sf_error {_q(timeout_msg)}; fi')
+        timeout_msg = f"ERROR: step {step.name} exceeded its timeout of {limit} s"
+        out.append('  if [ "$__sf_step_timed_out" = 1 ] && [ "$__sf_expired" = 0 ]; then '
+                   f"__sf_error {_q(timeout_msg)}; fi")
         if after:
             out.append('  if [ "$__sf_rc" != 0 ]; then '
                        '__sf_note "WARNING: after_script failed, but the job continues"; fi')
         elif step.allow_failure:
             allowed = f"WARNING: step {step.name} failed (allowed)"
-            out.append(f'  if [ "$__sf_rc" != 0 ]; then __sf_note {_q(allowed)}; fi')
+            out.append(f'  if [ "$__sf_rc" != 0 ] && [ "$__sf_expired" = 0 ]; then '
+                       f"__sf_note {_q(allowed)}; fi")
         else:
             out += [
                 '  if [ "$__sf_rc" != 0 ] && [ "$__sf_failed" = 0 ]; then',
@@ -378,7 +540,7 @@ def _restore_caches(job: JobPayload, layout: GuestLayout) -> list[str]:
     restores = [(n, c) for n, c in enumerate(job.cache) if pulls(c)]
     if not restores:
         return []
-    out = ['if [ "$__sf_failed" = 0 ]; then',
+    out = ['if [ "$__sf_failed" = 0 ] && __sf_in_time restore_cache; then',
            '__sf_section_start restore_cache "Restoring cache"']
     for n, cache in restores:
         parts = f"{layout.cache_in_dir()}/{n}.zip"
@@ -387,6 +549,7 @@ def _restore_caches(job: JobPayload, layout: GuestLayout) -> list[str]:
             f"echo {_q(f'Checking cache for {key}...')}",
             f"if ls {_q(parts)}.part* >/dev/null 2>&1; then",
             f"  cat {_q(parts)}.part* > {_q(parts)} && "
+            f'timeout -k 5 "{_SF_LEFT}" '
             f'python3 -m zipfile -e {_q(parts)} "$CI_PROJECT_DIR" && '
             f"echo {_q(f'Successfully extracted cache {key}')}"
             f" || __sf_note {_q(f'WARNING: the cache {key} could not be extracted')}",

@@ -37,7 +37,7 @@ from runner.forge.gitlab.config import GitLabRunnerConfig, default_system_id, re
 from runner.forge.gitlab.inflight import InflightBook
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.poller import JobPoller
-from runner.forge.gitlab.script import GuestLayout, unsupported_reason
+from runner.forge.gitlab.script import GuestLayout, host_deadline_s, unsupported_reason
 from runner.forge.gitlab.session import JobOutcome, TraceStream
 from runner.forge.gitlab.work import GuestRun, gitlab_outcome, red
 from runner.limits import MAX_TIMEOUT_S
@@ -248,7 +248,7 @@ class GitLabSource:
         name = f"gitlab {job.job_info.name or 'job'} #{job.id}"[:200]
         spec = JobSpec(script=f"# GitLab job {job.id} (run by the gitlab source)", name=name,
                        profile=self.profile,
-                       timeout_s=min(max(float(job.timeout_s), 1.0), MAX_TIMEOUT_S))
+                       timeout_s=min(float(host_deadline_s(job)), MAX_TIMEOUT_S))
         try:
             daemon_job = await self.port.submit(spec, source=self.name, work=run.work)
         except (ConfigError, Draining) as exc:

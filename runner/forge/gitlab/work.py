@@ -24,7 +24,14 @@ from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.result import ResultReader, outcome
-from runner.forge.gitlab.script import GuestLayout, build_script, cache_key, guest_parts, pulls
+from runner.forge.gitlab.script import (
+    GuestLayout,
+    build_script,
+    cache_key,
+    guest_parts,
+    host_deadline_s,
+    pulls,
+)
 from runner.forge.gitlab.session import JobOutcome, TraceStream
 from runner.forge.gitlab.trace import Masker
 from runner.forge.gitlab.transfer import download_dependencies, upload_artifact
@@ -105,7 +112,10 @@ class GuestRun:
         cancel = asyncio.Event()
         watcher = asyncio.create_task(self._watch_cancel(cancel))
         try:
-            left = max(1.0, remaining - (time.monotonic() - started))
+            # The script enforces the job's timeout itself and still runs after_script and
+            # the archives; this limit (see `host_deadline_s`) only stops a hung script.
+            left = max(1.0, min(float(host_deadline_s(self.job)),
+                                remaining - (time.monotonic() - started)))
             command = Command(script=build_script(self.job, self.layout), shell=BASH,
                               env={"HOME": "/root"})
             done = await execute(machine, command, sink, left,
