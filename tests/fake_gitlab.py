@@ -206,7 +206,8 @@ def make_job(
         steps = [{"name": "script", "script": script or ["echo hello"], "timeout": timeout,
                   "when": "on_success", "allow_failure": False}]
         if after_script:
-            steps.append({"name": "after_script", "script": after_script, "timeout": 300,
+            # GitLab gives after_script the job's timeout too (the runner applies its own).
+            steps.append({"name": "after_script", "script": after_script, "timeout": timeout,
                           "when": "always", "allow_failure": True})
     return {
         "id": job_id,

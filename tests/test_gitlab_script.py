@@ -30,9 +30,13 @@ from runner.forge.gitlab.result import ResultReader, ScriptResult, outcome
 from runner.forge.gitlab.script import (
     CHUNK,
     GuestLayout,
+    after_script_timeout,
     build_script,
     expand,
+    go_duration,
     guest_parts,
+    host_deadline_s,
+    parse_duration,
     unsupported_reason,
 )
 from runner.forge.gitlab.session import JobOutcome
@@ -214,16 +218,15 @@ async def test_failing_step_stops_the_script_and_after_script_sees_failed(
         "script_failure", 3)
 
 
-async def test_step_timeout_kills_the_step_group_and_after_script_still_runs(
+async def test_script_timeout_kills_the_step_group_and_after_script_still_runs(
     git_server: GitServer, tmp_path: Path
 ) -> None:
-    steps = [
-        {"name": "script", "script": ["echo start", "(sleep 60; echo orphan) & sleep 60"],
-         "timeout": 1, "when": "on_success", "allow_failure": False},
-        {"name": "after_script", "script": ['echo "after: $CI_JOB_STATUS"'], "timeout": 5,
-         "when": "always", "allow_failure": True},
-    ]
-    run = await run_job(tmp_path, git_server.job(103, steps=steps))
+    # As GitLab sends it: the step's timeout is the job's; RUNNER_SCRIPT_TIMEOUT is shorter.
+    payload = git_server.job(
+        103, variables=[variable("RUNNER_SCRIPT_TIMEOUT", "1s")],
+        script=["echo start", "(sleep 60; echo orphan) & sleep 60"],
+        after_script=['echo "after: $CI_JOB_STATUS"'])
+    run = await run_job(tmp_path, payload)
     assert run.result is not None
     assert run.result.timed_out
     assert run.result.step == "script"
@@ -232,6 +235,72 @@ async def test_step_timeout_kills_the_step_group_and_after_script_still_runs(
     assert "after: failed" in run.text
     assert outcome(run.result, timed_out=False, cancelled=False).failure_reason == (
         "job_execution_timeout")
+
+
+async def test_job_timeout_ends_the_script_then_after_script_and_archives_still_run(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    # GitLab's shape: every step's timeout, after_script's too, is the job's own (3 s).
+    payload = git_server.job(
+        112, timeout=3,
+        script=["echo evidence > evidence.log; mkdir -p vendor; echo v > vendor/a.txt",
+                "echo sleeping; sleep 60; echo woke"],
+        after_script=['echo "after: status=$CI_JOB_STATUS"'],
+        artifacts=[{"name": "logs", "untracked": False, "paths": ["*.log"], "exclude": [],
+                    "when": "always", "artifact_type": "archive",
+                    "artifact_format": "zip", "expire_in": ""}],
+        cache=[_cache("deps", "pull-push", ["vendor/"], when="always")])
+    assert {s["timeout"] for s in payload["steps"]} == {3}
+    run = await run_job(tmp_path, payload)
+    text = run.text
+    assert run.result is not None, text
+    assert run.result.status == "failed"
+    assert run.result.timed_out
+    assert run.seconds < 20
+    assert "ERROR: Job failed: execution took longer than 3s seconds" in text
+    assert "Job was canceled" not in text
+    assert "woke" not in text.replace("echo woke", "")
+    assert "after: status=failed" in text  # after_script ran, past the job's deadline
+    assert run.result.artifacts == (0,)
+    assert _zip_names(run.layout.artifact_path(0)) == ["evidence.log"]
+    assert run.result.caches == (0,)
+    assert _zip_names(run.layout.cache_path(0)) == ["vendor/a.txt"]
+    assert outcome(run.result, timed_out=False, cancelled=False).failure_reason == (
+        "job_execution_timeout")
+
+
+async def test_after_script_has_its_own_time_limit(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    payload = git_server.job(
+        113, timeout=600, variables=[variable("RUNNER_AFTER_SCRIPT_TIMEOUT", "1s")],
+        script=["echo done"], after_script=["echo after-start; sleep 60; echo after-end"])
+    run = await run_job(tmp_path, payload)
+    assert run.result is not None
+    assert run.result.status == "success", run.text  # after_script never fails the job
+    assert run.seconds < 15
+    assert "after-start" in run.text
+    assert "after-end" not in run.text.replace("echo after-end", "")
+    assert "after_script exceeded its timeout of 1 s" in run.text
+
+
+def test_timeouts_follow_gitlab_runner() -> None:
+    assert [parse_duration(t) for t in ("5m", "1h30m", "90", "1.5s", "250ms", "2h0m0s",
+                                        "", "soon", "5 m", "-1s")] == [
+        300, 5400, 90, 2, 1, 7200, None, None, None, None]
+    assert [go_duration(s) for s in (3, 60, 300, 3600, 5430)] == [
+        "3s", "1m0s", "5m0s", "1h0m0s", "1h30m30s"]
+    job = JobPayload.parse(make_job(1, timeout=900))
+    assert after_script_timeout(job) == 300
+    assert host_deadline_s(job) == 900 + 300 + 120
+    job = JobPayload.parse(make_job(1, timeout=900, variables=[
+        variable("RUNNER_AFTER_SCRIPT_TIMEOUT", "10m")]))
+    assert host_deadline_s(job) == 900 + 600 + 120
+    bad = JobPayload.parse(make_job(1, variables=[variable("RUNNER_AFTER_SCRIPT_TIMEOUT", "x")]))
+    assert after_script_timeout(bad) == 300
+    assert 'RUNNER_AFTER_SCRIPT_TIMEOUT="x" is not a duration' in build_script(bad)
+    unset = JobPayload.parse({**make_job(1), "runner_info": None})
+    assert unset.timeout_s == 7200  # gitlab-runner's default when GitLab sends none
 
 
 async def test_sigterm_cancels_the_running_step_promptly(

@@ -139,7 +139,7 @@ def _timeout_variable(job: JobPayload, name: str) -> tuple[int | None, str | Non
         return None, None
     seconds = parse_duration(value)
     if seconds is None or seconds <= 0:
-        return None, f"WARNING: {name}={value!r} is not a duration (like 5m or 300); ignored"
+        return None, f'WARNING: {name}="{value}" is not a duration (like 5m or 300); ignored'
     return seconds, None
 
 
