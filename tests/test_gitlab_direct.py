@@ -160,12 +160,16 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     assert update["exit_code"] == 3
     assert "before" in failing.trace.decode(errors="replace")
 
-    steps = [{"name": "script", "script": ["echo tick; sleep 60"], "timeout": 2,
-              "when": "on_success", "allow_failure": False}]
-    late = await fake.enqueue(git_server.job(504, steps=steps))
-    await until(lambda: late.status == "failed", 120, "the step timeout")
+    # GitLab's shape: every step's timeout is the job's; the script keeps the deadline
+    # itself, so after_script still runs (the agent's outer limit is not what fires).
+    late = await fake.enqueue(git_server.job(504, timeout=8, script=["echo tick; sleep 60"],
+                                             after_script=["echo after-the-deadline"]))
+    await until(lambda: late.status == "failed", 120, "the job timeout")
     assert final_update(late)["failure_reason"] == "job_execution_timeout"
-    assert "exceeded its timeout of 2 s" in late.trace.decode(errors="replace")
+    late_trace = late.trace.decode(errors="replace")
+    assert "ERROR: Job failed: execution took longer than 8s seconds" in late_trace
+    assert "Job was canceled" not in late_trace
+    assert "\nafter-the-deadline\n" in late_trace
 
     slow = await fake.enqueue(git_server.job(503, script=["echo started-slow; sleep 120"],
                                    after_script=["echo after-ran"]))

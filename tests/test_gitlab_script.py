@@ -41,7 +41,7 @@ from runner.forge.gitlab.script import (
 )
 from runner.forge.gitlab.session import JobOutcome
 from tests.fake_gitlab import make_job, variable
-from tests.git_http import GitServer, serve_repo
+from tests.git_http import GitServer, git, serve_repo
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +423,88 @@ async def test_caches_are_restored_before_the_steps_and_saved_after(
     assert third.result.caches == ()
 
 
+async def test_job_variables_expand_the_runner_defined_directories(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    payload = git_server.job(114, variables=[
+        variable("OUT", "$CI_PROJECT_DIR/out", raw=False),
+        variable("CACHE_AT", "${CI_BUILDS_DIR}/.cache", raw=False),
+        variable("CI_PROJECT_DIR", "/elsewhere")],  # the runner's own wins
+        script=['echo "out=$OUT cache=$CACHE_AT dir=$CI_PROJECT_DIR"'])
+    run = await run_job(tmp_path, payload)
+    assert run.result is not None
+    assert run.result.status == "success", run.text
+    project = run.layout.project_dir(JobPayload.parse(payload))
+    builds = run.layout.builds_dir
+    assert f"out={project}/out cache={builds}/.cache dir={project}\n" in run.text
+
+
+async def test_git_flags_none_skip_clean_and_extra_fetch_flags(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    first = git_server.job(115, script=["echo keep > untracked.txt"])
+    assert (await run_job(tmp_path, first)).result is not None
+    payload = git_server.job(116, variables=[variable("GIT_CLEAN_FLAGS", "none"),
+                                             variable("GIT_FETCH_EXTRA_FLAGS", "none")],
+                             script=["cat untracked.txt"])
+    job = JobPayload.parse(payload)
+    script = build_script(job)
+    assert "git clean" not in script
+    assert "--prune" not in script
+    run = await run_job(tmp_path, payload)  # the same checkout, fetched again
+    assert run.result is not None
+    assert run.result.status == "success", run.text
+    assert "\nkeep\n" in run.text  # not cleaned away
+
+    flags = JobPayload.parse(git_server.job(117, variables=[
+        variable("GIT_CLEAN_FLAGS", "-ffdx -e keep.txt"),
+        variable("GIT_FETCH_EXTRA_FLAGS", "--prune --quiet")]))
+    assert "git clean -ffdx -e keep.txt -q" in build_script(flags)
+    assert "git fetch origin --prune --quiet --no-recurse-submodules" in build_script(flags)
+
+
+async def test_submodules_are_fetched_with_the_job_token(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    # group/lib.git, and a commit of group/project that has it as a submodule at lib/.
+    work = tmp_path / "authoring"
+    work.mkdir()
+    lib_src = work / "lib"
+    lib_src.mkdir()
+    git(lib_src, "init", "-q", "-b", "main")
+    (lib_src / "lib.txt").write_text("from the submodule\n")
+    git(lib_src, "add", "-A")
+    git(lib_src, "commit", "-q", "-m", "lib")
+    lib_sha = git(lib_src, "rev-parse", "HEAD")
+    git(work, "clone", "-q", "--bare", str(lib_src), str(git_server.root / "group/lib.git"))
+    sup = work / "project"
+    git(work, "clone", "-q", str(git_server.root / "group/project.git"), str(sup))
+    (sup / ".gitmodules").write_text('[submodule "lib"]\n\tpath = lib\n\turl = ../lib.git\n')
+    git(sup, "update-index", "--add", "--cacheinfo", f"160000,{lib_sha},lib")
+    git(sup, "add", ".gitmodules")
+    git(sup, "commit", "-q", "-m", "add lib")
+    sha = git(sup, "rev-parse", "HEAD")
+    git(sup, "push", "-q", "origin", "HEAD:refs/heads/with-lib")
+
+    payload = git_server.job(118, sha=sha, variables=[
+        variable("GIT_SUBMODULE_STRATEGY", "recursive")], script=["cat lib/lib.txt"])
+    before = git_server.auth_failures
+    run = await run_job(tmp_path, payload)
+    assert run.result is not None
+    assert run.result.status == "success", run.text
+    assert "Updating/initializing submodules recursively..." in run.text
+    assert "from the submodule" in run.text
+    assert git_server.auth_failures > before  # the submodule's fetch authenticated too
+    assert run.argv_seen == []
+    assert payload["token"] not in run.text
+
+    plain = git_server.job(119, sha=sha, script=["test ! -e lib/lib.txt"])
+    again, layout = _another_vm(tmp_path, "plain")
+    run = await run_job(again, plain, layout=layout)
+    assert run.result is not None
+    assert run.result.status == "success", run.text  # no strategy: no submodules
+
+
 # -- pure pieces ------------------------------------------------------------------
 
 
@@ -436,6 +518,38 @@ def test_image_and_services_are_refused_with_a_reason() -> None:
     assert "'ruby:3.3'" in reason
     assert "'postgres:16'" in reason
     assert JobPayload.parse(make_job(3, image={"name": ""})).image is None
+    steps = JobPayload.parse({**make_job(4, steps=[]), "run": '[{"name":"hi","script":"echo"}]'})
+    reason = unsupported_reason(steps)
+    assert reason is not None
+    assert "`run` keyword" in reason
+
+
+def test_null_reads_as_the_zero_value_as_go_does() -> None:
+    raw = make_job(5, cache=[{"key": "k", "untracked": None, "policy": None, "paths": None,
+                              "when": None, "fallback_keys": None}],
+                   artifacts=[{"name": None, "untracked": None, "paths": ["a"],
+                               "exclude": None, "when": None, "artifact_type": None,
+                               "artifact_format": None, "expire_in": None}])
+    raw["allow_git_fetch"] = None
+    raw["git_info"]["depth"] = None
+    raw["steps"][0]["timeout"] = None
+    raw["steps"][0]["allow_failure"] = None
+    raw["variables"].append({"key": "V", "value": None, "public": None, "masked": None,
+                             "file": None, "raw": None})
+    raw["dependencies"] = [{"id": 3, "name": "d", "token": None,
+                            "artifacts_file": {"filename": None, "size": None}}]
+    raw["features"]["trace_sections"] = None
+    job = JobPayload.parse(raw)
+    assert job.cache[0].untracked is False
+    assert job.allow_git_fetch is False
+    assert job.git_info.depth == 0
+    assert job.steps[0].timeout == 0
+    assert job.steps[0].allow_failure is False
+    assert job.variable("V") == ""
+    assert job.dependencies[0].artifacts_file is not None
+    assert job.dependencies[0].artifacts_file.size == 0
+    assert job.artifacts[0].untracked is False
+    assert "__sf_main script 0 " in build_script(job)  # no step limit: the job's applies
 
 
 def test_variable_expansion_follows_gitlab_runner() -> None:

@@ -143,7 +143,7 @@ async def test_asks_for_jobs_only_with_a_free_slot(tmp_path: Path, fake: FakeGit
         port.stopping.set()
     spec, work = port.submitted[0]
     assert spec.profile == "vm"
-    assert spec.timeout_s == 900
+    assert spec.timeout_s == 900 + 300 + 120  # job, after_script, archives (host_deadline_s)
     assert work is not None
     assert job.token not in spec.model_dump_json()  # the token is not in what is stored
     assert job.updates[-1]["failure_reason"] == "runner_system_failure"  # the VM never ran
