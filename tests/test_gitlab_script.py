@@ -487,7 +487,8 @@ async def test_submodules_are_fetched_with_the_job_token(
     git(sup, "push", "-q", "origin", "HEAD:refs/heads/with-lib")
 
     payload = git_server.job(118, sha=sha, variables=[
-        variable("GIT_SUBMODULE_STRATEGY", "recursive")], script=["cat lib/lib.txt"])
+        variable("GIT_SUBMODULE_STRATEGY", "recursive")],
+        script=["cat lib/lib.txt", 'test -z "${__SF_GIT_PASSWORD:-}"'])  # fetch's only
     before = git_server.auth_failures
     run = await run_job(tmp_path, payload)
     assert run.result is not None

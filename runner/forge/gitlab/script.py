@@ -7,15 +7,20 @@ variable holding the path; non-raw values expand ``$OTHER``); fetches the
 source (clean URL; the job token reaches git through a credential helper
 reading the environment, never argv or ``.git/config``); extracts dependency
 and cache archives the host put in the guest (`guest_parts`); runs the steps
-in order under their ``when`` and per-step timeout, each in its own process
-group with stdin closed, ``after_script`` with ``CI_JOB_STATUS`` and its own
-timeout, its failure never the job's; zips the caches to push into
+in order under their ``when``, each in its own process group with stdin
+closed. The script keeps the job's timeout itself, counted from its start:
+everything before ``after_script`` runs under the job's time left (or a
+step's own limit if shorter) and, once it is spent, the job fails as
+gitlab-runner fails it ("execution took longer than ..."); ``after_script``
+then still runs, with ``CI_JOB_STATUS`` and its own limit
+(`after_script_timeout`), its failure never the job's; zips the caches to push into
 `GuestLayout.cache_path` and the artifacts whose ``when`` applies into
 `GuestLayout.artifact_path`; and writes one result line on the original
 stderr (fd 3), which `runner.forge.gitlab.result` reads on the host.
 
-SIGTERM to the script (the agent's cancel) stops the running step's group
-and ends with ``status=canceled``. The script text holds the job's secrets:
+SIGTERM to the script (the agent's cancel, or its deadline, `host_deadline_s`,
+which only a hung script reaches) stops the running step's group and ends
+with ``status=canceled``. The script text holds the job's secrets:
 hand it only to the agent (which writes it 0600 and deletes it).
 """
 
