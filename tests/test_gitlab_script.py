@@ -25,21 +25,17 @@ from typing import Any
 import pytest
 
 from runner.forge.gitlab import _collect
+from runner.forge.gitlab.layout import CHUNK, GuestLayout, guest_parts
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.result import ResultReader, ScriptResult, outcome
-from runner.forge.gitlab.script import (
-    CHUNK,
-    GuestLayout,
+from runner.forge.gitlab.script import build_script, expand, unsupported_reason
+from runner.forge.gitlab.session import JobOutcome
+from runner.forge.gitlab.timeouts import (
     after_script_timeout,
-    build_script,
-    expand,
     go_duration,
-    guest_parts,
     host_deadline_s,
     parse_duration,
-    unsupported_reason,
 )
-from runner.forge.gitlab.session import JobOutcome
 from tests.fake_gitlab import make_job, variable
 from tests.git_http import GitServer, git, serve_repo
 

@@ -4,9 +4,10 @@
 job's VM. In order, it: merges stderr into stdout (a GitLab trace is one
 stream); exports the job's variables (file variables become files, the
 variable holding the path; non-raw values expand ``$OTHER``); fetches the
-source (clean URL; the job token reaches git through a credential helper
-reading the environment, never argv or ``.git/config``); extracts dependency
-and cache archives the host put in the guest (`guest_parts`); runs the steps
+source (`runner.forge.gitlab.checkout`: the job token reaches git through a
+credential helper reading the environment, never argv or ``.git/config``); extracts dependency
+and cache archives the host put in the guest
+(`runner.forge.gitlab.layout.guest_parts`); runs the steps
 in order under their ``when``, each in its own process group with stdin
 closed. The script keeps the job's timeout itself, counted from its start:
 everything before ``after_script`` runs under the job's time left (or a
@@ -18,7 +19,8 @@ then still runs, with ``CI_JOB_STATUS`` and its own limit
 `GuestLayout.artifact_path`; and writes one result line on the original
 stderr (fd 3), which `runner.forge.gitlab.result` reads on the host.
 
-SIGTERM to the script (the agent's cancel, or its deadline, `host_deadline_s`,
+SIGTERM to the script (the agent's cancel, or its deadline,
+`runner.forge.gitlab.timeouts.host_deadline_s`,
 which only a hung script reaches) stops the running step's group and ends
 with ``status=canceled``. The script text holds the job's secrets:
 hand it only to the agent (which writes it 0600 and deletes it).
@@ -27,58 +29,18 @@ hand it only to the agent (which writes it 0600 and deletes it).
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit, urlunsplit
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from runner.forge.gitlab.checkout import get_sources
+from runner.forge.gitlab.layout import GuestLayout
 from runner.forge.gitlab.payload import Artifact, Cache, JobPayload, When
+from runner.forge.gitlab.timeouts import after_script_timeout, go_duration, timeout_variable
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_REF = re.compile(r"\$(\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
-CHUNK = 512 * 1024
-"""Archives reach the guest in parts of this size (one agent frame each)."""
-AFTER_SCRIPT_TIMEOUT_S = 300
-"""gitlab-runner's ``after_script`` timeout unless ``RUNNER_AFTER_SCRIPT_TIMEOUT`` says."""
-ARCHIVE_GRACE_S = 120
-"""Host-side time on top of the job's and after_script's for caches and artifacts."""
-_GO_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-@dataclass(frozen=True)
-class GuestLayout:
-    """Where a job lives in the guest."""
-
-    builds_dir: str = "/builds"
-    work_dir: str = "/run/snapfleet-gitlab"
-    """Private (0700) scratch: variable files, steps, dependencies, artifacts."""
-
-    def project_dir(self, job: JobPayload) -> str:
-        """``<builds_dir>/<namespace>/<project>``, as gitlab-runner lays it out."""
-        path = job.variable("CI_PROJECT_PATH") or f"project-{job.job_info.project_id}"
-        parts = [p for p in PurePosixPath(path).parts if p not in ("", ".", "..", "/")]
-        return str(PurePosixPath(self.builds_dir, *parts))
-
-    def artifact_path(self, index: int) -> str:
-        """Where the zip for ``job.artifacts[index]`` is left."""
-        return f"{self.work_dir}/artifacts/{index}.zip"
-
-    def dependency_dir(self) -> str:
-        """Where the host puts dependency archives (see `guest_parts`)."""
-        return f"{self.work_dir}/deps"
-
-    def cache_in_dir(self) -> str:
-        """Where the host puts the cache archives to restore (see `guest_parts`)."""
-        return f"{self.work_dir}/cache-in"
-
-    def cache_path(self, index: int) -> str:
-        """Where the zip for ``job.cache[index]`` is left, to keep on the host."""
-        return f"{self.work_dir}/caches/{index}.zip"
 
 
 def pulls(cache: Cache) -> bool:
@@ -115,67 +77,6 @@ def unsupported_reason(job: JobPayload) -> str | None:
             " remove them from the job or use a runner with a container executor")
 
 
-def parse_duration(text: str) -> int | None:
-    """Whole seconds (rounded up) from a Go duration (``5m``, ``1h30m``, ``90s``) or a
-    number of seconds, as timeout variables give them; ``None`` if it is neither."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    if not _GO_DURATION.fullmatch(text):
-        return None
-    seconds = sum(float(n) * _GO_UNIT[unit] for n, unit in _GO_PART.findall(text))
-    return max(1, math.ceil(seconds))
-
-
-def go_duration(seconds: int) -> str:
-    """``seconds`` as Go prints a duration (``3s``, ``5m0s``, ``1h0m0s``), as
-    gitlab-runner names a job timeout."""
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-def _timeout_variable(job: JobPayload, name: str) -> tuple[int | None, str | None]:
-    """A timeout variable's seconds (``None``: unset or unusable) and a warning if unusable."""
-    value = job.variable(name)
-    if not value:
-        return None, None
-    seconds = parse_duration(value)
-    if seconds is None or seconds <= 0:
-        return None, f'WARNING: {name}="{value}" is not a duration (like 5m or 300); ignored'
-    return seconds, None
-
-
-def after_script_timeout(job: JobPayload) -> int:
-    """``after_script``'s own time limit: ``RUNNER_AFTER_SCRIPT_TIMEOUT``, else
-    `AFTER_SCRIPT_TIMEOUT_S` (GitLab sets the step's ``timeout`` to the job's, so it is
-    not used)."""
-    return _timeout_variable(job, "RUNNER_AFTER_SCRIPT_TIMEOUT")[0] or AFTER_SCRIPT_TIMEOUT_S
-
-
-def host_deadline_s(job: JobPayload) -> int:
-    """How long the host lets the job's VM work run: the job's timeout (which the script
-    enforces itself), then after_script's, then `ARCHIVE_GRACE_S` for the archives. It only
-    fires when the script itself hangs."""
-    return job.timeout_s + after_script_timeout(job) + ARCHIVE_GRACE_S
-
-
-def guest_parts(directory: str, archives: Iterable[tuple[int, bytes]]) -> list[tuple[str, bytes]]:
-    """``(guest path, bytes)`` parts to ``put_file`` for archives (dependencies' artifacts
-    by dependency id, caches by index) into ``directory``.
-
-    Each archive is split into `CHUNK`-sized parts named ``<n>.zip.part<NNNNN>``
-    that the script joins and extracts, so any size passes the agent's frame limit.
-    """
-    files = []
-    for name, data in archives:
-        for n, start in enumerate(range(0, max(len(data), 1), CHUNK)):
-            files.append((f"{directory}/{name}.zip.part{n:05d}", data[start : start + CHUNK]))
-    return files
-
-
 def expand(variables: Sequence[tuple[str, str, bool]], paths: Mapping[str, str],
            defined: Mapping[str, str] | None = None) -> list[str]:
     """Values with ``$NAME``/``${NAME}`` resolved against the job's variables.
@@ -193,14 +94,6 @@ def expand(variables: Sequence[tuple[str, str, bool]], paths: Mapping[str, str],
         return "$" if name == "$" else table.get(name, "")
 
     return [value if raw else _VAR_REF.sub(one, value) for _key, value, raw in variables]
-
-
-def _git_remote(url: str) -> tuple[str, str, str]:
-    """``(url without credentials, user, password)`` from GitLab's ``repo_url``."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
-    return clean, unquote(parts.username or ""), unquote(parts.password or "")
 
 
 def _q(value: str) -> str:
@@ -298,7 +191,7 @@ def build_script(job: JobPayload, layout: GuestLayout | None = None) -> str:
                '"$__sf_work/artifacts" "$__sf_work/caches" "$__sf_work/deps" '
                '"$__sf_work/cache-in"')
     out += _variables(job, layout, project)
-    out += _sources(job, project)
+    out += get_sources(job)
     out += _restore_caches(job, layout)
     out += _dependencies(job, layout)
     out += _steps(job)
@@ -338,111 +231,6 @@ def _variables(job: JobPayload, layout: GuestLayout, project: str) -> list[str]:
         else:
             out.append(f"export {var.key}={_q(value)}")
     out.append('__sf_section_end prepare_script')
-    return out
-
-
-def _flags(job: JobPayload, name: str, default: list[str]) -> list[str]:
-    """A flags variable (``GIT_CLEAN_FLAGS``, ...) split as the shell would; ``none``: no
-    flags (the step is skipped where it has no meaning without them)."""
-    value = job.variable(name)
-    if value is None or not value.strip():
-        return default
-    return [] if value.strip() == "none" else shlex.split(value)
-
-
-def _sources(job: JobPayload, project: str) -> list[str]:
-    git = job.git_info
-    strategy = (job.variable("GIT_STRATEGY") or ("fetch" if job.allow_git_fetch else "clone"))
-    out = ['__sf_section_start get_sources "Getting source from Git repository"']
-    if strategy in ("none", "empty"):
-        if strategy == "empty":
-            out.append('rm -rf "$CI_PROJECT_DIR"')
-        out.append('mkdir -p "$CI_PROJECT_DIR"')
-        out.append(f"__sf_note {_q(f'Skipping Git repository setup (GIT_STRATEGY={strategy})')}")
-        out.append('__sf_section_end get_sources')
-        return out
-    url, user, password = _git_remote(git.repo_url)
-    fetch = ["git", "fetch", "origin", *_flags(job, "GIT_FETCH_EXTRA_FLAGS", ["--prune"]),
-             "--no-recurse-submodules"]
-    if git.depth > 0:
-        fetch += ["--depth", str(git.depth)]
-    fetch += git.refspecs or [f"+{git.sha}"]
-    clean = _flags(job, "GIT_CLEAN_FLAGS", ["-ffdx"])
-    checkout = (job.variable("GIT_CHECKOUT") or "true").lower() != "false"
-    depth_note = f"Fetching changes with git depth set to {git.depth}..." if git.depth else (
-        "Fetching changes...")
-    reuse = strategy == "fetch"
-    parts = urlsplit(url)
-    body = [
-        "set -u",
-        # The credential helper answers only for GitLab's own host (a submodule elsewhere
-        # must not get the job token) and reads the token from the environment: its argv
-        # holds the variable's name, not its value.
-        "export GIT_TERMINAL_PROMPT=0 GIT_CONFIG_COUNT=3",
-        "export GIT_CONFIG_KEY_0=credential.helper GIT_CONFIG_VALUE_0=",
-        "export GIT_CONFIG_KEY_1="
-        + _q(f"credential.{parts.scheme}://{parts.netloc}.helper") + " GIT_CONFIG_VALUE_1="
-        + _q('!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
-             '"$__SF_GIT_USER" "$__SF_GIT_PASSWORD"; }; f'),
-        "export GIT_CONFIG_KEY_2=advice.detachedHead GIT_CONFIG_VALUE_2=false",
-        ('if [ -d "$CI_PROJECT_DIR/.git" ]; then echo "Reinitialized existing Git repository"; '
-         'else rm -rf "$CI_PROJECT_DIR"; mkdir -p "$CI_PROJECT_DIR"; '
-         'echo "Created fresh repository."; fi') if reuse else
-        ('rm -rf "$CI_PROJECT_DIR" && mkdir -p "$CI_PROJECT_DIR" && '
-         'echo "Created fresh repository."'),
-        'cd "$CI_PROJECT_DIR" || exit 1',
-        "git init -q 2>/dev/null || git init || exit 1",
-        "git remote remove origin >/dev/null 2>&1",
-        f"git remote add origin {_q(url)} || exit 1",
-        f"echo {_q(depth_note)}",
-        shlex.join(fetch) + " || exit 1",
-    ]
-    if checkout:
-        body += [
-            f"echo {_q(f'Checking out {git.sha[:8]} as detached HEAD (ref is {git.ref})...')}",
-            f"git checkout -f -q {_q(git.sha)} || exit 1",
-        ]
-        if clean:
-            body.append(shlex.join(["git", "clean", *clean, "-q"]) + " || exit 1")
-        body += _submodules(job, clean)
-    else:
-        body.append(f"__sf_note {_q('Skipping Git checkout (GIT_CHECKOUT=false)')}")
-    out += [
-        f"printf '%s' {_q(chr(10).join(body) + chr(10))} > \"$__sf_work/steps/get_sources.sh\"",
-        # The token only in this step's environment, never in a file or an argv.
-        f"__SF_GIT_USER={_q(user)} __SF_GIT_PASSWORD={_q(password)} __sf_main get_sources 0 "
-        '"$__sf_work/steps/get_sources.sh" "$__sf_work"',
-        'if [ "$__sf_rc" != 0 ] && [ "$__sf_expired" = 0 ]; then',
-        '  __sf_error "ERROR: Getting the source failed (exit code $__sf_rc)"',
-        '  __sf_status=failed __sf_failed=1 __sf_exit=$__sf_rc __sf_step=get_sources',
-        "fi",
-        '__sf_section_end get_sources',
-    ]
-    return out
-
-
-def _submodules(job: JobPayload, clean: list[str]) -> list[str]:
-    """gitlab-runner's ``GIT_SUBMODULE_STRATEGY`` (``normal``, ``recursive``), fetched
-    with the same credentials as the project."""
-    strategy = (job.variable("GIT_SUBMODULE_STRATEGY") or "none").strip()
-    if strategy not in ("normal", "recursive"):
-        return []
-    recursive = ["--recursive"] if strategy == "recursive" else []
-    update = ["git", "submodule", "update", "--init", *recursive]
-    if (depth := job.variable("GIT_SUBMODULE_DEPTH") or "").isdigit() and int(depth) > 0:
-        update += ["--depth", depth]
-    update += _flags(job, "GIT_SUBMODULE_UPDATE_FLAGS", [])
-    paths = _flags(job, "GIT_SUBMODULE_PATHS", [])
-    note = "Updating/initializing submodules" + (" recursively..." if recursive else "...")
-    out = [
-        f"echo {_q(note)}",
-        shlex.join(["git", "submodule", "init", *paths]) + " || exit 1",
-        shlex.join(["git", "submodule", "sync", *recursive, *paths]) + " || exit 1",
-        shlex.join([*update, *(["--", *paths] if paths else [])]) + " || exit 1",
-    ]
-    if clean:
-        out.append(shlex.join(["git", "submodule", "foreach", *recursive,
-                               shlex.join(["git", "clean", *clean, "-q"])]) + " || exit 1")
     return out
 
 
@@ -489,9 +277,9 @@ def _step_file(lines: Sequence[str]) -> str:
 def _steps(job: JobPayload) -> list[str]:
     out = []
     after_limit = after_script_timeout(job)
-    script_limit = _timeout_variable(job, "RUNNER_SCRIPT_TIMEOUT")[0]
+    script_limit = timeout_variable(job, "RUNNER_SCRIPT_TIMEOUT")[0]
     for name in ("RUNNER_SCRIPT_TIMEOUT", "RUNNER_AFTER_SCRIPT_TIMEOUT"):
-        if (warning := _timeout_variable(job, name)[1]) is not None:
+        if (warning := timeout_variable(job, name)[1]) is not None:
             out.append(f"__sf_note {_q(warning)}")
     for n, step in enumerate(job.steps):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", step.name)

@@ -35,10 +35,12 @@ from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import GitLabRunnerConfig, default_system_id, read_runner_token
 from runner.forge.gitlab.inflight import InflightBook
+from runner.forge.gitlab.layout import GuestLayout
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.poller import JobPoller
-from runner.forge.gitlab.script import GuestLayout, host_deadline_s, unsupported_reason
+from runner.forge.gitlab.script import unsupported_reason
 from runner.forge.gitlab.session import JobOutcome, TraceStream
+from runner.forge.gitlab.timeouts import host_deadline_s
 from runner.forge.gitlab.work import GuestRun, gitlab_outcome, red
 from runner.limits import MAX_TIMEOUT_S
 from runner.service.jobs import Job, JobSpec

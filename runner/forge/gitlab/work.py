@@ -22,17 +22,12 @@ from runner.errors import ForgeError, ForgeUnavailable
 from runner.execution import Command, Outcome, execute
 from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
+from runner.forge.gitlab.layout import GuestLayout, guest_parts
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.result import ResultReader, outcome
-from runner.forge.gitlab.script import (
-    GuestLayout,
-    build_script,
-    cache_key,
-    guest_parts,
-    host_deadline_s,
-    pulls,
-)
+from runner.forge.gitlab.script import build_script, cache_key, pulls
 from runner.forge.gitlab.session import JobOutcome, TraceStream
+from runner.forge.gitlab.timeouts import host_deadline_s
 from runner.forge.gitlab.trace import Masker
 from runner.forge.gitlab.transfer import download_dependencies, upload_artifact
 from runner.service.jobs import Job, JobState
