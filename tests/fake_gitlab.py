@@ -157,6 +157,7 @@ def make_job(
     artifacts: list[Json] | None = None,
     cache: list[Json] | None = None,
     dependencies: list[Json] | None = None,
+    hooks: list[Json] | None = None,
     timeout: int = 3600,
     image: Json | None = None,
     services: list[Json] | None = None,
@@ -238,7 +239,7 @@ def make_job(
         "dependencies": dependencies or [],
         "features": {"trace_sections": True, "token_mask_prefixes": token_mask_prefixes or [],
                      "failure_reasons": list(FAILURE_REASONS)},
-        "hooks": [],
+        "hooks": hooks or [],
         "secrets": {},
         "_clean_repo_url": clean_repo,  # not GitLab's; unknown keys must be ignored
     }

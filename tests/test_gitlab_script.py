@@ -459,6 +459,32 @@ async def test_git_flags_none_skip_clean_and_extra_fetch_flags(
     assert "git fetch origin --prune --quiet --no-recurse-submodules" in build_script(flags)
 
 
+async def test_get_sources_hooks_run_around_the_fetch(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    hooks = [{"name": "pre_get_sources_script", "script": ["echo pre-hook", "pwd"]},
+             {"name": "post_get_sources_script",
+              "script": ["echo post-hook", "test -f build.sh && echo post-sees-checkout"]}]
+    run = await run_job(tmp_path, git_server.job(118, hooks=hooks, script=["echo step"]))
+    assert run.result is not None
+    assert run.result.status == "success", run.text
+    text = run.text
+    order = [text.index(s) for s in ("pre-hook", "Fetching changes", "Checking out",
+                                     "post-hook", "post-sees-checkout", "\nstep\n")]
+    assert order == sorted(order), text
+
+    failing = [{"name": "pre_get_sources_script", "script": ["false", "echo not-reached"]}]
+    run = await run_job(tmp_path, git_server.job(119, hooks=failing, script=["echo step"]))
+    assert run.result is not None
+    assert (run.result.status, run.result.step) == ("failed", "get_sources"), run.text
+    assert "not-reached" not in run.text
+    assert "\nstep\n" not in run.text
+
+    skipped = git_server.job(120, hooks=hooks, script=["echo step"],
+                             variables=[variable("GIT_STRATEGY", "none")])
+    assert "pre-hook" not in build_script(JobPayload.parse(skipped))  # no fetch, no hooks
+
+
 async def test_submodules_are_fetched_with_the_job_token(
     git_server: GitServer, tmp_path: Path
 ) -> None:

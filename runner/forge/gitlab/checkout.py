@@ -4,7 +4,9 @@
 `runner.forge.gitlab.script`'s prelude, using its ``__sf_*`` helpers):
 ``GIT_STRATEGY`` clone/fetch/none/empty, ``refspecs`` and ``depth`` as GitLab
 sends them, ``GIT_CHECKOUT``, ``GIT_CLEAN_FLAGS`` / ``GIT_FETCH_EXTRA_FLAGS``
-(``none``: no flags), and submodules (``GIT_SUBMODULE_STRATEGY``). The remote URL
+(``none``: no flags), submodules (``GIT_SUBMODULE_STRATEGY``) and the job's
+``hooks`` (``pre_get_sources_script`` before the fetch, ``post_get_sources_script``
+after the checkout; neither runs when there is no fetch, as in gitlab-runner). The remote URL
 carries no credentials: the job token reaches git through a credential helper
 that reads it from that step's environment, only for GitLab's own host.
 """
@@ -82,6 +84,7 @@ def get_sources(job: JobPayload) -> list[str]:
         "git init -q 2>/dev/null || git init || exit 1",
         "git remote remove origin >/dev/null 2>&1",
         f"git remote add origin {_q(url)} || exit 1",
+        *_hook(job, "pre_get_sources_script"),
         f"echo {_q(depth_note)}",
         shlex.join(fetch) + " || exit 1",
     ]
@@ -93,6 +96,7 @@ def get_sources(job: JobPayload) -> list[str]:
         if clean:
             body.append(shlex.join(["git", "clean", *clean, "-q"]) + " || exit 1")
         body += _submodules(job, clean)
+        body += _hook(job, "post_get_sources_script")
     else:
         body.append(f"__sf_note {_q('Skipping Git checkout (GIT_CHECKOUT=false)')}")
     out += [
@@ -132,3 +136,14 @@ def _submodules(job: JobPayload, clean: list[str]) -> list[str]:
         out.append(shlex.join(["git", "submodule", "foreach", *recursive,
                                shlex.join(["git", "clean", *clean, "-q"])]) + " || exit 1")
     return out
+
+
+def _hook(job: JobPayload, name: str) -> list[str]:
+    """The job's ``hooks:<name>`` lines, run by bash in the project directory (a failing
+    line fails getting the source, as in gitlab-runner)."""
+    lines = job.hook(name)
+    if not lines:
+        return []
+    # Its own bash: `set -e` in a subshell tested by `||` would be ignored.
+    return [f"echo {_q(f'Running {name}')}",
+            f"bash -eo pipefail -c {_q(chr(10).join(lines))} || exit 1"]

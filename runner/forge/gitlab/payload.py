@@ -123,6 +123,14 @@ class Step(_Model):
     allow_failure: Bool = False
 
 
+class Hook(_Model):
+    """A job hook (``Hook``): ``pre_get_sources_script`` runs before the fetch,
+    ``post_get_sources_script`` after the checkout (and submodules)."""
+
+    name: Str = ""
+    script: List = Field(default_factory=list)
+
+
 class Image(_Model):
     """A container image (``Image``); only its presence matters to a VM runner."""
 
@@ -232,6 +240,7 @@ class JobPayload(_Model):
     features: Annotated[GitLabFeatures, _null_as(dict)] = Field(
         default_factory=GitLabFeatures
     )
+    hooks: Annotated[list[Hook], _null_as(list)] = Field(default_factory=list)
     run: Str = Field(default="", repr=False)
     """GitLab Steps (the ``run`` keyword) as JSON text; a VM runner without step-runner
     refuses such a job (see `runner.forge.gitlab.script.unsupported_reason`)."""
@@ -265,6 +274,10 @@ class JobPayload(_Model):
         return job
 
     # -- views the script builder and the runner use -------------------------
+
+    def hook(self, name: str) -> list[str]:
+        """The script lines of the hooks called ``name``, in payload order."""
+        return [line for hook in self.hooks if hook.name == name for line in hook.script]
 
     def variable(self, key: str) -> str | None:
         """The value of variable ``key`` (the last one sent wins), or ``None``."""
