@@ -10,9 +10,9 @@ and cache archives the host put in the guest (`guest_parts`); runs the steps
 in order under their ``when`` and per-step timeout, each in its own process
 group with stdin closed, ``after_script`` with ``CI_JOB_STATUS`` and its own
 timeout, its failure never the job's; zips the caches to push into
-`GuestLayout.cache_path` and the artifacts whose ``when`` applies into
-`GuestLayout.artifact_path`; and writes one result line on the original
-stderr (fd 3), which `runner.forge.gitlab.result` reads on the host.
+`GuestLayout.cache_path` and archives the artifacts whose ``when`` applies, in
+their ``artifact_format``, into `GuestLayout.artifact_path`; and writes one
+result line on the original stderr (fd 3), which `runner.forge.gitlab.result` reads on the host.
 
 SIGTERM to the script (the agent's cancel) stops the running step's group
 and ends with ``status=canceled``. The script text holds the job's secrets:
@@ -431,21 +431,26 @@ def _artifacts(job: JobPayload, layout: GuestLayout) -> list[str]:
 
 def _artifact(n: int, artifact: Artifact, layout: GuestLayout) -> list[str]:
     kind = artifact.artifact_type or "archive"
-    if (artifact.artifact_format or "zip") != "zip":
-        note = (f"WARNING: artifacts {kind!r} in format {artifact.artifact_format!r} are not"
-                " supported by this runner; skipped")
-        return [f"__sf_note {_q(note)}"]
     spec = json.dumps({"paths": artifact.paths, "exclude": artifact.exclude,
-                       "untracked": artifact.untracked})
+                       "untracked": artifact.untracked,
+                       "format": artifact.artifact_format or "zip"})
     cond = _WHEN[artifact.when]
     label = "on_failure" if artifact.when is When.ON_FAILURE else "on_success"
+    # Exit 3 is "nothing matched" (a warning, as gitlab-runner has it); any other
+    # failure to build the archive fails the job, as gitlab-runner's uploader does.
     return [
         f"if {cond}; then",
         f"  __sf_section_start upload_artifacts_{label} "
         f"{_q(f'Uploading artifacts as {kind!r}')}",
         f'  ( cd "$CI_PROJECT_DIR" && python3 "$__sf_work/collect.py" "$CI_PROJECT_DIR" '
-        f"{_q(layout.artifact_path(n))} {_q(spec)} ) 3>&- "
-        f'&& __sf_artifacts="${{__sf_artifacts:+$__sf_artifacts,}}{n}"',
+        f"{_q(layout.artifact_path(n))} {_q(spec)} ) 3>&-",
+        "  __sf_rc=$?",
+        '  if [ "$__sf_rc" = 0 ]; then __sf_artifacts="${__sf_artifacts:+$__sf_artifacts,}'
+        f'{n}"',
+        '  elif [ "$__sf_rc" != 3 ] && [ "$__sf_failed" = 0 ]; then',
+        f"    __sf_status=failed __sf_failed=1 __sf_exit=1 __sf_step=upload_artifacts_{label}",
+        f"    __sf_error {_q(f'ERROR: Job failed: the artifacts {kind!r} could not be archived')}",
+        "  fi",
         f"  __sf_section_end upload_artifacts_{label}",
         "fi",
     ]
