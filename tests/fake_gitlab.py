@@ -321,6 +321,8 @@ class FakeGitLab:
         self.queue_value = 1
         self.upload_chunk_delay_s = 0.0
         """Read upload bodies 64 KiB at a time with this pause between (a slow GitLab)."""
+        self.download_chunk_delay_s = 0.0
+        """Send artifact downloads 64 KiB at a time with this pause between."""
         self._changed = asyncio.Condition()
         self._stopping = asyncio.Event()
         self._pending_accepts: dict[int, int] = {}
@@ -573,7 +575,18 @@ class FakeGitLab:
             return job
         if job.stored_artifact is None:
             return web.json_response({"message": "404 Not found"}, status=404)
-        return web.Response(body=job.stored_artifact, content_type="application/zip")
+        if not self.download_chunk_delay_s:
+            return web.Response(body=job.stored_artifact, content_type="application/zip")
+        resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
+        resp.content_length = len(job.stored_artifact)
+        await resp.prepare(request)
+        for start in range(0, len(job.stored_artifact), 64 * 1024):
+            await resp.write(job.stored_artifact[start:start + 64 * 1024])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.download_chunk_delay_s)
+            if self._stopping.is_set():
+                break
+        return resp
 
     # -- python-gitlab (registration) -------------------------------------
 

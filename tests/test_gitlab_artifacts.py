@@ -10,6 +10,7 @@ the job's final state and reason, its trace, and the bytes it was given.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
@@ -267,6 +268,25 @@ async def test_an_upload_gitlab_stops_reading_fails_as_unavailable(gitlab: FakeG
                                          filename="build.zip")
     assert "made no progress for 0.5 s" in str(err.value)
     assert time.monotonic() - started < 10
+
+
+async def test_downloads_have_no_total_timeout_but_a_stalled_one_fails(
+    gitlab: FakeGitLab, tmp_path: Path
+) -> None:
+    archive = _zip_of(random.Random(6).randbytes(1 << 20))
+    dep = gitlab.add_finished_job(make_job(308), archive)
+    async with GitLabClient(gitlab.url, timeout_s=0.2, transfer_read_s=0.5) as client:
+        gitlab.download_chunk_delay_s = 0.05  # 16 chunks: about 0.8 s, each in time
+        started = time.monotonic()
+        size = await client.download_artifacts(dep.id, Secret(dep.token), tmp_path / "a.zip")
+        assert time.monotonic() - started > 0.6
+        assert (size, (tmp_path / "a.zip").read_bytes()) == (len(archive), archive)
+        gitlab.download_chunk_delay_s = 30.0  # one chunk, then silence
+        with pytest.raises(ForgeUnavailable) as err:
+            await asyncio.wait_for(
+                client.download_artifacts(dep.id, Secret(dep.token), tmp_path / "b.zip"), 10)
+    assert "Timeout" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]  # no partial file left
 
 
 def _zip_of(data: bytes, *, stored: bool = False) -> bytes:

@@ -377,11 +377,15 @@ class GitLabClient:
 async def _save(resp: aiohttp.ClientResponse, dest: Path) -> int:
     tmp = dest.with_name(dest.name + ".part")
     size = 0
-    with tmp.open("wb") as f:
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            f.write(chunk)
-            size += len(chunk)
-    await asyncio.to_thread(tmp.replace, dest)
+    try:
+        with tmp.open("wb") as f:
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                f.write(chunk)
+                size += len(chunk)
+        await asyncio.to_thread(tmp.replace, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a broken download leaves nothing behind
+        raise
     return size
 
 
