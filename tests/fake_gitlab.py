@@ -21,6 +21,7 @@ import io
 import json
 import re
 import secrets
+import struct
 import time
 import zipfile
 import zlib
@@ -59,6 +60,55 @@ FAILURE_REASONS = (
     "reached_max_pipeline_hierarchy_size", "reached_downstream_pipeline_trigger_rate_limit",
 )
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+# GitLab's ``Enums::Ci::JobArtifact`` type → format pairs: an upload of another
+# pair is refused (``file_format`` validation), so a runner must send them as given.
+ARTIFACT_FORMATS = {
+    "archive": "zip", "metadata": "gzip", "trace": "raw",
+    "junit": "gzip", "metrics": "gzip", "metrics_referee": "gzip", "network_referee": "gzip",
+    "dotenv": "gzip", "cobertura": "gzip", "jacoco": "gzip", "cluster_applications": "gzip",
+    "lsif": "zip", "cyclonedx": "gzip", "annotations": "gzip", "repository_xray": "gzip",
+    "sast": "raw", "secret_detection": "raw", "dependency_scanning": "raw",
+    "container_scanning": "raw", "cluster_image_scanning": "raw", "dast": "raw",
+    "license_scanning": "raw", "accessibility": "raw", "codequality": "raw",
+    "performance": "raw", "browser_performance": "raw", "load_performance": "raw",
+    "terraform": "raw", "requirements": "raw", "requirements_v2": "raw",
+    "coverage_fuzzing": "raw", "api_fuzzing": "raw",
+}
+
+
+def gzip_members(data: bytes) -> list[tuple[str, str, bytes]]:
+    """``(FNAME, FCOMMENT, content)`` of each member of a concatenated gzip stream;
+    ValueError if it is not one (RFC 1952, as GitLab's ``GzipStream`` reads it)."""
+    members = []
+    rest = data
+    while rest:
+        if len(rest) < 10 or rest[:3] != b"\x1f\x8b\x08":
+            raise ValueError("not a gzip member")
+        flags, pos = rest[3], 10
+        if flags & 0x04:  # FEXTRA
+            pos += 2 + int.from_bytes(rest[pos:pos + 2], "little")
+        texts = []
+        for flag in (0x08, 0x10):  # FNAME, FCOMMENT
+            if flags & flag:
+                end = rest.index(b"\0", pos)
+                texts.append(rest[pos:end].decode("latin-1"))
+                pos = end + 1
+            else:
+                texts.append("")
+        if flags & 0x02:  # FHCRC
+            pos += 2
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        content = inflate.decompress(rest[pos:])
+        if not inflate.eof or len(inflate.unused_data) < 8:
+            raise ValueError("truncated gzip member")
+        crc, size = struct.unpack("<II", inflate.unused_data[:8])
+        if crc != zlib.crc32(content) or size != len(content) & 0xFFFFFFFF:
+            raise ValueError("gzip member CRC or size mismatch")
+        members.append((texts[0], texts[1], content))
+        rest = inflate.unused_data[8:]
+    if not members:
+        raise ValueError("empty gzip stream")
+    return members
 
 
 class _Strict(BaseModel):
@@ -271,7 +321,12 @@ class FakeGitLab:
         self.groups: dict[str, int] = {"acme/platform": 12}
         self.projects: dict[str, int] = {"acme/platform/app": 34}
         self.queue_value = 1
+        self.upload_chunk_delay_s = 0.0
+        """Read upload bodies 64 KiB at a time with this pause between (a slow GitLab)."""
+        self.download_chunk_delay_s = 0.0
+        """Send artifact downloads 64 KiB at a time with this pause between."""
         self._changed = asyncio.Condition()
+        self._stopping = asyncio.Event()
         self._pending_accepts: dict[int, int] = {}
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -300,6 +355,7 @@ class FakeGitLab:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()  # a slow upload handler ends now, not at its next read
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -486,20 +542,33 @@ class FakeGitLab:
         if not request.content_type.startswith("multipart/form-data"):
             return self._violation("artifacts: not multipart/form-data")
         query = dict(request.query)
-        if query.get("artifact_format", "zip") not in ("zip", "gzip", "raw"):
-            return self._violation(f"artifacts: artifact_format {query.get('artifact_format')}")
+        kind, fmt = query.get("artifact_type"), query.get("artifact_format")
+        if kind not in ARTIFACT_FORMATS or fmt != ARTIFACT_FORMATS[kind]:
+            return self._violation(f"artifacts: artifact_type {kind!r} with format {fmt!r}")
         reader = await request.multipart()
         part = await reader.next()
         if part is None or getattr(part, "name", None) != "file":
             return self._violation("artifacts: first part is not 'file'")
         filename = getattr(part, "filename", None) or ""
-        data = await part.read()  # type: ignore[union-attr]
-        is_zip = zipfile.is_zipfile(io.BytesIO(data))
-        if query.get("artifact_format", "zip") == "zip" and not is_zip:
+        body = bytearray()
+        while chunk := await part.read_chunk(64 * 1024):  # type: ignore[union-attr]
+            body += chunk
+            if self.upload_chunk_delay_s:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.upload_chunk_delay_s)
+            if self._stopping.is_set():
+                return web.json_response({"message": "503 stopping"}, status=503)
+        data = bytes(body)
+        if fmt == "zip" and not zipfile.is_zipfile(io.BytesIO(data)):
             return self._violation("artifacts: 'file' is not a zip archive")
-        job.artifacts.append((query, filename, bytes(data)))
-        if query.get("artifact_type", "archive") == "archive":
-            job.stored_artifact = bytes(data)  # what later jobs download as a dependency
+        if fmt == "gzip":
+            try:
+                gzip_members(data)
+            except ValueError as exc:
+                return self._violation(f"artifacts: 'file' is not gzip: {exc}")
+        job.artifacts.append((query, filename, data))
+        if kind == "archive":
+            job.stored_artifact = data  # what later jobs download as a dependency
         return web.json_response({"message": "201 Created"}, status=201)
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
@@ -508,7 +577,18 @@ class FakeGitLab:
             return job
         if job.stored_artifact is None:
             return web.json_response({"message": "404 Not found"}, status=404)
-        return web.Response(body=job.stored_artifact, content_type="application/zip")
+        if not self.download_chunk_delay_s:
+            return web.Response(body=job.stored_artifact, content_type="application/zip")
+        resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
+        resp.content_length = len(job.stored_artifact)
+        await resp.prepare(request)
+        for start in range(0, len(job.stored_artifact), 64 * 1024):
+            await resp.write(job.stored_artifact[start:start + 64 * 1024])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.download_chunk_delay_s)
+            if self._stopping.is_set():
+                break
+        return resp
 
     # -- python-gitlab (registration) -------------------------------------
 

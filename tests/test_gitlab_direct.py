@@ -23,7 +23,7 @@ import pytest
 
 from runner.api.client import ApiClient
 from tests.daemons import DaemonProcess
-from tests.fake_gitlab import FakeGitLab, FakeJob, variable
+from tests.fake_gitlab import FakeGitLab, FakeJob, gzip_members, variable
 from tests.git_http import GitServer, serve_repo
 
 pytestmark = pytest.mark.vm
@@ -115,10 +115,14 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     passing = await fake.enqueue(git_server.job(
         501, variables=[variable("DEPLOY_KEY", MASKED, masked=True)],
         script=["sh build.sh", "cat README.md", 'echo "key=$DEPLOY_KEY"',
-                'printf "%s" "$DEPLOY_KEY" | cut -c1-8'],
+                'printf "%s" "$DEPLOY_KEY" | cut -c1-8',
+                "printf '<testsuites/>' > junit.xml"],
         artifacts=[{"name": "build", "untracked": False, "paths": ["out/"], "exclude": [],
                     "when": "on_success", "artifact_type": "archive",
-                    "artifact_format": "zip", "expire_in": "1 day"}],
+                    "artifact_format": "zip", "expire_in": "1 day"},
+                   {"name": "junit", "untracked": False, "paths": ["junit.xml"], "exclude": [],
+                    "when": "always", "artifact_type": "junit",
+                    "artifact_format": "gzip", "expire_in": "1 day"}],
     ))
     await until(lambda: passing.status == "success", 300, "the passing job")
     trace = passing.trace.decode(errors="replace")
@@ -127,7 +131,10 @@ async def test_jobs_pass_fail_time_out_and_cancel_in_vms(
     assert "key=[MASKED]" in trace
     update = final_update(passing)
     assert update["state"] == "success"
-    assert len(passing.artifacts) == 1
+    assert len(passing.artifacts) == 2
+    # The report, made by the guest's python3 as gitlab-runner makes it: one gzip member.
+    assert gzip_members(passing.artifacts[1][2]) == [("junit.xml", "junit.xml",
+                                                      b"<testsuites/>")]
     query, filename, data = passing.artifacts[0]
     assert filename == "build.zip"
     assert query.get("artifact_type") == "archive"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from runner.secret import Secret
 LAST_UPDATE = "X-GitLab-Last-Update"
 UPDATE_INTERVAL = "X-GitLab-Trace-Update-Interval"
 JOB_STATUS = "Job-Status"
+UPLOAD_CHUNK = 256 * 1024
 
 FEATURES: Mapping[str, bool] = {
     # What this runner really does (``FeaturesInfo`` in gitlab-runner's network.go).
@@ -51,7 +52,7 @@ FEATURES: Mapping[str, bool] = {
     "fallback_cache_keys": True,
     "shared": False,
     "upload_multiple_artifacts": True,
-    "upload_raw_artifacts": False,
+    "upload_raw_artifacts": True,
     "session": False,
     "terminal": False,
     "refspecs": True,
@@ -163,6 +164,8 @@ class GitLabClient:
         session: aiohttp.ClientSession | None = None,
         timeout_s: float = 30.0,
         long_poll_timeout_s: float = 75.0,
+        transfer_connect_s: float = 30.0,
+        transfer_read_s: float = 300.0,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -174,6 +177,10 @@ class GitLabClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         # Workhorse holds a job request up to ~50 s; leave it room to answer.
         self._long_timeout = aiohttp.ClientTimeout(total=long_poll_timeout_s)
+        # Archives take as long as they take: no total, only "no progress for so long".
+        self._transfer_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=transfer_connect_s, sock_read=transfer_read_s)
+        self._transfer_read_s = transfer_read_s
         self._headers = {"User-Agent": f"snapfleet/{__version__}"}
 
     async def __aenter__(self) -> GitLabClient:
@@ -301,30 +308,50 @@ class GitLabClient:
         artifact_format: str = "zip",
         expire_in: str = "",
     ) -> None:
-        """Upload one artifacts archive (``POST /jobs/:id/artifacts``, multipart ``file``)."""
+        """Upload one artifacts archive (``POST /jobs/:id/artifacts``, multipart ``file``).
+
+        No total timeout: the body goes out in chunks and the upload fails
+        only when a chunk waits ``transfer_read_s`` to be taken, the connect
+        takes ``transfer_connect_s``, or GitLab's answer stalls that long.
+        """
         what = f"POST /jobs/{job_id}/artifacts"
         params = {"artifact_type": artifact_type, "artifact_format": artifact_format}
         if expire_in:
             params["expire_in"] = expire_in
-        form = aiohttp.FormData()
-        form.add_field(
-            "file", data, filename=filename, content_type="application/octet-stream"
-        )
-        status, headers, raw = await self._send(
-            "POST", f"/jobs/{job_id}/artifacts", what=what, data=form, params=params,
-            headers={"JOB-TOKEN": job_token.reveal()},
-        )
+        try:
+            async with asyncio.timeout(None) as stall:
+                form = aiohttp.FormData()
+                form.add_field("file", self._paced(data, stall), filename=filename,
+                               content_type="application/octet-stream")
+                status, headers, raw = await self._send(
+                    "POST", f"/jobs/{job_id}/artifacts", what=what, data=form, params=params,
+                    headers={"JOB-TOKEN": job_token.reveal()}, timeout=self._transfer_timeout,
+                )
+        except TimeoutError as exc:
+            raise ForgeUnavailable(
+                f"{what}: the upload made no progress for {self._transfer_read_s:g} s",
+                forge=FORGE) from exc
         if status == 201:
             return
         if status == 413:
             raise ForgeError(f"{what}: 413 archive too large", forge=FORGE, status=status)
         raise _failure(what, status, headers, raw)
 
+    async def _paced(self, data: bytes, stall: asyncio.Timeout) -> AsyncIterator[bytes]:
+        """``data`` in chunks, each re-arming ``stall``: it fires if one is not taken in time."""
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(data), UPLOAD_CHUNK):
+            stall.reschedule(loop.time() + self._transfer_read_s)
+            yield data[start : start + UPLOAD_CHUNK]
+        stall.reschedule(None)  # the body is out: waiting for the answer is sock_read's
+
     async def download_artifacts(self, job_id: int, token: Secret, dest: Path) -> int:
         """Save job ``job_id``'s artifacts archive to ``dest``; returns its size.
 
         ``token`` is the dependency's token from the payload. A redirect (to
         object storage) is followed without the token: it is GitLab's alone.
+        No total timeout: it fails when connecting or any read stalls (see
+        ``transfer_connect_s``/``transfer_read_s``).
         """
         what = f"GET /jobs/{job_id}/artifacts"
         url = f"{self.api}/jobs/{job_id}/artifacts"
@@ -332,7 +359,7 @@ class GitLabClient:
         try:
             for _hop in range(5):
                 async with self._http().get(
-                    url, headers=headers, allow_redirects=False, timeout=None
+                    url, headers=headers, allow_redirects=False, timeout=self._transfer_timeout
                 ) as resp:
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                         url = urljoin(url, resp.headers["Location"])
@@ -350,11 +377,15 @@ class GitLabClient:
 async def _save(resp: aiohttp.ClientResponse, dest: Path) -> int:
     tmp = dest.with_name(dest.name + ".part")
     size = 0
-    with tmp.open("wb") as f:
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            f.write(chunk)
-            size += len(chunk)
-    await asyncio.to_thread(tmp.replace, dest)
+    try:
+        with tmp.open("wb") as f:
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                f.write(chunk)
+                size += len(chunk)
+        await asyncio.to_thread(tmp.replace, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a broken download leaves nothing behind
+        raise
     return size
 
 

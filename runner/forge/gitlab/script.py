@@ -5,25 +5,25 @@ job's VM. In order, it: merges stderr into stdout (a GitLab trace is one
 stream); exports the job's variables (file variables become files, the
 variable holding the path; non-raw values expand ``$OTHER``); fetches the
 source (`runner.forge.gitlab.checkout`: the job token reaches git through a
-credential helper reading the environment, never argv or ``.git/config``); extracts dependency
-and cache archives the host put in the guest
-(`runner.forge.gitlab.layout.guest_parts`); runs the steps
-in order under their ``when``, each in its own process group with stdin
-closed. The script keeps the job's timeout itself, counted from its start:
-everything before ``after_script`` runs under the job's time left (or a
-step's own limit if shorter) and, once it is spent, the job fails as
-gitlab-runner fails it ("execution took longer than ..."); ``after_script``
-then still runs, with ``CI_JOB_STATUS`` and its own limit
-(`after_script_timeout`), its failure never the job's; zips the caches to push into
-`GuestLayout.cache_path` and the artifacts whose ``when`` applies into
-`GuestLayout.artifact_path`; and writes one result line on the original
+credential helper reading the environment, never argv or ``.git/config``);
+extracts dependency and cache archives the host put in the guest
+(`runner.forge.gitlab.layout.guest_parts`); runs the steps in order under
+their ``when``, each in its own process group with stdin closed. The script
+keeps the job's timeout itself, counted from its start: everything before
+``after_script`` runs under the job's time left (or a step's own limit if
+shorter) and, once it is spent, the job fails as gitlab-runner fails it
+("execution took longer than ..."); ``after_script`` then still runs, with
+``CI_JOB_STATUS`` and its own limit (`after_script_timeout`), its failure
+never the job's; zips the caches to push into `GuestLayout.cache_path` and
+archives the artifacts whose ``when`` applies, in their ``artifact_format``,
+into `GuestLayout.artifact_path`; and writes one result line on the original
 stderr (fd 3), which `runner.forge.gitlab.result` reads on the host.
 
 SIGTERM to the script (the agent's cancel, or its deadline,
-`runner.forge.gitlab.timeouts.host_deadline_s`,
-which only a hung script reaches) stops the running step's group and ends
-with ``status=canceled``. The script text holds the job's secrets:
-hand it only to the agent (which writes it 0600 and deletes it).
+`runner.forge.gitlab.timeouts.host_deadline_s`, which only a hung script
+reaches) stops the running step's group and ends with ``status=canceled``.
+The script text holds the job's secrets: hand it only to the agent (which
+writes it 0600 and deletes it).
 """
 
 from __future__ import annotations
@@ -387,21 +387,26 @@ def _artifacts(job: JobPayload, layout: GuestLayout) -> list[str]:
 
 def _artifact(n: int, artifact: Artifact, layout: GuestLayout) -> list[str]:
     kind = artifact.artifact_type or "archive"
-    if (artifact.artifact_format or "zip") != "zip":
-        note = (f"WARNING: artifacts {kind!r} in format {artifact.artifact_format!r} are not"
-                " supported by this runner; skipped")
-        return [f"__sf_note {_q(note)}"]
     spec = json.dumps({"paths": artifact.paths, "exclude": artifact.exclude,
-                       "untracked": artifact.untracked})
+                       "untracked": artifact.untracked,
+                       "format": artifact.artifact_format or "zip"})
     cond = _WHEN[artifact.when]
     label = "on_failure" if artifact.when is When.ON_FAILURE else "on_success"
+    # Exit 3 is "nothing matched" (a warning, as gitlab-runner has it); any other
+    # failure to build the archive fails the job, as gitlab-runner's uploader does.
     return [
         f"if {cond}; then",
         f"  __sf_section_start upload_artifacts_{label} "
         f"{_q(f'Uploading artifacts as {kind!r}')}",
         f'  ( cd "$CI_PROJECT_DIR" && python3 "$__sf_work/collect.py" "$CI_PROJECT_DIR" '
-        f"{_q(layout.artifact_path(n))} {_q(spec)} ) 3>&- "
-        f'&& __sf_artifacts="${{__sf_artifacts:+$__sf_artifacts,}}{n}"',
+        f"{_q(layout.artifact_path(n))} {_q(spec)} ) 3>&-",
+        "  __sf_rc=$?",
+        '  if [ "$__sf_rc" = 0 ]; then __sf_artifacts="${__sf_artifacts:+$__sf_artifacts,}'
+        f'{n}"',
+        '  elif [ "$__sf_rc" != 3 ] && [ "$__sf_failed" = 0 ]; then',
+        f"    __sf_status=failed __sf_failed=1 __sf_exit=1 __sf_step=upload_artifacts_{label}",
+        f"    __sf_error {_q(f'ERROR: Job failed: the artifacts {kind!r} could not be archived')}",
+        "  fi",
         f"  __sf_section_end upload_artifacts_{label}",
         "fi",
     ]

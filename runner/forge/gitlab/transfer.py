@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import random
 from pathlib import Path
 
@@ -10,6 +11,16 @@ from runner.errors import ForgeError, ForgeUnavailable
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.payload import Artifact, Dependency, JobPayload
 from runner.forge.gitlab.session import Backoff, Sleep, TraceStream
+
+
+def artifact_filename(artifact: Artifact) -> str:
+    """The upload's file name, as gitlab-runner names it: the artifact's name (its last
+    path part; ``artifacts`` when unnamed) with the format's extension."""
+    base = posixpath.basename(artifact.name.rstrip("/")) if artifact.name else "artifacts"
+    if base in ("", "."):
+        base = "default"
+    extension = {"zip": ".zip", "gzip": ".gz"}.get(artifact.artifact_format or "zip", "")
+    return base + extension
 
 
 async def upload_artifact(
@@ -23,36 +34,42 @@ async def upload_artifact(
     backoff: Backoff | None = None,
     sleep: Sleep = asyncio.sleep,
     rng: random.Random | None = None,
-) -> bool:
+) -> None:
     """Upload one artifacts archive as gitlab-runner does, saying so in the trace.
 
-    Retries network failures, 429 and 5xx ``attempts`` times; returns whether
-    GitLab took it. A refusal (too large, forbidden) is a note in the trace.
+    ``artifact_type`` and ``artifact_format`` go to GitLab as the job's payload
+    gave them. Network failures, 429 and 5xx are tried ``attempts`` times; then
+    the last ``ForgeUnavailable`` is raised. A refusal (413 too large, 403,
+    400) raises its ``ForgeError`` at once. Either way the trace says why.
     """
     backoff = backoff or Backoff()
     rng = rng or random.Random()
     kind = artifact.artifact_type or "archive"
-    filename = f"{artifact.name or 'artifacts'}.zip"
+    fmt = artifact.artifact_format or "zip"
+    attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             await client.upload_artifact(
-                job.id, job.token, data, filename=filename, artifact_type=kind,
-                artifact_format=artifact.artifact_format or "zip", expire_in=artifact.expire_in,
+                job.id, job.token, data, filename=artifact_filename(artifact),
+                artifact_type=kind, artifact_format=fmt, expire_in=artifact.expire_in,
             )
         except ForgeUnavailable as exc:
-            trace.write(f"WARNING: Uploading artifacts as \"{kind}\" failed: {exc}\n".encode())
-            if attempt < attempts:
-                await sleep(backoff.delay(attempt, rng))
+            trace.write(f"WARNING: Uploading artifacts as \"{kind}\" to coordinator... failed"
+                        f" (attempt {attempt} of {attempts}): {exc}\n".encode())
+            if attempt == attempts:
+                raise
+            await sleep(backoff.delay(attempt, rng))
             continue
         except ForgeError as exc:
-            trace.write(f"ERROR: Uploading artifacts as \"{kind}\" refused: {exc}\n".encode())
-            return False
+            reason = "too large archive" if exc.status == 413 else "refused"
+            trace.write(f"ERROR: Uploading artifacts as \"{kind}\" to coordinator... {reason}"
+                        f"  id={job.id} status={exc.status}: {exc}\n".encode())
+            raise
         trace.write(
             f"Uploading artifacts as \"{kind}\" to coordinator... 201 Created"
             f"  id={job.id} bytes={len(data)}\n".encode()
         )
-        return True
-    return False
+        return
 
 
 async def download_dependencies(

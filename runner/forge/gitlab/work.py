@@ -4,10 +4,10 @@
 (`runner.forge.gitlab.cache`) in the guest, runs the job script
 (`runner.forge.gitlab.script`) under bash with its output masked into the
 trace and the daemon's job log, stops it when GitLab cancels the job, reads
-the caches and artifact archives back, keeps the one and uploads the other.
-It records how GitLab should hear of the job (`GuestRun.result`);
-`gitlab_outcome` answers that when the work never ran (cancelled while queued,
-a failed restore).
+the caches and artifact archives back, keeps the one and uploads the other
+(artifacts GitLab does not get fail the job). It records how GitLab should
+hear of the job (`GuestRun.result`); `gitlab_outcome` answers that when the
+work never ran (cancelled while queued, a failed restore).
 """
 
 from __future__ import annotations
@@ -120,12 +120,17 @@ class GuestRun:
         cancelled = done.state is JobState.CANCELLED or cancel.is_set()
         final = outcome(reader.result, timed_out=done.state is JobState.TIMED_OUT,
                         cancelled=cancelled)
+        detail = None
         if reader.result is not None and not cancelled and not self.trace.aborted.is_set():
             await self._keep_caches(machine, reader.result.caches)
-            await self._upload(machine, reader.result.artifacts)
+            lost = await self._upload(machine, reader.result.artifacts)
+            # Artifacts GitLab did not get fail the job (as gitlab-runner's uploader
+            # does), unless it failed already: then its own reason stands.
+            if lost is not None and final.state == "success":
+                final, detail = lost
         self._log(self._log_masker.flush())
         self.result = final
-        return _daemon_outcome(final)
+        return _daemon_outcome(final, detail)
 
     async def _watch_cancel(self, cancel: asyncio.Event) -> None:
         waits = [asyncio.ensure_future(self.trace.cancel_requested.wait()),
@@ -174,16 +179,31 @@ class GuestRun:
                 continue
             self.output(f"Kept the cache {key} on this host ({len(data)} bytes)\n".encode())
 
-    async def _upload(self, machine: Machine, indexes: tuple[int, ...]) -> None:
+    async def _upload(self, machine: Machine, indexes: tuple[int, ...]
+                      ) -> tuple[JobOutcome, str] | None:
+        """Upload the archives the script left; at the first one GitLab does not get,
+        stop and return how the job fails for it (and why, for the daemon's record)."""
         for index in indexes:
             if index >= len(self.job.artifacts):
                 continue
+            artifact = self.job.artifacts[index]
+            kind = artifact.artifact_type or "archive"
             data = await _read_file(machine, self.layout.artifact_path(index))
             if data is None:
-                self.output(red(f"ERROR: the artifacts archive {index} could not be read"))
-                continue
-            await upload_artifact(self.client, self.job, self.trace, self.job.artifacts[index],
-                                  data)
+                why = f"the artifacts {kind!r} could not be read from the VM"
+                self.output(red(f"ERROR: Job failed (system failure): {why}"))
+                return JobOutcome.failed("runner_system_failure"), why
+            try:
+                await upload_artifact(self.client, self.job, self.trace, artifact, data)
+            except ForgeUnavailable as exc:
+                why = f"the artifacts {kind!r} were not uploaded, GitLab is unavailable: {exc}"
+                self.output(red(f"ERROR: Job failed (system failure): {why}"))
+                return JobOutcome.failed("runner_system_failure"), why
+            except ForgeError as exc:
+                why = f"the artifacts {kind!r} were refused by GitLab: {exc}"
+                self.output(red(f"ERROR: Job failed: {why}"))
+                return JobOutcome.failed("script_failure", 1), why
+        return None
 
 
 async def _read_file(machine: Machine, path: str) -> bytes | None:
@@ -194,8 +214,9 @@ async def _read_file(machine: Machine, path: str) -> bytes | None:
     return b"".join(parts) if status.exit_code == 0 else None
 
 
-def _daemon_outcome(final: JobOutcome) -> Outcome:
-    """The daemon's record of a job GitLab sees as ``final``."""
+def _daemon_outcome(final: JobOutcome, detail: str | None = None) -> Outcome:
+    """The daemon's record of a job GitLab sees as ``final`` (``detail``: why, when the
+    script's own result does not say, as for lost artifacts)."""
     if final.state == "success":
         return Outcome(JobState.SUCCEEDED, exit_code=0)
     reason = final.failure_reason or "unknown_failure"
@@ -204,9 +225,11 @@ def _daemon_outcome(final: JobOutcome) -> Outcome:
     if reason == "job_execution_timeout":
         return Outcome(JobState.TIMED_OUT, exit_code=final.exit_code, reason=reason)
     if reason == "runner_system_failure":
-        return Outcome(JobState.SYSTEM_FAILURE, reason="the job script reported no result")
+        return Outcome(JobState.SYSTEM_FAILURE,
+                       reason=detail or "the job script reported no result")
     code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
-    return Outcome(JobState.FAILED, exit_code=final.exit_code, reason=reason + code)
+    why = f": {detail}" if detail else ""
+    return Outcome(JobState.FAILED, exit_code=final.exit_code, reason=reason + code + why)
 
 
 def gitlab_outcome(run: GuestRun, ended: Job) -> JobOutcome:
