@@ -236,3 +236,26 @@ async def test_a_job_cancelled_in_gitlab_while_queued_is_cancelled_in_the_daemon
         port.stopping.set()
     assert port.queued == {}  # the daemon's job was cancelled, not left to run
     assert job.updates[-1]["state"] == "failed"
+
+
+async def test_a_journal_that_cannot_be_written_fails_that_job_only(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    port = Port(_settings(tmp_path))
+    port.slots = 1
+    blocker = tmp_path / "state" / "gitlab" / "runner-7"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")  # every journal write fails (a real OSError)
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    first = await fake.enqueue(make_job(21))
+    async with source.open():
+        await until(lambda: first.status == "failed")
+        assert port.submitted == []  # never run without its journal
+        blocker.unlink()  # the disk is fixed: the source still polls
+        second = await fake.enqueue(make_job(22))
+        await until(lambda: second.status == "failed")
+        port.stopping.set()
+    assert first.updates[-1]["failure_reason"] == "runner_system_failure"
+    assert "cannot record this job on its disk" in first.trace.decode()
+    assert len(port.submitted) == 1  # the next job ran
+    assert "ERROR: system_failure: ended by the test" in second.trace.decode()

@@ -59,8 +59,13 @@ class InflightBook:
     def take(self, job_id: int, token: Secret) -> int:
         """Record a job before running it; returns the fd its trace is appended to."""
         self._write(job_id, token, time.time())
-        return os.open(self._trace(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                       0o600)
+        try:
+            return os.open(self._trace(job_id),
+                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.done(job_id)  # no half-made record: the caller reports the job itself
+            raise
 
     def conclude(self, job_id: int, token: Secret, outcome: JobOutcome) -> None:
         """Record how the job ended, before GitLab is told."""

@@ -196,13 +196,10 @@ class GitLabSource:
 
     async def _handle(self, client: GitLabClient, job: JobPayload) -> None:
         bound = log.bind(gitlab_job=job.id, runner=self.config.runner_id, forge="gitlab")
-        fd = self.book.take(job.id, job.token)
         trace = JournaledTrace.for_job(client, job, force_send_interval_s=CANCEL_CHECK_S)
-        trace.journal_fd = fd
         try:
             async with trace:
-                final = await self._run(client, job, trace)
-                self.book.conclude(job.id, job.token, final)
+                final = await self._journaled_run(client, job, trace, bound)
                 await self._finish(trace, final)
             bound.info("gitlab job reported", state=final.state, reason=final.failure_reason,
                        exit_code=final.exit_code)
@@ -214,12 +211,39 @@ class GitLabSource:
         except Exception:
             bound.exception("gitlab job handling failed")
         finally:
-            os.close(fd)
-            trace.journal_fd = None
+            if trace.journal_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(trace.journal_fd)
+                trace.journal_fd = None
             self.running.pop(job.id, None)
             self._wake.set()
             if trace.finished is not None:
-                self.book.done(job.id)
+                await self._forget(job.id, bound)
+
+    async def _journaled_run(self, client: GitLabClient, job: JobPayload,
+                             trace: JournaledTrace, bound: Any) -> JobOutcome:
+        """Journal the job, run it, journal how it ended; a journal that cannot be
+        written fails this job only (a disk error must not stop the daemon)."""
+        try:
+            trace.journal_fd = await asyncio.to_thread(self.book.take, job.id, job.token)
+        except OSError as exc:
+            bound.error("gitlab job cannot be journaled; failing it", error=str(exc),
+                        journal=str(self.book.root))
+            trace.write(red(f"ERROR: the runner cannot record this job on its disk ({exc});"
+                            " it is not run"))
+            return JobOutcome.failed("runner_system_failure")
+        final = await self._run(client, job, trace)
+        try:
+            await asyncio.to_thread(self.book.conclude, job.id, job.token, final)
+        except OSError as exc:  # GitLab is told now; only a crash report would lack it
+            bound.warning("gitlab job outcome cannot be journaled", error=str(exc))
+        return final
+
+    async def _forget(self, job_id: int, bound: Any) -> None:
+        try:
+            await asyncio.to_thread(self.book.done, job_id)
+        except OSError as exc:  # the next start finds GitLab done with it (403) and drops it
+            bound.warning("gitlab job journal cannot be removed", error=str(exc))
 
     async def _finish(self, trace: TraceStream, final: JobOutcome) -> None:
         """``trace.finish``, retried as long as GitLab needs, but for no more than
@@ -286,7 +310,14 @@ class GitLabSource:
 
     async def _report_orphans(self, client: GitLabClient) -> None:
         """Fail the jobs a previous run took and never reported (never run them again)."""
-        for orphan in self.book.orphans():
+        try:
+            orphans = await asyncio.to_thread(self.book.orphans)
+        except OSError as exc:
+            log.error("gitlab in-flight journal cannot be read; jobs a crash interrupted are"
+                      " left to GitLab's timeout", journal=str(self.book.root), error=str(exc),
+                      forge="gitlab")
+            return
+        for orphan in orphans:
             trace = TraceStream(client, orphan.job_id, orphan.token,
                                 max_finish_s=ORPHAN_FINISH_S)
             trace.write(orphan.trace)
@@ -304,4 +335,4 @@ class GitLabSource:
                 continue
             log.info("interrupted gitlab job reported failed", gitlab_job=orphan.job_id,
                      forge="gitlab")
-            self.book.done(orphan.job_id)
+            await self._forget(orphan.job_id, log.bind(gitlab_job=orphan.job_id, forge="gitlab"))
