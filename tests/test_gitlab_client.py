@@ -496,3 +496,19 @@ async def test_first_trace_bytes_go_out_at_once(gitlab: FakeGitLab, client: GitL
             assert time.monotonic() - started < 1.0
         await trace.finish(JobOutcome.success())
     assert bytes(gitlab.jobs[job.id].trace) == b"Running with snapfleet\n"
+
+
+async def test_an_unreadable_job_without_an_id_is_backed_off(
+    gitlab: FakeGitLab, client: GitLabClient
+) -> None:
+    gitlab.fail_next("request", 201, 201, 201)  # 201 with a body that is no job at all
+    await gitlab.enqueue(make_job(33))
+    sleeps = Sleeps()
+    poller = JobPoller(client, RUNNER, system_id="s_test", check_interval_s=0.0, sleep=sleeps,
+                       rng=random.Random(2))
+    job = await asyncio.wait_for(poller.next_job(), 10)
+    assert job.id == 33
+    assert gitlab.count("POST", "/jobs/request") == 4
+    assert len(sleeps.delays) == 3
+    assert all(d > 0 for d in sleeps.delays)
+    assert sleeps.delays[2] > sleeps.delays[0]

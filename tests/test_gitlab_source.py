@@ -259,3 +259,26 @@ async def test_a_journal_that_cannot_be_written_fails_that_job_only(
     assert "cannot record this job on its disk" in first.trace.decode()
     assert len(port.submitted) == 1  # the next job ran
     assert "ERROR: system_failure: ended by the test" in second.trace.decode()
+
+
+async def test_a_refused_runner_token_is_retried_after_a_long_pause(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    port = Port(_settings(tmp_path))
+    port.slots = 1
+    fake.runner_tokens.clear()  # GitLab refuses the token (403) ...
+    source = GitLabSource(_runner(tmp_path, fake.url), port,  # type: ignore[arg-type]
+                          auth_retry_s=0.5)
+    async with source.open():
+        await until(lambda: fake.count("POST", "/jobs/request") >= 1)
+        await asyncio.sleep(0.2)
+        assert source.status()[source.name]["healthy"] is False
+        assert "refused the runner token" in source.status()[source.name]["unhealthy"]
+        await asyncio.sleep(1.0)
+        assert 2 <= fake.count("POST", "/jobs/request") <= 4  # paced, not a busy loop
+        fake.runner_tokens.add(TOKEN)  # ... until it takes it again: polling resumes
+        job = await fake.enqueue(make_job(23))
+        await until(lambda: job.status == "failed")
+        assert source.status()[source.name]["healthy"] is True
+        port.stopping.set()
+    assert len(port.submitted) == 1

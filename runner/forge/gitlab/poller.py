@@ -50,14 +50,17 @@ class JobPoller:
         self.last_update: str | None = None
         self.requests = 0
         """Requests sent so far (for metrics and tests)."""
+        self.refused: str | None = None
+        """GitLab's refusal of the runner token, until it answers a request again."""
 
     async def next_job(self) -> JobPayload:
         """The next job for this runner. Call it only with capacity free for a job.
 
         Retries network failures, 429 and 5xx forever with backoff (the daemon
         stops it by cancelling). A malformed job is reported failed
-        (``runner_system_failure``) and skipped. Raises ``ForgeAuthError`` when
-        GitLab rejects the runner token: the operator must re-register.
+        (``runner_system_failure``) and skipped; one that cannot even be failed
+        (no job id) is backed off as a failure. Raises ``ForgeAuthError`` when
+        GitLab rejects the runner token (the caller decides how long to wait).
         """
         failures = 0
         while True:
@@ -69,8 +72,14 @@ class JobPoller:
                 )
             except JobPayloadError as exc:
                 await self._reject(exc)
+                if exc.job_id is None:
+                    # Nothing to fail, so GitLab may hand the same unreadable answer
+                    # again at once: pace it as a failure, not a busy loop.
+                    failures += 1
+                    await self._sleep(self._backoff.delay(failures, self._rng))
                 continue
-            except ForgeAuthError:
+            except ForgeAuthError as exc:
+                self.refused = str(exc)
                 raise
             except ForgeError as exc:
                 failures += 1
@@ -82,6 +91,7 @@ class JobPoller:
                 await self._sleep(delay)
                 continue
             failures = 0
+            self.refused = None
             self.last_update = answer.last_update
             if answer.job is not None:
                 return answer.job

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,6 +59,10 @@ CANCEL_CHECK_S = 1.0
 (``Job-Status: canceling``) within about a second plus GitLab's update interval."""
 CAPACITY_CHECK_S = 1.0
 """Without a job ending to wake it, look at free capacity this often."""
+AUTH_RETRY_S = 60.0
+"""After GitLab refused the runner token (401/403), ask again after about this long
+(jittered ±25 %): a token can come back (a GitLab restore, a transient auth outage), as
+gitlab-runner retries an unhealthy runner; a deleted runner needs re-registering."""
 ORPHAN_FINISH_S = 120.0
 SHUTDOWN_FINISH_S = 10.0
 """Once the daemon stops, how long a final update may still be retried; after that the
@@ -100,8 +105,11 @@ class GitLabSource:
 
     requeue_on_restart = False  # the job's work (and its token) lived in the old process
 
-    def __init__(self, config: GitLabRunnerConfig, port: JobPort) -> None:
+    def __init__(self, config: GitLabRunnerConfig, port: JobPort, *,
+                 auth_retry_s: float = AUTH_RETRY_S, rng: random.Random | None = None) -> None:
         self.config = config
+        self.auth_retry_s = auth_retry_s
+        self._rng = rng or random.Random()
         self.port = port
         self.name = f"gitlab-{config.runner_id}"
         self.profile = runner_profile(port.settings, config)
@@ -115,17 +123,23 @@ class GitLabSource:
         self.running: dict[int, str | None] = {}
         """GitLab job id → daemon job id (None until submitted)."""
         self.poller: JobPoller | None = None
-        self.stopped_reason: str | None = None
         self._ended: dict[str, asyncio.Future[Job]] = {}
         self._wake = asyncio.Event()
         port.subscribe(self._job_ended)
+
+    @property
+    def unhealthy(self) -> str | None:
+        """Why GitLab refuses to hand this runner jobs now (None: polling normally)."""
+        if self.poller is None or self.poller.refused is None:
+            return None
+        return f"GitLab refused the runner token: {self.poller.refused}"
 
     def status(self) -> dict[str, Any]:
         return {self.name: {
             "url": self.config.url, "profile": self.profile, "tags": list(self.config.tags),
             "running": {str(k): v for k, v in self.running.items()},
             "requests": 0 if self.poller is None else self.poller.requests,
-            "stopped": self.stopped_reason,
+            "healthy": self.unhealthy is None, "unhealthy": self.unhealthy,
         }}
 
     def _job_ended(self, job: Job) -> None:
@@ -185,10 +199,13 @@ class GitLabSource:
             try:
                 job = await self._until_stopping(poller.next_job())
             except ForgeAuthError as exc:
-                self.stopped_reason = f"GitLab refused the runner token: {exc}"
-                log.error("gitlab runner token refused; not polling (re-register it)",
-                          runner=self.config.runner_id, error=str(exc), forge="gitlab")
-                return
+                delay = self.auth_retry_s * self._rng.uniform(0.75, 1.25)
+                log.error("gitlab runner token refused; asking again later (re-register the"
+                          " runner if it was deleted or its token rotated)",
+                          runner=self.config.runner_id, error=str(exc),
+                          retry_in_s=round(delay, 1), forge="gitlab")
+                await self._until_stopping(asyncio.sleep(delay))
+                continue
             if job is None:
                 return
             self.running[job.id] = None
