@@ -512,3 +512,40 @@ async def test_an_unreadable_job_without_an_id_is_backed_off(
     assert len(sleeps.delays) == 3
     assert all(d > 0 for d in sleeps.delays)
     assert sleeps.delays[2] > sleeps.delays[0]
+
+
+async def test_a_refused_trace_patch_is_resent_and_does_not_stop_the_job(
+    gitlab: FakeGitLab, client: GitLabClient
+) -> None:
+    job = await _take(gitlab, client)
+    trace = TraceStream.for_job(client, job, update_interval_s=0.05,
+                                backoff=Backoff(base_s=0.05, max_s=0.1))
+    async with trace:
+        trace.write(b"first line\n")
+        await asyncio.sleep(0.3)
+        gitlab.fail_next("trace", 416, 400)  # a 416 without Range, then a plain refusal
+        trace.write(b"second line\n")
+        await asyncio.sleep(0.6)
+        assert not trace.aborted.is_set()  # the job is not stopped as "canceled in GitLab"
+        assert not trace.cancel_requested.is_set()
+        trace.write(b"third line\n")
+        outcome = await trace.finish(JobOutcome.success())
+    assert outcome.status == 200
+    assert bytes(gitlab.jobs[job.id].trace) == b"first line\nsecond line\nthird line\n"
+    assert gitlab.jobs[job.id].status == "success"
+    statuses = [r.status for r in gitlab.requests if r.method == "PATCH"]
+    assert 400 in statuses
+    assert 416 in statuses
+
+
+async def test_a_refused_trace_patch_at_finish_is_retried(
+    gitlab: FakeGitLab, client: GitLabClient
+) -> None:
+    job = await _take(gitlab, client)
+    trace = TraceStream.for_job(client, job, update_interval_s=0.05,
+                                backoff=Backoff(base_s=0.05, max_s=0.1))
+    trace.write(b"only line\n")  # no sender running: finish sends it all
+    gitlab.fail_next("trace", 400, 416)
+    outcome = await trace.finish(JobOutcome.success())
+    assert outcome.status == 200
+    assert bytes(gitlab.jobs[job.id].trace) == b"only line\n"

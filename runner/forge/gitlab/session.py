@@ -218,15 +218,17 @@ class TraceStream:
                 if self._clock() - self._last_contact >= self._force_send:
                     await self._touch()
                 self._failures = 0
-            except ForgeUnavailable as exc:
+            except (ForgeError, TraceResyncError) as exc:
+                # Whatever GitLab says short of "the job is gone" (403/404, or a
+                # Job-Status of canceled/failed: `_note`) must not stop a running job:
+                # keep the bytes and send them again later (from 0 when GitLab's size is
+                # unknown; its 416 then says where it stands).
                 self._failures += 1
                 log.warning("gitlab trace update failed; will retry", job_id=self.job_id,
                             error=str(exc))
+                if isinstance(exc, TraceResyncError):
+                    self.buffer.rewind()
                 await self._sleep(self._backoff.delay(self._failures, self._rng))
-            except (ForgeError, TraceResyncError) as exc:
-                log.error("gitlab trace cannot be sent", job_id=self.job_id, error=str(exc))
-                self.aborted.set()
-                return
             if self.aborted.is_set():
                 return
             await self._pause()
@@ -286,6 +288,15 @@ class TraceStream:
                 log.error("gitlab trace sender failed", job_id=self.job_id,
                           error=repr(task.exception()))
 
+    async def _send_trace_for_finish(self) -> None:
+        """`_send_pending`, where a refusal that is not "try later" is retried as one."""
+        try:
+            await self._send_pending()
+        except ForgeUnavailable:
+            raise
+        except ForgeError as exc:
+            raise ForgeUnavailable(str(exc), forge="gitlab", status=exc.status) from exc
+
     async def finish(self, outcome: JobOutcome) -> RemoteState:
         """Send the rest of the trace, then the final state, until GitLab accepts it.
 
@@ -304,7 +315,7 @@ class TraceStream:
         while True:
             try:
                 if not self.aborted.is_set():
-                    await self._send_pending()
+                    await self._send_trace_for_finish()
                 self.requests += 1
                 answer = await self._client.update_job(
                     self.job_id, self._token,
