@@ -22,13 +22,16 @@ from runner.config import Settings, load_settings
 from runner.errors import ConfigError
 from runner.execution import Work
 from runner.forge.gitlab import source as source_mod
+from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import GitLabRunnerConfig
 from runner.forge.gitlab.inflight import InflightBook
-from runner.forge.gitlab.source import GitLabSource, runner_profile
+from runner.forge.gitlab.payload import JobPayload
+from runner.forge.gitlab.session import JobOutcome
+from runner.forge.gitlab.source import GitLabSource, JournaledTrace, runner_profile
 from runner.secret import Secret
 from runner.service.jobs import Job, JobSpec, JobState, new_job_id
 from runner.service.port import JobListener
-from tests.fake_gitlab import FakeGitLab, make_job
+from tests.fake_gitlab import FakeGitLab, make_job, variable
 
 TOKEN = "glrt-fake-runner"
 
@@ -282,3 +285,78 @@ async def test_a_refused_runner_token_is_retried_after_a_long_pause(
         assert source.status()[source.name]["healthy"] is True
         port.stopping.set()
     assert len(port.submitted) == 1
+
+
+def _orphan(tmp_path: Path, payload: dict[str, Any], journal: bytes) -> InflightBook:
+    book = InflightBook(tmp_path / "state" / "gitlab" / "runner-7")
+    fd = book.take(payload["id"], Secret(payload["token"]))
+    os.write(fd, journal)
+    os.close(fd)
+    return book
+
+
+async def test_the_maskers_held_back_tail_reaches_the_journal(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    payload = make_job(24, variables=[variable("SECRET", "supersecretvalue", masked=True)])
+    job = await fake.enqueue(payload)
+    fake.queue.clear()
+    job.status = "running"  # taken
+    journal = tmp_path / "journal.trace"
+    async with GitLabClient(fake.url) as client:
+        trace = JournaledTrace.for_job(client, JobPayload.parse(payload),
+                                       update_interval_s=0.05)
+        trace.journal_fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            async with trace:
+                trace.write(b"done\nsupersec")  # may begin the secret: held back until close
+                await trace.finish(JobOutcome.success())
+        finally:
+            os.close(trace.journal_fd)
+    assert bytes(fake.jobs[24].trace) == b"done\nsupersec"
+    assert journal.read_bytes() == bytes(fake.jobs[24].trace)  # a replay would match GitLab
+
+
+async def test_an_orphan_whose_journal_lacks_gitlabs_tail_is_dropped_not_retried_forever(
+    tmp_path: Path, fake: FakeGitLab
+) -> None:
+    payload = make_job(25)
+    job = await fake.enqueue(payload)
+    fake.queue.clear()
+    job.status = "running"
+    job.trace += b"journaled\nnot journaled\n"  # GitLab got bytes the journal never did
+    book = _orphan(tmp_path, payload, b"journaled\n")
+    port = Port(_settings(tmp_path))
+    source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+    started = time.monotonic()
+    async with source.open():
+        await until(lambda: not list(book.root.glob("*")))
+        port.stopping.set()
+    assert time.monotonic() - started < 10  # not ORPHAN_FINISH_S of 416s
+    assert bytes(job.trace) == b"journaled\nnot journaled\n"  # nothing resent over it
+    assert job.updates[-1]["state"] == "failed"  # the final state was still offered
+    assert fake.count("PATCH", "/jobs/25/trace") <= 1
+
+
+async def test_an_orphan_gitlab_never_takes_is_dropped_after_a_few_starts(
+    tmp_path: Path, fake: FakeGitLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source_mod, "ORPHAN_FINISH_S", 0.3)
+    monkeypatch.setattr(source_mod, "ORPHAN_ATTEMPTS", 2)
+    payload = make_job(26)
+    job = await fake.enqueue(payload)
+    fake.queue.clear()
+    job.status = "running"
+    book = _orphan(tmp_path, payload, b"")
+    fake.fail_next("update", *[502] * 1000)
+    fake.fail_next("trace", *[502] * 1000)
+    for start in (1, 2):
+        port = Port(_settings(tmp_path))
+        source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
+        async with source.open():
+            if start == 1:
+                await until(lambda: book.orphans() and book.orphans()[0].attempts == 1)
+            else:
+                await until(lambda: not list(book.root.glob("*")))
+            port.stopping.set()
+    assert job.status == "running"  # left to GitLab's timeout, not retried at every start

@@ -10,7 +10,8 @@ in a 0700 directory under the state dir:
 - ``<id>.json``: the id and the job token, 0600, written before the job is
   run and deleted once GitLab accepted the final update; once the job has
   ended, also how (so a final update GitLab did not take before a shutdown
-  is sent, with the job's real outcome, at the next start);
+  is sent, with the job's real outcome, at the next start), and how many
+  starts failed to report it (the source gives up after a few);
 - ``<id>.trace``: the masked trace as produced (0600, appended to as it grows).
 
 The job token is short-lived (GitLab revokes it when the job ends), which is
@@ -42,6 +43,8 @@ class Orphan:
     taken_at: float
     outcome: JobOutcome | None = None
     """How the job ended, if it did before the daemon stopped."""
+    attempts: int = 0
+    """Earlier starts that failed to report it."""
 
 
 class InflightBook:
@@ -75,9 +78,14 @@ class InflightBook:
             taken_at = time.time()
         self._write(job_id, token, taken_at, outcome)
 
+    def attempted(self, orphan: Orphan, attempts: int) -> None:
+        """Record that ``attempts`` starts have failed to report ``orphan``."""
+        self._write(orphan.job_id, orphan.token, orphan.taken_at, orphan.outcome, attempts)
+
     def _write(self, job_id: int, token: Secret, taken_at: float,
-               outcome: JobOutcome | None = None) -> None:
-        body: dict[str, object] = {"id": job_id, "token": token.reveal(), "taken_at": taken_at}
+               outcome: JobOutcome | None = None, attempts: int = 0) -> None:
+        body: dict[str, object] = {"id": job_id, "token": token.reveal(), "taken_at": taken_at,
+                                   "attempts": attempts}
         if outcome is not None:
             body["outcome"] = {"state": outcome.state, "failure_reason": outcome.failure_reason,
                                "exit_code": outcome.exit_code}
@@ -99,6 +107,7 @@ class InflightBook:
                 data = json.loads(record.read_text())
                 job_id, token = int(data["id"]), str(data["token"])
                 taken_at = float(data.get("taken_at", 0.0))
+                attempts = int(data.get("attempts", 0))
                 ended = data.get("outcome")
                 outcome = None if ended is None else JobOutcome(
                     str(ended["state"]), ended.get("failure_reason"), ended.get("exit_code"))
@@ -109,5 +118,5 @@ class InflightBook:
                 trace = self._trace(job_id).read_bytes()
             except OSError:
                 trace = b""
-            found.append(Orphan(job_id, Secret(token), trace, taken_at, outcome))
+            found.append(Orphan(job_id, Secret(token), trace, taken_at, outcome, attempts))
         return found

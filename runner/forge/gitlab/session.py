@@ -145,6 +145,12 @@ class TraceStream:
         self.aborted = asyncio.Event()
         """The job is over on GitLab's side (canceled, failed, deleted): stop now."""
         self.finished: RemoteState | None = None
+        self.known_to_gitlab: int | None = None
+        """At most how many of this trace's bytes GitLab can hold (a replay: the journal's
+        length, as lines were added after it); None: all that was produced."""
+        self.remote_ahead: int | None = None
+        """Set when GitLab holds more trace bytes than `known_to_gitlab` (a replay from a
+        journal that lost its tail): they cannot be matched, so nothing more is sent."""
         self._task: asyncio.Task[None] | None = None
         self._last_contact = clock()
         self._failures = 0
@@ -256,6 +262,11 @@ class TraceStream:
             elif answer.status == 416:
                 if answer.remote_size is None:
                     raise TraceResyncError("GitLab answered 416 without a Range")
+                known = self.buffer.size if self.known_to_gitlab is None else self.known_to_gitlab
+                if answer.remote_size > known:
+                    self.remote_ahead = answer.remote_size
+                    raise TraceResyncError(
+                        f"GitLab holds {answer.remote_size} trace bytes, we know of {known}")
                 self.buffer.resync(answer.remote_size)
             if self.aborted.is_set():
                 return
@@ -288,6 +299,10 @@ class TraceStream:
                 log.error("gitlab trace sender failed", job_id=self.job_id,
                           error=repr(task.exception()))
 
+    def _close(self) -> None:
+        """No more output: the masker's held-back tail joins the trace."""
+        self.buffer.close()
+
     async def _send_trace_for_finish(self) -> None:
         """`_send_pending`, where a refusal that is not "try later" is retried as one."""
         try:
@@ -302,11 +317,14 @@ class TraceStream:
 
         202 ("accepted, not yet done") and failures are retried every interval
         (backing off on failures) for up to ``max_finish_s``; 412 resends the
-        whole trace. Returns GitLab's last answer; raises ``ForgeUnavailable``
-        when it never accepted in time.
+        whole trace. When GitLab holds more trace than this stream
+        (`remote_ahead`), nothing more is sent and the final state goes out
+        as is; a 412 then raises ``ForgeError`` at once (it cannot be matched).
+        Returns GitLab's last answer; raises ``ForgeUnavailable`` when it never
+        accepted in time.
         """
         await self._stop_sender()
-        self.buffer.close()
+        self._close()
         reason = outcome.failure_reason
         if reason:
             reason = supported_failure_reason(reason, self._failure_reasons)
@@ -314,7 +332,7 @@ class TraceStream:
         failures = 0
         while True:
             try:
-                if not self.aborted.is_set():
+                if not self.aborted.is_set() and self.remote_ahead is None:
                     await self._send_trace_for_finish()
                 self.requests += 1
                 answer = await self._client.update_job(
@@ -327,6 +345,11 @@ class TraceStream:
                     self.finished = answer
                     return answer
                 if answer.status == 412:
+                    if self.remote_ahead is not None:
+                        raise ForgeError(
+                            f"job {self.job_id}: GitLab holds {self.remote_ahead} trace bytes,"
+                            f" this runner only {self.buffer.size}: its final state cannot"
+                            " match GitLab's trace checksum", forge="gitlab", status=412)
                     self.buffer.rewind()
                 delay = self.interval
             except ForgeUnavailable as exc:
@@ -338,7 +361,8 @@ class TraceStream:
                         forge="gitlab", status=exc.status,
                     ) from exc
             except TraceResyncError:
-                self.buffer.rewind()
+                if self.remote_ahead is None:
+                    self.buffer.rewind()
                 delay = self.interval
             if self._clock() + delay > deadline:
                 raise ForgeUnavailable(

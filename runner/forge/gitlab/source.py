@@ -35,7 +35,7 @@ from runner.errors import ConfigError, Draining, ForgeAuthError, ForgeError
 from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import GitLabRunnerConfig, default_system_id, read_runner_token
-from runner.forge.gitlab.inflight import InflightBook
+from runner.forge.gitlab.inflight import InflightBook, Orphan
 from runner.forge.gitlab.layout import GuestLayout
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.poller import JobPoller
@@ -64,6 +64,9 @@ AUTH_RETRY_S = 60.0
 (jittered ±25 %): a token can come back (a GitLab restore, a transient auth outage), as
 gitlab-runner retries an unhealthy runner; a deleted runner needs re-registering."""
 ORPHAN_FINISH_S = 120.0
+ORPHAN_ATTEMPTS = 5
+"""Starts at which an interrupted job's final state is tried before its record is dropped
+(GitLab then fails the job at its timeout): a record must not be retried forever."""
 SHUTDOWN_FINISH_S = 10.0
 """Once the daemon stops, how long a final update may still be retried; after that the
 journal keeps the job's outcome and the next start reports it."""
@@ -90,6 +93,14 @@ class JournaledTrace(TraceStream):
     def write(self, data: bytes) -> None:
         before = self.buffer.size
         super().write(data)
+        self._journal(before)
+
+    def _close(self) -> None:
+        before = self.buffer.size
+        super()._close()
+        self._journal(before)  # the masker's held-back tail, or a replay would lack it
+
+    def _journal(self, before: int) -> None:
         if self.journal_fd is not None and self.buffer.size > before:
             try:
                 os.write(self.journal_fd, self.buffer.tail(before))
@@ -338,6 +349,7 @@ class GitLabSource:
             trace = TraceStream(client, orphan.job_id, orphan.token,
                                 max_finish_s=ORPHAN_FINISH_S)
             trace.write(orphan.trace)
+            trace.known_to_gitlab = trace.buffer.size  # what follows, GitLab never had
             outcome = orphan.outcome
             if outcome is None:
                 trace.write(b"\n" + red("ERROR: the runner stopped while this job ran (the"
@@ -346,10 +358,27 @@ class GitLabSource:
             try:
                 await trace.finish(outcome)
             except ForgeError as exc:
-                log.warning("could not report an interrupted gitlab job; will retry at the"
-                            " next start", gitlab_job=orphan.job_id, error=str(exc),
-                            forge="gitlab")
+                await self._orphan_not_reported(orphan, trace, exc)
                 continue
             log.info("interrupted gitlab job reported failed", gitlab_job=orphan.job_id,
                      forge="gitlab")
             await self._forget(orphan.job_id, log.bind(gitlab_job=orphan.job_id, forge="gitlab"))
+
+    async def _orphan_not_reported(self, orphan: Orphan, trace: TraceStream,
+                                   exc: ForgeError) -> None:
+        """Keep the record for the next start, `ORPHAN_ATTEMPTS` starts at most; drop it
+        at once when GitLab holds trace the journal lacks (no start could match it)."""
+        bound = log.bind(gitlab_job=orphan.job_id, forge="gitlab", error=str(exc))
+        attempts = orphan.attempts + 1
+        if trace.remote_ahead is None and attempts < ORPHAN_ATTEMPTS:
+            try:
+                await asyncio.to_thread(self.book.attempted, orphan, attempts)
+            except OSError as write_error:
+                bound.warning("gitlab in-flight journal cannot be updated",
+                              write_error=str(write_error))
+            bound.warning("could not report an interrupted gitlab job; will retry at the"
+                          " next start", attempt=attempts, of=ORPHAN_ATTEMPTS)
+            return
+        bound.error("giving up on reporting an interrupted gitlab job; GitLab fails it at"
+                    " its timeout", attempts=attempts)
+        await self._forget(orphan.job_id, bound)
