@@ -65,7 +65,7 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
     from runner.api.server import LocalApi
     from runner.forge.github.scaleset_source import ScaleSetSource
     from runner.forge.github.source import GitHubSource
-    from runner.forge.gitlab.source import GitLabSource
+    from runner.forge.gitlab.source import GitLabSource, SlotClaims
     from runner.forge.gitlab_helper import check_image
     from runner.service.daemon import Daemon
     from runner.service.leases import LeaseBook
@@ -84,8 +84,9 @@ def daemon(settings: Settings, *, notifier: Notifier | None = None) -> Daemon:
         built.add_source(ScaleSetSource(settings.github, built))
     elif settings.github is not None:
         built.add_source(GitHubSource(settings.github, built))
+    claims = SlotClaims()  # one for all runners: two never ask for the same free slot
     for runner in settings.gitlab.runners:
-        built.add_source(GitLabSource(runner, built))
+        built.add_source(GitLabSource(runner, built, claims=claims))
     return built
 
 

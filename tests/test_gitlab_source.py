@@ -27,7 +27,7 @@ from runner.forge.gitlab.config import GitLabRunnerConfig
 from runner.forge.gitlab.inflight import InflightBook
 from runner.forge.gitlab.payload import JobPayload
 from runner.forge.gitlab.session import JobOutcome
-from runner.forge.gitlab.source import GitLabSource, JournaledTrace, runner_profile
+from runner.forge.gitlab.source import GitLabSource, JournaledTrace, SlotClaims, runner_profile
 from runner.secret import Secret
 from runner.service.jobs import Job, JobSpec, JobState, new_job_id
 from runner.service.port import JobListener
@@ -77,7 +77,10 @@ class Port:
         self.listeners.append(listener)
 
     def free_slots(self, profile: str) -> int:
-        return self.slots
+        return max(self.slots - len(self.queued), 0)
+
+    def waiting(self, job_id: str) -> str | None:
+        return "1 of 1 slots busy" if job_id in self.queued else None
 
     def job_log(self, job_id: str) -> None:
         return None
@@ -238,6 +241,7 @@ async def test_a_job_cancelled_in_gitlab_while_queued_is_cancelled_in_the_daemon
         await until(lambda: job.status == "canceled")
         port.stopping.set()
     assert port.queued == {}  # the daemon's job was cancelled, not left to run
+    assert "Snapfleet: queued for a vm VM: 1 of 1 slots busy" in job.trace.decode()
     assert job.updates[-1]["state"] == "failed"
 
 
@@ -360,3 +364,28 @@ async def test_an_orphan_gitlab_never_takes_is_dropped_after_a_few_starts(
                 await until(lambda: not list(book.root.glob("*")))
             port.stopping.set()
     assert job.status == "running"  # left to GitLab's timeout, not retried at every start
+
+
+async def test_two_runners_on_one_profile_never_take_the_same_slot(tmp_path: Path) -> None:
+    fake = FakeGitLab(update_interval=1, long_poll_s=5.0)  # GitLab holds each request
+    await fake.start()
+    try:
+        port = Port(_settings(tmp_path))
+        port.slots, port.hold = 1, True
+        claims = SlotClaims()  # as runner.compose shares it
+        sources = [GitLabSource(_runner(tmp_path, fake.url, runner_id=n), port,  # type: ignore[arg-type]
+                                claims=claims) for n in (7, 8)]
+        async with sources[0].open(), sources[1].open():
+            await asyncio.sleep(0.5)  # both would be in a long poll now
+            first = await fake.enqueue(make_job(27))
+            second = await fake.enqueue(make_job(28))
+            await until(lambda: len(port.submitted) >= 1)
+            await asyncio.sleep(1.0)
+            assert len(port.submitted) == 1  # one slot: one job taken
+            assert [first.status, second.status].count("pending") == 1
+            port.stopping.set()
+            for job_id in list(port.queued):
+                await port.cancel(job_id)
+    finally:
+        await fake.stop()
+    assert fake.violations == []

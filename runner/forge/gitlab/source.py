@@ -111,14 +111,52 @@ class JournaledTrace(TraceStream):
                 self.journal_fd = None
 
 
+class Claim:
+    """One slot of a profile held by a GitLab source: while it polls, then until the job
+    it got is queued in the daemon (from then on `JobPort.free_slots` counts it)."""
+
+    def __init__(self, slots: SlotClaims, profile: str) -> None:
+        self._slots = slots
+        self._profile = profile
+        self._held = True
+
+    def release(self) -> None:
+        """Give the slot back (again: nothing)."""
+        if self._held:
+            self._held = False
+            self._slots.held[self._profile] -= 1
+
+
+class SlotClaims:
+    """The slots all GitLab sources of one daemon hold, per profile.
+
+    A long poll may hand a job any time in its ~50 s, so a source claims its slot
+    before it asks: two runners on one profile never ask for the same free slot.
+    The composition root makes one and gives it to every `GitLabSource`.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+
+    def claim(self, profile: str, free: int) -> Claim | None:
+        """A slot of ``profile`` if ``free`` (the daemon's free slots) leaves one."""
+        held = self.held.get(profile, 0)
+        if free - held <= 0:
+            return None
+        self.held[profile] = held + 1
+        return Claim(self, profile)
+
+
 class GitLabSource:
     """One registered GitLab runner served by the daemon (a `JobSource`)."""
 
     requeue_on_restart = False  # the job's work (and its token) lived in the old process
 
     def __init__(self, config: GitLabRunnerConfig, port: JobPort, *,
-                 auth_retry_s: float = AUTH_RETRY_S, rng: random.Random | None = None) -> None:
+                 claims: SlotClaims | None = None, auth_retry_s: float = AUTH_RETRY_S,
+                 rng: random.Random | None = None) -> None:
         self.config = config
+        self.claims = claims or SlotClaims()
         self.auth_retry_s = auth_retry_s
         self._rng = rng or random.Random()
         self.port = port
@@ -181,9 +219,8 @@ class GitLabSource:
 
     # -- taking jobs -----------------------------------------------------------
 
-    def _room(self) -> bool:
-        starting = sum(1 for v in self.running.values() if v is None)
-        return self.port.free_slots(self.profile) - starting > 0
+    def _claim(self) -> Claim | None:
+        return self.claims.claim(self.profile, self.port.free_slots(self.profile))
 
     async def _until_stopping(self, aw: Awaitable[T]) -> T | None:
         """``aw``'s result, or None (``aw`` cancelled) once the daemon begins to stop."""
@@ -201,12 +238,13 @@ class GitLabSource:
     async def _poll(self, client: GitLabClient, poller: JobPoller,
                     group: asyncio.TaskGroup) -> None:
         while not self.port.stopping.is_set():
-            while not self._room():
+            while (claim := self._claim()) is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), CAPACITY_CHECK_S)
                 if self.port.stopping.is_set():
                     return
+            job: JobPayload | None = None
             try:
                 job = await self._until_stopping(poller.next_job())
             except ForgeAuthError as exc:
@@ -215,19 +253,23 @@ class GitLabSource:
                           " runner if it was deleted or its token rotated)",
                           runner=self.config.runner_id, error=str(exc),
                           retry_in_s=round(delay, 1), forge="gitlab")
+                claim.release()
                 await self._until_stopping(asyncio.sleep(delay))
                 continue
+            finally:
+                if job is None:
+                    claim.release()
             if job is None:
                 return
             self.running[job.id] = None
-            group.create_task(self._handle(client, job), name=f"gitlab-job-{job.id}")
+            group.create_task(self._handle(client, job, claim), name=f"gitlab-job-{job.id}")
 
-    async def _handle(self, client: GitLabClient, job: JobPayload) -> None:
+    async def _handle(self, client: GitLabClient, job: JobPayload, claim: Claim) -> None:
         bound = log.bind(gitlab_job=job.id, runner=self.config.runner_id, forge="gitlab")
         trace = JournaledTrace.for_job(client, job, force_send_interval_s=CANCEL_CHECK_S)
         try:
             async with trace:
-                final = await self._journaled_run(client, job, trace, bound)
+                final = await self._journaled_run(client, job, trace, bound, claim)
                 await self._finish(trace, final)
             bound.info("gitlab job reported", state=final.state, reason=final.failure_reason,
                        exit_code=final.exit_code)
@@ -239,6 +281,7 @@ class GitLabSource:
         except Exception:
             bound.exception("gitlab job handling failed")
         finally:
+            claim.release()
             if trace.journal_fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(trace.journal_fd)
@@ -249,7 +292,7 @@ class GitLabSource:
                 await self._forget(job.id, bound)
 
     async def _journaled_run(self, client: GitLabClient, job: JobPayload,
-                             trace: JournaledTrace, bound: Any) -> JobOutcome:
+                             trace: JournaledTrace, bound: Any, claim: Claim) -> JobOutcome:
         """Journal the job, run it, journal how it ended; a journal that cannot be
         written fails this job only (a disk error must not stop the daemon)."""
         try:
@@ -260,7 +303,7 @@ class GitLabSource:
             trace.write(red(f"ERROR: the runner cannot record this job on its disk ({exc});"
                             " it is not run"))
             return JobOutcome.failed("runner_system_failure")
-        final = await self._run(client, job, trace)
+        final = await self._run(client, job, trace, claim)
         try:
             await asyncio.to_thread(self.book.conclude, job.id, job.token, final)
         except OSError as exc:  # GitLab is told now; only a crash report would lack it
@@ -289,8 +332,8 @@ class GitLabSource:
                 await asyncio.wait([finishing])
         finishing.result()
 
-    async def _run(self, client: GitLabClient, job: JobPayload, trace: TraceStream
-                   ) -> JobOutcome:
+    async def _run(self, client: GitLabClient, job: JobPayload, trace: TraceStream,
+                   claim: Claim) -> JobOutcome:
         trace.write(f"Running with snapfleet {__version__} on runner {self.config.runner_id}"
                     f" (profile {self.profile})\n".encode())
         if (why := unsupported_reason(job)) is not None:
@@ -308,6 +351,11 @@ class GitLabSource:
         except (ConfigError, Draining) as exc:
             trace.write(red(f"ERROR: the runner could not start this job: {exc}"))
             return JobOutcome.failed("runner_system_failure")
+        finally:
+            claim.release()  # queued now: the daemon's free slots count it
+        if (why := self.port.waiting(daemon_job.id)) is not None:
+            # Another source took the slot meanwhile: the job's GitLab timeout runs on.
+            trace.write(f"Snapfleet: queued for a {self.profile} VM: {why}\n".encode())
         run.daemon_job_id = daemon_job.id
         self.running[job.id] = daemon_job.id
         ended: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
