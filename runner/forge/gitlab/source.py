@@ -365,6 +365,7 @@ class GitLabSource:
             record = await ended
         finally:
             watcher.cancel()
+            await asyncio.wait([watcher])  # ours; a cancel of this task still propagates
         final = gitlab_outcome(run, record)
         if run.result is None and record.reason:
             trace.write(red(f"ERROR: {record.state}: {record.reason}"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,20 @@ class GuestRun:
             return Outcome(JobState.CANCELLED, reason="cancelled in GitLab")
         started = time.monotonic()
         self.output(f"Running in microVM {machine.vm_id}\n".encode())
+        cancel = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_cancel(cancel))
         try:
-            await self._put_dependencies(machine)
+            return await self._work(machine, remaining, started, cancel)
+        finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])  # ours; a cancel of this task still propagates
+
+    async def _work(self, machine: Machine, remaining: float, started: float,
+                    cancel: asyncio.Event) -> Outcome:
+        try:
+            if not await _unless_cancelled(cancel, self._put_dependencies(machine)):
+                self.result = JobOutcome.failed("job_canceled")
+                return Outcome(JobState.CANCELLED, reason="cancelled in GitLab")
         except ForgeError as exc:
             self.output(red(f"ERROR: downloading dependencies failed: {exc}"))
             self.result = JobOutcome.failed(
@@ -104,19 +117,14 @@ class GuestRun:
                     first = False
                     self.trace.send_soon()
 
-        cancel = asyncio.Event()
-        watcher = asyncio.create_task(self._watch_cancel(cancel))
-        try:
-            # The script enforces the job's timeout itself and still runs after_script and
-            # the archives; this limit (see `host_deadline_s`) only stops a hung script.
-            left = max(1.0, min(float(host_deadline_s(self.job)),
-                                remaining - (time.monotonic() - started)))
-            command = Command(script=build_script(self.job, self.layout), shell=BASH,
-                              env={"HOME": "/root"})
-            done = await execute(machine, command, sink, left,
-                                 timeout_s=float(self.job.timeout_s), cancel=cancel)
-        finally:
-            watcher.cancel()
+        # The script enforces the job's timeout itself and still runs after_script and
+        # the archives; this limit (see `host_deadline_s`) only stops a hung script.
+        left = max(1.0, min(float(host_deadline_s(self.job)),
+                            remaining - (time.monotonic() - started)))
+        command = Command(script=build_script(self.job, self.layout), shell=BASH,
+                          env={"HOME": "/root"})
+        done = await execute(machine, command, sink, left,
+                             timeout_s=float(self.job.timeout_s), cancel=cancel)
         cancelled = done.state is JobState.CANCELLED or cancel.is_set()
         final = outcome(reader.result, timed_out=done.state is JobState.TIMED_OUT,
                         cancelled=cancelled)
@@ -204,6 +212,23 @@ class GuestRun:
                 self.output(red(f"ERROR: Job failed: {why}"))
                 return JobOutcome.failed("script_failure", 1), why
         return None
+
+
+async def _unless_cancelled(cancel: asyncio.Event, aw: Awaitable[None]) -> bool:
+    """Run ``aw`` unless ``cancel`` is set first (then ``aw`` is cancelled): False."""
+    task = asyncio.ensure_future(aw)
+    stop = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    if task.cancelled():
+        return False
+    task.result()
+    return True
 
 
 async def _read_file(machine: Machine, path: str) -> bytes | None:
