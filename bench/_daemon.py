@@ -23,6 +23,7 @@ CONFIG = """
 [paths]
 state_dir = "{root}/state"
 cache_dir = "{cache_dir}"
+runtime_dir = "{root}/run"
 [net]
 egress = false
 dns = []

@@ -46,6 +46,10 @@ class PathsSettings(_Section):
     """Per-VM working directories (overlays, console logs) and daemon state."""
     recipes_dir: Path | None = None
     """Image recipes; default: the `images/` directory shipped with Snapfleet."""
+    runtime_dir: Path = Path("/run/snapfleet")
+    """What must outlive a daemon crash but never reach a disk: the GitLab source's
+    journal of jobs in flight, which holds their job tokens (`gitlab/runner-<id>/`).
+    tmpfs (/run): a host reboot forgets it (GitLab then times such a job out)."""
 
 
 class VMSettings(_Section):

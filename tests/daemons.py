@@ -33,10 +33,12 @@ class DaemonProcess:
                  env: dict[str, str] | None = None, **extra: str) -> None:
         self.root = root
         self.state = root / "state"
+        self.run = root / "run"
         self.api = root / "api.sock"
         self.config = root / "config.toml"
         lines = [
             "[paths]", f'state_dir = "{self.state}"', f'cache_dir = "{settings.paths.cache_dir}"',
+            f'runtime_dir = "{self.run}"',
             "[net]", "egress = false", "dns = []",
             "[daemon]", f'api_socket = "{self.api}"',
             f'metrics_listen = "unix:{root / "metrics.sock"}"',

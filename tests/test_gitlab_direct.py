@@ -214,8 +214,10 @@ async def test_daemon_killed_mid_job_reports_it_failed_after_restart(
     d.wait_for("READY=1")
     job = await fake.enqueue(git_server.job(601, script=["echo started-long; sleep 300"]))
     await until(lambda: b"started-long\n" in job.trace, 300, "the job to start")
-    journal = d.state / "gitlab" / "runner-77"
+    journal = d.run / "gitlab" / "runner-77"  # tmpfs on a real host (paths.runtime_dir)
     assert (journal / "601.json").stat().st_mode & 0o077 == 0
+    assert _files_holding(journal, job.token.encode())  # kept to report the job...
+    assert _files_holding(d.state, job.token.encode()) == []  # ...never on the state disk
     d.kill9()
     before = len(job.trace)
     assert job.status == "running"

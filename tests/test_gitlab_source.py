@@ -87,7 +87,8 @@ class Port:
 
 
 def _settings(tmp_path: Path, **profiles: Any) -> Settings:
-    return load_settings(None, paths={"state_dir": tmp_path / "state"},
+    return load_settings(None, paths={"state_dir": tmp_path / "state",
+                                      "runtime_dir": tmp_path / "run"},
                          profiles=profiles or {"default": {}, "vm": {"labels": ["microvm"]}})
 
 
@@ -154,7 +155,7 @@ async def test_asks_for_jobs_only_with_a_free_slot(tmp_path: Path, fake: FakeGit
     assert job.token not in spec.model_dump_json()  # the token is not in what is stored
     assert job.updates[-1]["failure_reason"] == "runner_system_failure"  # the VM never ran
     assert "ERROR: system_failure: ended by the test" in job.trace.decode()
-    assert not list((tmp_path / "state" / "gitlab" / "runner-7").glob("*"))
+    assert not list((tmp_path / "run" / "gitlab" / "runner-7").glob("*"))
 
 
 async def test_a_job_asking_for_an_image_fails_without_a_vm(tmp_path: Path,
@@ -179,7 +180,7 @@ async def test_jobs_left_by_a_crash_are_reported_failed_with_their_trace(
     fake.queue.clear()
     job.status = "running"  # the previous daemon took it ...
     job.trace += b"output before the crash\n"  # ... and sent some of its trace
-    book = InflightBook(tmp_path / "state" / "gitlab" / "runner-7")
+    book = InflightBook(tmp_path / "run" / "gitlab" / "runner-7")
     fd = book.take(13, Secret(payload["token"]))
     os.write(fd, b"output before the crash\nand more\n")  # the journal ran ahead of GitLab
     os.close(fd)
@@ -224,7 +225,7 @@ async def test_a_final_update_gitlab_refuses_at_shutdown_is_sent_at_the_next_sta
         port.stopping.set()
     assert job.updates[-1]["failure_reason"] == "job_execution_timeout"  # what really happened
     assert "it is not run again" not in job.trace.decode()
-    assert not list((tmp_path / "state" / "gitlab" / "runner-7").glob("*"))
+    assert not list((tmp_path / "run" / "gitlab" / "runner-7").glob("*"))
     assert port.submitted == []  # and it never ran again
 
 
@@ -250,7 +251,7 @@ async def test_a_journal_that_cannot_be_written_fails_that_job_only(
 ) -> None:
     port = Port(_settings(tmp_path))
     port.slots = 1
-    blocker = tmp_path / "state" / "gitlab" / "runner-7"
+    blocker = tmp_path / "run" / "gitlab" / "runner-7"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a directory")  # every journal write fails (a real OSError)
     source = GitLabSource(_runner(tmp_path, fake.url), port)  # type: ignore[arg-type]
@@ -292,7 +293,7 @@ async def test_a_refused_runner_token_is_retried_after_a_long_pause(
 
 
 def _orphan(tmp_path: Path, payload: dict[str, Any], journal: bytes) -> InflightBook:
-    book = InflightBook(tmp_path / "state" / "gitlab" / "runner-7")
+    book = InflightBook(tmp_path / "run" / "gitlab" / "runner-7")
     fd = book.take(payload["id"], Secret(payload["token"]))
     os.write(fd, journal)
     os.close(fd)

@@ -127,7 +127,9 @@ def test_unit_directories_match_the_defaults() -> None:
     assert Path("/var/lib") / one("StateDirectory") == paths.state_dir
     assert Path("/var/cache") / one("CacheDirectory") == paths.cache_dir
     assert Path("/run") / one("RuntimeDirectory") == daemon.api_socket.parent
-    assert one("RuntimeDirectoryPreserve") == "no"
+    assert Path("/run") / one("RuntimeDirectory") == paths.runtime_dir
+    # The GitLab journal in it must outlive a crash, a restart and a stop.
+    assert one("RuntimeDirectoryPreserve") == "yes"
     assert "/run/netns" in " ".join(service("ReadWritePaths"))
 
 

@@ -296,7 +296,8 @@ def toy_settings(tmp_path: Path, **extra: object) -> Settings:
                "rootfs": image / "rootfs.ext4", "vcpus": 1, "memory_mib": 128}
     return load_settings(
         None,
-        paths={"state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache"},
+        paths={"state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache",
+               "runtime_dir": tmp_path / "run"},
         net={"enabled": False},
         vm={"backend": "tests.backends.toy", "cgroup": False, "run_as": None},
         daemon={"api_socket": tmp_path / "api.sock", "metrics_listen": ""},

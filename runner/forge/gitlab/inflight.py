@@ -5,7 +5,8 @@ If the daemon dies mid-job, the next start must fail it
 (``runner_system_failure``) and never run it again. Reporting needs the job's
 id, its token (GitLab accepts updates only with it) and the trace GitLab
 already holds (the final update carries the trace's checksum). So, per job,
-in a 0700 directory under the state dir:
+in a 0700 directory under ``paths.runtime_dir`` (tmpfs: the job token must not
+reach a disk, and a daemon restart keeps it):
 
 - ``<id>.json``: the id and the job token, 0600, written before the job is
   run and deleted once GitLab accepted the final update; once the job has
@@ -15,8 +16,8 @@ in a 0700 directory under the state dir:
 - ``<id>.trace``: the masked trace as produced (0600, appended to as it grows).
 
 The job token is short-lived (GitLab revokes it when the job ends), which is
-why keeping it for the job's lifetime only, owner-readable, was preferred to
-losing the job to GitLab's timeout.
+why keeping it in memory-backed storage for the job's lifetime only,
+owner-readable, was preferred to losing the job to GitLab's timeout.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Orphan:
 
 
 class InflightBook:
-    """The taken-but-unfinished jobs of one runner (``<state_dir>/gitlab/runner-<id>``)."""
+    """The taken-but-unfinished jobs of one runner (``<runtime_dir>/gitlab/runner-<id>``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -162,8 +162,9 @@ class GitLabSource:
         self.port = port
         self.name = f"gitlab-{config.runner_id}"
         self.profile = runner_profile(port.settings, config)
+        # On tmpfs (paths.runtime_dir): the journal holds job tokens, which never reach disk.
         self.book = InflightBook(
-            port.settings.paths.state_dir / "gitlab" / f"runner-{config.runner_id}")
+            port.settings.paths.runtime_dir / "gitlab" / f"runner-{config.runner_id}")
         self.layout = GuestLayout(builds_dir=config.builds_dir)
         # Per project job caches (`runner.forge.gitlab.cache`): in this instance's state
         # dir, not the image cache, which several instances (and their jobs) share.
