@@ -26,6 +26,7 @@ import time
 import zipfile
 import zlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -635,3 +636,15 @@ class FakeGitLab:
                 del self.registered[rid]
         return web.Response(status=204)
 
+
+@contextlib.asynccontextmanager
+async def running_fake(**kw: Any) -> AsyncIterator[FakeGitLab]:
+    """A started `FakeGitLab` (``kw`` as its constructor takes them), stopped after; a
+    request outside GitLab's shapes fails the test."""
+    fake = FakeGitLab(**kw)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+    assert fake.violations == [], "requests outside GitLab's runner API shapes"

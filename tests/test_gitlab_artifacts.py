@@ -39,7 +39,7 @@ from runner.service.jobs import JobState
 from runner.vm.backend import BackendContext, Machine, MachineSpec
 from tests.backends import toy
 from tests.backends.toy import toy_settings
-from tests.fake_gitlab import FakeGitLab, FakeJob, gzip_members, make_job, variable
+from tests.fake_gitlab import FakeGitLab, FakeJob, gzip_members, make_job, running_fake, variable
 
 RUNNER = Secret("glrt-fake-runner")
 
@@ -50,11 +50,8 @@ SAST = b'{"version": "15.0.0", "vulnerabilities": []}\n'
 
 @pytest.fixture
 async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = FakeGitLab(update_interval=0)
-    await fake.start()
-    yield fake
-    await fake.stop()
-    assert fake.violations == []
+    async with running_fake(update_interval=0) as fake:
+        yield fake
 
 
 @pytest.fixture

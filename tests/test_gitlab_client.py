@@ -22,18 +22,15 @@ from runner.forge.gitlab.session import Backoff, JobOutcome, TraceStream, suppor
 from runner.forge.gitlab.trace import Masker, TraceBuffer, section_end, section_start
 from runner.forge.gitlab.transfer import download_dependencies, upload_artifact
 from runner.secret import Secret
-from tests.fake_gitlab import FakeGitLab, make_job, variable
+from tests.fake_gitlab import FakeGitLab, make_job, running_fake, variable
 
 RUNNER = Secret("glrt-fake-runner")
 
 
 @pytest.fixture
 async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = FakeGitLab(update_interval=0)
-    await fake.start()
-    yield fake
-    await fake.stop()
-    assert fake.violations == []
+    async with running_fake(update_interval=0) as fake:
+        yield fake
 
 
 @pytest.fixture

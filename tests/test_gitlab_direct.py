@@ -23,7 +23,7 @@ import pytest
 
 from runner.api.client import ApiClient
 from tests.daemons import DaemonProcess
-from tests.fake_gitlab import FakeGitLab, FakeJob, gzip_members, variable
+from tests.fake_gitlab import FakeGitLab, FakeJob, gzip_members, running_fake, variable
 from tests.git_http import GitServer, serve_repo
 
 pytestmark = pytest.mark.vm
@@ -46,11 +46,8 @@ async def git_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeGitLab]:
-    server = FakeGitLab(update_interval=1, long_poll_s=5)
-    await server.start()
-    yield server
-    await server.stop()
-    assert server.violations == [], "requests outside GitLab's runner API shapes"
+    async with running_fake(update_interval=1, long_poll_s=5) as server:
+        yield server
 
 
 @pytest.fixture

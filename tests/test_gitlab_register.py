@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner.forge.gitlab.config import GitLabRunnerConfig
-from tests.fake_gitlab import FakeGitLab
+from tests.fake_gitlab import FakeGitLab, running_fake
 
 ACCESS = "glpat-access-token-1234"
 
@@ -28,11 +28,8 @@ class Done:
 
 @pytest.fixture
 async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = FakeGitLab(access_token=ACCESS, runner_tokens=set())
-    await fake.start()
-    yield fake
-    await fake.stop()
-    assert fake.violations == []
+    async with running_fake(access_token=ACCESS, runner_tokens=set()) as fake:
+        yield fake
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from runner.forge.gitlab.source import GitLabSource, JournaledTrace, SlotClaims,
 from runner.secret import Secret
 from runner.service.jobs import Job, JobSpec, JobState, new_job_id
 from runner.service.port import JobListener
-from tests.fake_gitlab import FakeGitLab, make_job, variable
+from tests.fake_gitlab import FakeGitLab, make_job, running_fake, variable
 
 TOKEN = "glrt-fake-runner"
 
@@ -103,11 +103,8 @@ def _runner(tmp_path: Path, fake_url: str, **kw: Any) -> GitLabRunnerConfig:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeGitLab]:
-    server = FakeGitLab(update_interval=1)
-    await server.start()
-    yield server
-    await server.stop()
-    assert server.violations == []
+    async with running_fake(update_interval=1) as server:
+        yield server
 
 
 async def until(predicate: Any, timeout: float = 20) -> None:
