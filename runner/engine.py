@@ -28,6 +28,7 @@ from runner.net.policy import EgressPolicy
 from runner.pool import WarmPool
 from runner.snapshots import Snapshot, SnapshotStore, Vmm
 from runner.vm.backend import Devices, Hypervisor, Machine, MachineSpec
+from runner.vm.ownership import InstanceUse, vms_left
 
 if TYPE_CHECKING:
     from runner.gpu import GpuAllocator
@@ -60,6 +61,7 @@ class Engine:
                            max_age_s=settings.vm.hot_max_age_s)
         self.vmm = Vmm(hypervisor.name, "", hypervisor.device_layout)
         self._snapshot_lock = asyncio.Lock()
+        self._instance_use = InstanceUse(settings.paths.state_dir)
         self._resolved: dict[str, Snapshot] = {}  # by profile
         # Read once: under TCG every guest is told the host's TSC frequency.
         self._tsc_khz = host_tsc_khz() if self.accel.accel == "tcg" else None
@@ -76,17 +78,23 @@ class Engine:
                     hint="set net.dns to resolvers the guests can reach",
                     source=self.resolvers.source,
                 )
+            await asyncio.to_thread(self._instance_use.acquire)
             await self.net.setup_host()
         await self.pool.start()
         await self.hot.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        # The host table stays: other processes of this instance (a daemon beside
-        # `snapfleet run` on one state dir) use it, and it matches only our veths.
-        # ip_forward went back when the last clone was destroyed.
+        # The host table stays while other processes of this instance (a daemon beside
+        # `snapfleet run` on one state dir) use it, or a VM of it is left (recovery's, at
+        # the next start); the last one out removes it. ip_forward went back when the
+        # last clone was destroyed.
         await self.hot.close()
         await self.pool.close()
+        if self.net is not None:
+            last = await asyncio.to_thread(self._instance_use.release)
+            if last and not vms_left(self.settings.paths.state_dir / "vms"):
+                await self.net.teardown_host()
 
     def policy(self, profile: Profile) -> EgressPolicy:
         """The network policy for clones of ``profile``."""

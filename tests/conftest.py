@@ -73,6 +73,9 @@ def state_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sf-", dir="/tmp"))
     yield path
     left = leftovers(path)
+    table = NetConfig(instance=instance_id(path)).own_host_table
+    if subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode == 0:
+        left["nft_table"] = [table]  # the session's engine removes it on the way out
     shutil.rmtree(path, ignore_errors=True)
     assert not any(left.values()), f"the test session leaked: {left}"
 

@@ -19,6 +19,7 @@ import pytest
 
 from runner.api.client import ApiClient
 from runner.config import Settings
+from runner.net.config import NetConfig, instance_id
 from runner.snapshots import Snapshot
 from runner.vm.qemu import qemu_processes
 
@@ -52,9 +53,12 @@ class DaemonProcess:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed = False
+        """Last ended by `kill9` (it could not clean up after itself)."""
         self.messages: list[str] = []
 
     def start(self) -> None:
+        self.killed = False
         env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(self.notify_path)}
         with open(self.root / "daemon.log", "ab") as out:
             self.proc = subprocess.Popen(
@@ -103,6 +107,16 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+        self.killed = True
+
+    @property
+    def host_table(self) -> str:
+        """The instance's host nftables table (see `runner.net.config.instance_id`)."""
+        return NetConfig(instance=instance_id(self.state)).own_host_table
+
+    def has_host_table(self) -> bool:
+        return subprocess.run(["nft", "list", "table", "inet", self.host_table],
+                              capture_output=True).returncode == 0
 
     def vm_dirs(self) -> list[str]:
         vms = self.state / "vms"
@@ -127,6 +141,11 @@ def daemon_factory(state_dir: Path, settings: Settings, snapshot: Snapshot
             d.stop()
         assert not d.vm_dirs(), f"daemon left VM directories: {d.vm_dirs()}"
         assert not qemu_processes(d.state / "vms")
+        if d.proc is not None and d.killed and d.has_host_table():
+            # A daemon killed for good never comes back to remove its table: the test
+            # made it, the test removes it (a restart of the instance would).
+            subprocess.run(["nft", "delete", "table", "inet", d.host_table], check=True)
+        assert not d.has_host_table(), f"a stopped daemon left its nft table {d.host_table}"
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from runner.api.client import ApiClient
 from runner.net import NetConfig
 from runner.net.config import instance_id
+from runner.vm.ownership import InstanceUse
 from tests.daemons import DaemonProcess, wait_state, wait_terminal
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -83,3 +84,20 @@ async def test_daemons_and_a_cli_run_leave_each_other_alone(daemon_factory: Any)
     assert not own_names(a)
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def test_the_last_process_of_an_instance_removes_its_host_table(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory()
+    d.start()
+    d.wait_for("READY=1")
+    assert d.has_host_table()
+    other = InstanceUse(d.state)  # another process of the instance (a `snapfleet run`)
+    other.acquire()
+    assert d.stop() == 0
+    assert d.has_host_table()  # still in use: its rules keep guarding that process's VMs
+    assert other.release()  # the last user now
+
+    d.start()
+    d.wait_for("READY=1")
+    assert d.stop() == 0
+    assert not d.has_host_table()  # nothing of the instance left on the host

@@ -68,3 +68,47 @@ def owned_elsewhere(vms_dir: Path, vm_id: str) -> bool:
 
 def is_lock_file(name: str) -> bool:
     return name.endswith(".lock")
+
+
+class InstanceUse:
+    """A process's shared hold on its instance while it uses what the instance shares
+    on the host (the host nftables table), in ``<state_dir>/instance.lock``.
+
+    Every engine of one state directory holds it shared; on the way out, the one
+    that can turn it exclusive is the last, and may remove those shared things once
+    no VM of the instance is left (`vms_left`). A process that died let go of it.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "instance.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._fd = fd
+
+    def release(self) -> bool:
+        """Let go; whether this process was the instance's last user. Idempotent."""
+        if self._fd is None:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
+            return True
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def vms_left(vms_dir: Path) -> bool:
+    """Whether any VM of the instance still has a lock file (live, or left to recovery)."""
+    try:
+        return any(is_lock_file(entry.name) for entry in os.scandir(vms_dir))
+    except FileNotFoundError:
+        return False
