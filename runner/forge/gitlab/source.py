@@ -32,6 +32,7 @@ import structlog
 
 from runner import __version__
 from runner.errors import ConfigError, Draining, ForgeAuthError, ForgeError
+from runner.forge.gitlab._race import unless_set
 from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.config import GitLabRunnerConfig, default_system_id, read_runner_token
@@ -225,16 +226,7 @@ class GitLabSource:
 
     async def _until_stopping(self, aw: Awaitable[T]) -> T | None:
         """``aw``'s result, or None (``aw`` cancelled) once the daemon begins to stop."""
-        task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self.port.stopping.wait())
-        try:
-            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.wait([task])
-        return None if task.cancelled() else task.result()
+        return (await unless_set(self.port.stopping, aw))[1]
 
     async def _poll(self, client: GitLabClient, poller: JobPoller,
                     group: asyncio.TaskGroup) -> None:

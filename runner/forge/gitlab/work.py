@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import ForgeError, ForgeUnavailable
 from runner.execution import Command, Outcome, execute
+from runner.forge.gitlab._race import unless_set
 from runner.forge.gitlab.cache import ProjectCaches
 from runner.forge.gitlab.client import GitLabClient
 from runner.forge.gitlab.layout import GuestLayout, guest_parts
@@ -94,7 +94,7 @@ class GuestRun:
     async def _work(self, machine: Machine, remaining: float, started: float,
                     cancel: asyncio.Event) -> Outcome:
         try:
-            if not await _unless_cancelled(cancel, self._put_dependencies(machine)):
+            if not (await unless_set(cancel, self._put_dependencies(machine)))[0]:
                 self.result = JobOutcome.failed("job_canceled")
                 return Outcome(JobState.CANCELLED, reason="cancelled in GitLab")
         except ForgeError as exc:
@@ -213,22 +213,6 @@ class GuestRun:
                 return JobOutcome.failed("script_failure", 1), why
         return None
 
-
-async def _unless_cancelled(cancel: asyncio.Event, aw: Awaitable[None]) -> bool:
-    """Run ``aw`` unless ``cancel`` is set first (then ``aw`` is cancelled): False."""
-    task = asyncio.ensure_future(aw)
-    stop = asyncio.ensure_future(cancel.wait())
-    try:
-        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-    if task.cancelled():
-        return False
-    task.result()
-    return True
 
 
 async def _read_file(machine: Machine, path: str) -> bytes | None:
