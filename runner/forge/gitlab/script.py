@@ -124,7 +124,17 @@ __sf_result() {
 }
 __sf_cancel() {
   trap - TERM INT
-  if [ -n "$__sf_child" ]; then kill -TERM "$__sf_child" 2>/dev/null; wait "$__sf_child"; fi
+  # $! too: a signal can land between `( ... ) &` and `__sf_child=$!`, and the trap then
+  # runs with __sf_child still empty while the step is already starting.
+  local child=${__sf_child:-$!}
+  if [ -n "$child" ]; then
+    # The step's group is timeout's (its pid): TERM to timeout and to the group, then,
+    # once timeout has gone, KILL whatever of the group is left (a process caught
+    # between fork and exec can miss the TERM and would outlive the job).
+    kill -TERM -- "-$child" "$child" 2>/dev/null
+    wait "$child" 2>/dev/null
+    kill -KILL -- "-$child" 2>/dev/null
+  fi
   echo
   __sf_error "ERROR: Job was canceled"
   __sf_status=canceled __sf_exit=143
